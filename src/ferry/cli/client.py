@@ -1,0 +1,57 @@
+"""A synchronous client of ferryd's control API."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from ferry.errors import DaemonUnreachable, ProtocolError, error_from_wire
+
+DEFAULT_SOCKET = Path("/run/ferry/ferryd.sock")
+
+
+def default_socket() -> Path:
+    return Path(os.environ.get("FERRY_SOCKET", str(DEFAULT_SOCKET)))
+
+
+class DaemonClient:
+    def __init__(self, path: Path, timeout: float = 600.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def call(self, op: str, **args: Any) -> Any:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(str(self.path))
+            except (FileNotFoundError, ConnectionRefusedError) as err:
+                raise DaemonUnreachable(
+                    f"no ferryd answers on {self.path} ({err.strerror}); is ferryd running?"
+                ) from None
+            except PermissionError:
+                raise DaemonUnreachable(
+                    f"permission denied on {self.path}: ferry must run as root"
+                ) from None
+            sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            reply = sock.makefile("rb").readline()
+        except TimeoutError:
+            raise DaemonUnreachable(
+                f"ferryd on {self.path} did not answer '{op}' within {self.timeout:.0f} s"
+            ) from None
+        finally:
+            sock.close()
+        if not reply:
+            raise ProtocolError(f"ferryd on {self.path} closed the connection during '{op}'")
+        try:
+            message = json.loads(reply)
+        except ValueError as err:
+            raise ProtocolError(f"ferryd sent a malformed reply to '{op}': {err}") from err
+        if not isinstance(message, dict):
+            raise ProtocolError(f"ferryd sent a malformed reply to '{op}'")
+        if not message.get("ok"):
+            raise error_from_wire(message.get("error"))
+        return message.get("result")

@@ -1,0 +1,190 @@
+"""``ferry``: the xm-like command line. It talks to ferryd; it never drives QEMU itself."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ferry.cli.client import DaemonClient, default_socket
+from ferry.errors import FerryError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _client(args: argparse.Namespace) -> DaemonClient:
+    return DaemonClient(args.connect or default_socket())
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+# -- domain commands ---------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from ferry.config.loader import find_domain_file, load_domain_file
+
+    cfg = load_domain_file(find_domain_file(args.config), args.overrides)
+    for note in cfg.ignored:
+        _note(f"note: {note}")
+    client = _client(args)
+    result = client.call("create", config=cfg.to_mapping())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"Started domain {result['name']} (id={result['id']}, accel={result['accel']})")
+    if args.console:
+        return _attach_console(client, result["name"])
+    return 0
+
+
+def format_list(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [f"{'Name':<32} {'ID':>5} {'Mem':>6} {'VCPUs':>5} {'State':>14} {'Time(s)':>9}"]
+    for row in rows:
+        lines.append(
+            f"{row['name']:<32} {row['id']:>5} {row['mem']:>6} {row['vcpus']:>5} "
+            f"{row['state']:>14} {row['time']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = _client(args).call("list")
+    if args.names:
+        missing = sorted(set(args.names) - {r["name"] for r in rows})
+        if missing:
+            raise FerryError(f"domain '{missing[0]}' does not exist")
+        rows = [r for r in rows if r["name"] in args.names]
+    print(json.dumps(rows, indent=1) if args.json else format_list(rows))
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _client(args).call("pause", name=args.domain)
+    return 0
+
+
+def cmd_unpause(args: argparse.Namespace) -> int:
+    _client(args).call("unpause", name=args.domain)
+    return 0
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    _client(args).call("shutdown", name=args.domain, wait=args.wait, timeout=args.timeout)
+    if args.wait:
+        print(f"Domain {args.domain} has powered off")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    _client(args).call("destroy", name=args.domain)
+    return 0
+
+
+def _attach_console(client: DaemonClient, name: str) -> int:
+    from ferry.cli.console import attach
+
+    attach(Path(client.call("console", name=name)["socket"]), name)
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    return _attach_console(_client(args), args.domain)
+
+
+# -- guest image -------------------------------------------------------------
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    import time
+
+    from ferry.guest.image import build_image
+
+    start = time.monotonic()
+    image = build_image(args.cache_dir, force=args.force, log=_note)
+    took = time.monotonic() - start
+    if args.json:
+        print(json.dumps({k: str(v) for k, v in vars(image).items()} | {"seconds": took}))
+    else:
+        print(f"guest image {image.digest[:12]} ready in {took:.1f} s: {image.rootfs.parent}")
+    return 0
+
+
+def cmd_image_disk(args: argparse.Namespace) -> int:
+    from ferry.guest.image import load_image, make_domain_disk
+
+    make_domain_disk(load_image(args.cache_dir), args.path)
+    print(f"wrote {args.path}")
+    return 0
+
+
+# -- argument parsing --------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description="ferry: live-migrating VMs")
+    parser.add_argument("--connect", type=Path, metavar="SOCKET", help="ferryd control socket")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("create", cmd_create, "create and start a domain from a config file")
+    p.add_argument("-c", dest="console", action="store_true", help="attach the console")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("config", help="config file (xm or .toml) or a domain name")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = add("list", cmd_list, "list domains: Name ID Mem VCPUs State Time(s)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("names", nargs="*", metavar="DOMAIN")
+
+    for name, func, text in (
+        ("pause", cmd_pause, "pause a domain"),
+        ("unpause", cmd_unpause, "unpause a paused domain"),
+        ("destroy", cmd_destroy, "terminate a domain at once"),
+        ("console", cmd_console, "attach to a domain's console (Ctrl-] detaches)"),
+    ):
+        add(name, func, text).add_argument("domain")
+
+    p = add("shutdown", cmd_shutdown, "shut a domain down through ACPI")
+    p.add_argument("-w", "--wait", action="store_true", help="wait until it has powered off")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with -w)")
+    p.add_argument("domain")
+
+    image = sub.add_parser("image", help="the guest image").add_subparsers(
+        dest="image_command", required=True, metavar="ACTION"
+    )
+    p = image.add_parser("build", help="build (or verify the cache of) the guest image")
+    p.set_defaults(func=cmd_image_build)
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--json", action="store_true")
+    p = image.add_parser("disk", help="write a new root disk for a domain from the guest image")
+    p.set_defaults(func=cmd_image_disk)
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("path", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except FerryError as err:
+        print(f"ferry {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The domains of one host: create, find again after a restart, drive, end.
+
+Each running domain has a :class:`RunningDomain`: its record (saved in the
+state directory at every state change), its QMP monitor and a watcher task
+that notices when QEMU ends by itself (guest power-off, crash) and cleans up
+after it. Every request on a domain holds that domain's lock, so two requests
+never interleave on one QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry.config.host import HostConfig
+from ferry.daemon.layout import HostLayout
+from ferry.daemon.record import DomainRecord, load_record
+from ferry.domain.config import DomainConfig
+from ferry.domain.state import DomainState, Event, next_state
+from ferry.errors import (
+    DomainExists,
+    DomainNotFound,
+    FerryError,
+    HypervisorError,
+    ImageError,
+    QmpError,
+)
+from ferry.hypervisor import process
+from ferry.hypervisor.accel import ProbeResult, resolve_accel
+from ferry.hypervisor.cmdline import BootFiles, MachinePaths, build_qemu_args
+from ferry.hypervisor.monitor import Monitor
+from ferry.network import tap
+from ferry.storage.disks import check_disks, resolve_disk
+
+log = logging.getLogger("ferryd")
+
+LAUNCH_TIMEOUT = 60.0
+QMP_TIMEOUT = 10.0
+DESTROY_GRACE = 5.0
+
+
+@dataclass
+class RunningDomain:
+    record: DomainRecord
+    paths: MachinePaths
+    monitor: Monitor
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    watcher: asyncio.Task[None] | None = None
+    ending: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.record.config.name
+
+
+BootFilesProvider = Callable[[DomainConfig], BootFiles]
+
+
+class DomainManager:
+    def __init__(self, host: HostConfig, layout: HostLayout, boot_files: BootFilesProvider) -> None:
+        self.host = host
+        self.layout = layout
+        self.boot_files = boot_files
+        self.domains: dict[str, RunningDomain] = {}
+        self._create_lock = asyncio.Lock()
+        self._accel: ProbeResult | None = None
+
+    # -- start-up ------------------------------------------------------------
+
+    async def reattach_all(self) -> None:
+        """Find the QEMUs still running from before a restart of ferryd."""
+        if not self.layout.domains_dir.exists():
+            return
+        for directory in sorted(self.layout.domains_dir.iterdir()):
+            record_file = directory / "record.json"
+            if not record_file.exists():
+                continue
+            try:
+                record = load_record(record_file)
+                await self._reattach(record)
+            except FerryError as err:
+                log.error("cannot re-attach %s: %s", directory.name, err)
+
+    async def _reattach(self, record: DomainRecord) -> None:
+        name = record.config.name
+        paths = self.layout.machine_paths(name)
+        pid = process.read_pidfile(paths.pidfile) or record.pid
+        if pid is None or not process.is_our_qemu(pid, paths.qmp_socket):
+            log.info("domain %s ended while ferryd was away; cleaning up", name)
+            self._cleanup_files(record, paths)
+            return
+        record.pid = pid
+        monitor = Monitor(name)
+        await monitor.connect(paths.qmp_socket, QMP_TIMEOUT)
+        running = RunningDomain(record=record, paths=paths, monitor=monitor)
+        status = await monitor.execute("query-status")
+        record.state = _state_from_qmp(status, record.state)
+        record.save(self.layout.record_file(name))
+        self.domains[name] = running
+        running.watcher = asyncio.create_task(self._watch(running))
+        log.info("re-attached domain %s (pid %d, %s)", name, pid, record.state.value)
+
+    # -- queries -------------------------------------------------------------
+
+    def get(self, name: str) -> RunningDomain:
+        try:
+            return self.domains[name]
+        except KeyError:
+            raise DomainNotFound(
+                f"domain '{name}' does not exist on host {self.host.name}"
+            ) from None
+
+    def list_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for dom in sorted(self.domains.values(), key=lambda d: d.record.domid):
+            rec = dom.record
+            rows.append(
+                {
+                    "name": rec.config.name,
+                    "id": rec.domid,
+                    "mem": rec.config.memory,
+                    "vcpus": rec.config.vcpus,
+                    "state": rec.state.value,
+                    "flags": rec.state.xm_flags,
+                    "time": round(process.cpu_seconds(rec.pid), 1) if rec.pid else 0.0,
+                    "uptime": round(time.time() - rec.started_at, 1),
+                    "pid": rec.pid,
+                    "accel": rec.accel,
+                    "taps": list(rec.taps),
+                }
+            )
+        return rows
+
+    def info(self, name: str) -> dict[str, Any]:
+        dom = self.get(name)
+        return {
+            "config": dom.record.config.to_mapping(),
+            "console_socket": str(dom.paths.console_socket),
+            "console_log": str(dom.paths.console_log),
+            "qemu_log": str(dom.paths.qemu_log),
+            **next(r for r in self.list_rows() if r["name"] == name),
+        }
+
+    # -- create --------------------------------------------------------------
+
+    async def accel(self, boot: BootFiles) -> ProbeResult:
+        if self._accel is None:
+            assert boot.initrd is not None or self.host.accel != "auto"
+            self._accel = await resolve_accel(
+                self.host.accel,
+                self.host.qemu_binary,
+                boot.kernel,
+                boot.initrd or boot.kernel,
+                self.layout.accel_cache,
+            )
+            log.info("accelerator: %s (%s)", self._accel.accel, self._accel.reason)
+        return self._accel
+
+    async def create(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = DomainConfig.from_mapping(mapping, "domain config")
+        async with self._create_lock:
+            if cfg.name in self.domains:
+                raise DomainExists(
+                    f"cannot create domain '{cfg.name}': a domain of that name is already "
+                    f"{self.domains[cfg.name].record.state.value} on host {self.host.name}"
+                )
+            in_use = [
+                (d.name, resolve_disk(disk, self.host.storage_roots))
+                for d in self.domains.values()
+                for disk in d.record.config.disks
+            ]
+            try:
+                check_disks(cfg, self.host.storage_roots, in_use)
+                tap.check_bridges([v.bridge for v in cfg.vifs])
+                self._check_memory(cfg)
+                boot = self.boot_files(cfg)
+                accel = (await self.accel(boot)).accel
+            except FerryError as err:
+                raise type(err)(f"cannot create domain '{cfg.name}': {err}") from err
+            domid = self._next_domid()
+            record = DomainRecord(
+                config=cfg,
+                domid=domid,
+                state=DomainState.SHUTOFF,
+                started_at=time.time(),
+                taps=[tap.tap_name(domid, i) for i in range(len(cfg.vifs))],
+                accel=accel,
+            )
+            running = await self._launch(record, boot)
+            running.record.state = next_state(cfg.name, record.state, Event.START)
+            running.record.save(self.layout.record_file(cfg.name))
+            self.domains[cfg.name] = running
+            running.watcher = asyncio.create_task(self._watch(running))
+        log.info("created domain %s (id %d, pid %s, %s)", cfg.name, domid, record.pid, accel)
+        return {"name": cfg.name, "id": domid, "accel": accel, "ignored": list(cfg.ignored)}
+
+    def _check_memory(self, cfg: DomainConfig) -> None:
+        available = _mem_available_mib()
+        needed = cfg.memory + self.host.dom0_min_mem
+        if available is not None and needed > available:
+            raise HypervisorError(
+                f"{cfg.memory} MiB of memory requested but only {available} MiB is available "
+                f"({self.host.dom0_min_mem} MiB kept for the host)"
+            )
+
+    def _next_domid(self) -> int:
+        counter = self.layout.domid_counter
+        try:
+            last = int(counter.read_text())
+        except (OSError, ValueError):
+            last = 0
+        used = {d.record.domid for d in self.domains.values()}
+        domid = last + 1
+        while domid in used:
+            domid += 1
+        counter.write_text(str(domid))
+        return domid
+
+    async def _launch(self, record: DomainRecord, boot: BootFiles) -> RunningDomain:
+        """Start QEMU for ``record`` (paused until we say so); undo everything on failure."""
+        cfg = record.config
+        paths = self.layout.machine_paths(cfg.name)
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        paths.log_dir.mkdir(parents=True, exist_ok=True)
+        created_taps: list[str] = []
+        monitor = Monitor(cfg.name)
+        try:
+            for name, vif in zip(record.taps, cfg.vifs, strict=True):
+                tap.create_tap(name, vif.bridge)
+                created_taps.append(name)
+            args = build_qemu_args(
+                cfg,
+                qemu_binary=self.host.qemu_binary,
+                accel=record.accel,
+                boot=boot,
+                paths=paths,
+                taps=record.taps,
+            )
+            log.debug("launching %s", args)
+            record.pid = await process.launch_detached(
+                args, paths.qemu_log, paths.pidfile, LAUNCH_TIMEOUT
+            )
+            record.save(self.layout.record_file(cfg.name))
+            await monitor.connect(paths.qmp_socket, QMP_TIMEOUT)
+        except (FerryError, OSError) as err:
+            await monitor.close()
+            if record.pid is not None:
+                await process.terminate(record.pid, 0)
+            for name in created_taps:
+                with contextlib.suppress(FerryError):
+                    tap.delete_tap(name)
+            self._cleanup_files(record, paths)
+            if isinstance(err, FerryError):
+                raise type(err)(f"cannot create domain '{cfg.name}': {err}") from err
+            raise HypervisorError(f"cannot create domain '{cfg.name}': {err}") from err
+        return RunningDomain(record=record, paths=paths, monitor=monitor)
+
+    # -- lifecycle requests --------------------------------------------------
+
+    async def pause(self, name: str) -> None:
+        dom = self.get(name)
+        async with dom.lock:
+            new = next_state(name, dom.record.state, Event.PAUSE)
+            await dom.monitor.execute("stop")
+            self._set_state(dom, new)
+
+    async def unpause(self, name: str) -> None:
+        dom = self.get(name)
+        async with dom.lock:
+            new = next_state(name, dom.record.state, Event.UNPAUSE)
+            await dom.monitor.execute("cont")
+            self._set_state(dom, new)
+
+    async def shutdown(self, name: str, wait: bool, timeout: float) -> dict[str, Any]:
+        """ACPI power button; with ``wait``, until the guest has powered off."""
+        dom = self.get(name)
+        async with dom.lock:
+            next_state(name, dom.record.state, Event.SHUTDOWN)
+            if dom.record.state is DomainState.PAUSED:
+                raise FerryError(
+                    f"cannot shut down domain '{name}': it is paused and cannot see the "
+                    "power button; unpause it or use destroy"
+                )
+            await dom.monitor.execute("system_powerdown")
+        if not wait:
+            return {"ended": False}
+        assert dom.record.pid is not None
+        if not await process.wait_exit(dom.record.pid, timeout):
+            raise HypervisorError(
+                f"domain '{name}' did not power off within {timeout:.0f} s of the ACPI "
+                "power button; it is still running (use destroy to force it off)"
+            )
+        if dom.watcher is not None:
+            await asyncio.shield(dom.watcher)
+        return {"ended": True}
+
+    async def destroy(self, name: str) -> None:
+        dom = self.get(name)
+        async with dom.lock:
+            next_state(name, dom.record.state, Event.SHUTDOWN)
+            dom.ending = True
+            with contextlib.suppress(QmpError):
+                await dom.monitor.execute("quit", timeout=DESTROY_GRACE)
+            assert dom.record.pid is not None
+            if not await process.wait_exit(dom.record.pid, DESTROY_GRACE):
+                await process.terminate(dom.record.pid, DESTROY_GRACE)
+        if dom.watcher is not None:
+            await asyncio.shield(dom.watcher)
+
+    def console_socket(self, name: str) -> str:
+        return str(self.get(name).paths.console_socket)
+
+    # -- watching and cleaning up --------------------------------------------
+
+    def _set_state(self, dom: RunningDomain, state: DomainState) -> None:
+        dom.record.state = state
+        dom.record.save(self.layout.record_file(dom.name))
+
+    async def _watch(self, dom: RunningDomain) -> None:
+        assert dom.record.pid is not None
+        events = asyncio.create_task(self._follow_events(dom))
+        try:
+            while not await process.wait_exit(dom.record.pid, 3600):
+                pass
+        finally:
+            events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await events
+            await dom.monitor.close()
+            self._ended(dom)
+
+    async def _follow_events(self, dom: RunningDomain) -> None:
+        async for event in dom.monitor.events:
+            kind = event["event"]
+            if kind == "GUEST_PANICKED" and dom.record.state is DomainState.RUNNING:
+                await self._crashed(dom)
+            elif kind in ("STOP", "RESUME") and not dom.lock.locked():
+                # A change made behind ferryd's back (QEMU's own monitor, a
+                # guest watchdog): follow it rather than contradict it.
+                with contextlib.suppress(FerryError):
+                    status = await dom.monitor.execute("query-status")
+                    self._set_state(dom, _state_from_qmp(status, dom.record.state))
+
+    async def _crashed(self, dom: RunningDomain) -> None:
+        async with dom.lock:
+            self._set_state(dom, next_state(dom.name, dom.record.state, Event.CRASH))
+            log.warning("domain %s crashed (on_crash=%s)", dom.name, dom.record.config.on_crash)
+            if dom.record.config.on_crash == "restart":
+                await dom.monitor.execute("system_reset")
+                await dom.monitor.execute("cont")
+                self._set_state(dom, next_state(dom.name, dom.record.state, Event.RESTART))
+
+    def _ended(self, dom: RunningDomain) -> None:
+        log.info("domain %s ended", dom.name)
+        self.domains.pop(dom.name, None)
+        for name in dom.record.taps:
+            try:
+                tap.delete_tap(name)
+            except FerryError as err:
+                log.error("%s", err)
+        self._cleanup_files(dom.record, dom.paths)
+
+    def _cleanup_files(self, record: DomainRecord, paths: MachinePaths) -> None:
+        for name in record.taps:
+            with contextlib.suppress(FerryError):
+                tap.delete_tap(name)
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.record_file(record.config.name).unlink()
+
+    async def close(self) -> None:
+        """Stop watching (ferryd is exiting); the QEMUs keep running."""
+        for dom in list(self.domains.values()):
+            if dom.watcher is not None:
+                dom.watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dom.watcher
+            await dom.monitor.close()
+
+
+def _state_from_qmp(status: Any, fallback: DomainState) -> DomainState:
+    if not isinstance(status, dict):
+        return fallback
+    qemu_state = status.get("status")
+    if qemu_state == "running":
+        return DomainState.RUNNING
+    if qemu_state == "guest-panicked":
+        return DomainState.CRASHED
+    if qemu_state in ("paused", "suspended"):
+        return DomainState.PAUSED
+    return fallback
+
+
+def _mem_available_mib() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return None
+
+
+def guest_boot_files(image_lookup: Callable[[], Any]) -> BootFilesProvider:
+    """Boot files from the config, or ferry's own guest kernel when it names none."""
+
+    def provide(cfg: DomainConfig) -> BootFiles:
+        if cfg.kernel is not None:
+            kernel = Path(cfg.kernel)
+            if not kernel.is_file():
+                raise ImageError(f"kernel {cfg.kernel} does not exist")
+            initrd = Path(cfg.ramdisk) if cfg.ramdisk else None
+            if initrd is not None and not initrd.is_file():
+                raise ImageError(f"ramdisk {cfg.ramdisk} does not exist")
+            return BootFiles(kernel, initrd)
+        image = image_lookup()
+        return BootFiles(Path(image.kernel), Path(image.initrd))
+
+    return provide

@@ -1,0 +1,69 @@
+"""A domain's record in the state directory: what ferryd needs to find it again."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ferry.domain.config import DomainConfig
+from ferry.domain.state import DomainState
+from ferry.errors import FerryError
+
+
+@dataclass
+class DomainRecord:
+    config: DomainConfig
+    domid: int
+    state: DomainState
+    started_at: float  # wall clock, for uptime
+    taps: list[str]
+    accel: str
+    pid: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_mapping(),
+            "domid": self.domid,
+            "state": self.state.value,
+            "started_at": self.started_at,
+            "taps": self.taps,
+            "accel": self.accel,
+            "pid": self.pid,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> DomainRecord:
+        try:
+            return cls(
+                config=DomainConfig.from_mapping(data["config"], source),
+                domid=int(data["domid"]),
+                state=DomainState(data["state"]),
+                started_at=float(data["started_at"]),
+                taps=[str(t) for t in data["taps"]],
+                accel=str(data["accel"]),
+                pid=None if data.get("pid") is None else int(data["pid"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise FerryError(f"{source}: damaged domain record: {err}") from err
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+
+def load_record(path: Path) -> DomainRecord:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FerryError(f"{path}: unreadable domain record: {err}") from err
+    if not isinstance(data, dict):
+        raise FerryError(f"{path}: damaged domain record: not an object")
+    return DomainRecord.from_json(data, str(path))

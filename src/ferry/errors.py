@@ -1,0 +1,114 @@
+"""The one exception tree of ferry.
+
+Every error ferry raises on purpose is a :class:`FerryError`. Its message is a
+single line that says what was attempted, on which domain or host, and why it
+failed; the CLI prints exactly that line and exits non-zero.
+
+::
+
+    FerryError
+     +-- ConfigError            a config file or value is malformed or impossible
+     +-- DomainError            a domain-level request cannot be honoured
+     |    +-- DomainNotFound    no domain of that name on this host
+     |    +-- DomainExists      a domain of that name already exists here
+     |    +-- InvalidTransition the lifecycle state machine forbids the request
+     +-- HypervisorError        QEMU could not be started, driven or stopped
+     |    +-- QemuLaunchError   QEMU refused to start (its own message is kept)
+     |    +-- QmpError          a QMP command failed or the monitor went away
+     |    +-- AccelError        the requested accelerator is unusable here
+     +-- NetworkError           bridges, tap devices, addresses
+     +-- StorageError           disks that are missing or outside storage roots
+     +-- ImageError             building or using the guest image failed
+     +-- DaemonError            talking to ferryd failed
+          +-- DaemonUnreachable no ferryd answers on the control socket
+          +-- ProtocolError     a malformed request or reply on the control API
+
+Errors cross the control API as ``{"type": <class name>, "message": ...}`` and
+are rebuilt on the client side by :func:`error_from_wire`, so the CLI shows the
+daemon's own one-line reason.
+"""
+
+from __future__ import annotations
+
+
+class FerryError(Exception):
+    """Root of every error ferry raises on purpose."""
+
+
+class ConfigError(FerryError):
+    """A config file or value is malformed, unknown or impossible."""
+
+
+class DomainError(FerryError):
+    """A domain-level request cannot be honoured."""
+
+
+class DomainNotFound(DomainError):
+    """No domain of that name exists on this host."""
+
+
+class DomainExists(DomainError):
+    """A domain of that name already exists on this host."""
+
+
+class InvalidTransition(DomainError):
+    """The domain's lifecycle state does not allow the request."""
+
+
+class HypervisorError(FerryError):
+    """QEMU could not be started, driven or stopped."""
+
+
+class QemuLaunchError(HypervisorError):
+    """QEMU refused to start."""
+
+
+class QmpError(HypervisorError):
+    """A QMP command failed or the monitor connection was lost."""
+
+
+class AccelError(HypervisorError):
+    """The requested accelerator cannot be used on this host."""
+
+
+class NetworkError(FerryError):
+    """A bridge, tap device or address problem."""
+
+
+class StorageError(FerryError):
+    """A disk is missing, unreadable or outside the configured storage roots."""
+
+
+class ImageError(FerryError):
+    """Building or using the guest image failed."""
+
+
+class DaemonError(FerryError):
+    """Talking to ferryd failed."""
+
+
+class DaemonUnreachable(DaemonError):
+    """No ferryd answers on the control socket."""
+
+
+class ProtocolError(DaemonError):
+    """A malformed request or reply on the control API."""
+
+
+def _all_subclasses(cls: type[FerryError]) -> dict[str, type[FerryError]]:
+    found: dict[str, type[FerryError]] = {cls.__name__: cls}
+    for sub in cls.__subclasses__():
+        found.update(_all_subclasses(sub))
+    return found
+
+
+def error_to_wire(err: FerryError) -> dict[str, str]:
+    return {"type": type(err).__name__, "message": str(err)}
+
+
+def error_from_wire(data: object) -> FerryError:
+    """Rebuild an error sent by the daemon; unknown types become FerryError."""
+    if not isinstance(data, dict):
+        return ProtocolError(f"daemon sent a malformed error: {data!r}")
+    kind = _all_subclasses(FerryError).get(str(data.get("type")), FerryError)
+    return kind(str(data.get("message", "unknown error")))

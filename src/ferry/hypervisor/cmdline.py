@@ -1,0 +1,162 @@
+"""The QEMU command line for a domain, built as an argument list.
+
+Pure functions only: everything here is testable without QEMU. The device
+layout is fixed by the config alone (disk N in PCI slot 8+N, NIC N in slot
+16+N) so that a source and a target built from the same config have the very
+same machine, which live migration requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.domain.config import DomainConfig
+
+# One machine model and CPU model everywhere: a named model (not "host") keeps
+# the guest migratable between hosts whose CPUs differ.
+MACHINE_TYPE = "pc"
+CPU_MODEL = "qemu64"
+
+
+@dataclass(frozen=True)
+class MachinePaths:
+    """The files one QEMU instance owns on its host."""
+
+    run_dir: Path  # sockets and pidfile; short path (unix sockets max 107 bytes)
+    log_dir: Path  # qemu.log and console.log; kept after the domain ends
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.log_dir / "qemu.log"
+
+    @property
+    def console_log(self) -> Path:
+        return self.log_dir / "console.log"
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: Path
+    initrd: Path | None
+
+
+def kernel_command_line(cfg: DomainConfig) -> str:
+    # xm configs name Xen's xvdX devices; the same disk is a virtio vdX here.
+    root = cfg.root.replace("/dev/xvd", "/dev/vd")
+    parts = [f"root={root}", "rw", "console=ttyS0,115200", "quiet", "panic=-1"]
+    ip_param = cfg.kernel_ip_param()
+    if ip_param:
+        parts.append(ip_param)
+    else:
+        parts.append(f"ferry.hostname={cfg.guest_hostname}")
+    if cfg.extra:
+        parts.append(cfg.extra)
+    return " ".join(parts)
+
+
+def _escape(value: str) -> str:
+    """QEMU option values escape ',' by doubling it."""
+    return value.replace(",", ",,")
+
+
+def _lifecycle_actions(cfg: DomainConfig) -> str:
+    reboot = "reset" if cfg.on_reboot == "restart" else "shutdown"
+    # A crash that is to be restarted or kept must stop the guest so that ferryd
+    # sees it; only "destroy" lets QEMU end by itself.
+    panic = "shutdown" if cfg.on_crash == "destroy" else "pause"
+    return f"reboot={reboot},shutdown=poweroff,panic={panic}"
+
+
+def build_qemu_args(
+    cfg: DomainConfig,
+    *,
+    qemu_binary: str,
+    accel: str,
+    boot: BootFiles,
+    paths: MachinePaths,
+    taps: Sequence[str],
+    incoming: bool = False,
+) -> list[str]:
+    if len(taps) != len(cfg.vifs):
+        raise ValueError(f"{len(cfg.vifs)} vifs but {len(taps)} tap devices")
+    args = [
+        qemu_binary,
+        "-name",
+        f"guest={_escape(cfg.name)},debug-threads=on",
+        "-machine",
+        f"{MACHINE_TYPE},accel={accel}",
+        "-cpu",
+        CPU_MODEL,
+        "-m",
+        str(cfg.memory),
+        "-smp",
+        str(cfg.vcpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-kernel",
+        str(boot.kernel),
+    ]
+    if cfg.uuid:
+        args += ["-uuid", cfg.uuid]
+    if boot.initrd is not None:
+        args += ["-initrd", str(boot.initrd)]
+    args += ["-append", kernel_command_line(cfg)]
+    for disk in cfg.disks:
+        index = ord(disk.target[-1]) - ord("a")
+        drive = [
+            f"file={_escape(disk.path)}",
+            "if=none",
+            f"id=disk{index}",
+            "format=raw",
+        ]
+        if not disk.writable:
+            drive.append("readonly=on")
+        args += ["-drive", ",".join(drive)]
+        args += ["-device", f"virtio-blk-pci,drive=disk{index},id=vd{index},addr={8 + index:#x}"]
+    for index, (vif, tap) in enumerate(zip(cfg.vifs, taps, strict=True)):
+        args += ["-netdev", f"tap,id=net{index},ifname={tap},script=no,downscript=no"]
+        args += [
+            "-device",
+            f"virtio-net-pci,netdev=net{index},mac={vif.mac},id=nic{index},addr={16 + index:#x}",
+        ]
+    args += [
+        "-device",
+        "pvpanic",
+        "-chardev",
+        f"socket,id=console0,path={_escape(str(paths.console_socket))},server=on,wait=off,"
+        f"logfile={_escape(str(paths.console_log))},logappend=on",
+        "-serial",
+        "chardev:console0",
+        "-qmp",
+        f"unix:{_escape(str(paths.qmp_socket))},server=on,wait=off",
+        "-action",
+        _lifecycle_actions(cfg),
+        "-pidfile",
+        str(paths.pidfile),
+        # -D keeps QEMU's stderr open after -daemonize, so its later errors
+        # still reach the log.
+        "-D",
+        str(paths.qemu_log),
+        "-msg",
+        "timestamp=on",
+        "-daemonize",
+    ]
+    if incoming:
+        args += ["-incoming", "defer"]
+    return args

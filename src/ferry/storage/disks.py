@@ -1,0 +1,53 @@
+"""Disk checks before QEMU opens anything: present, inside the storage roots, one writer."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ferry.domain.config import DiskSpec, DomainConfig
+from ferry.errors import StorageError
+
+
+def resolve_disk(disk: DiskSpec, roots: Sequence[Path]) -> str:
+    """The canonical identity of a disk: its real path, or its URL as given."""
+    if disk.is_url:
+        return disk.path
+    real = Path(os.path.realpath(disk.path))
+    if not any(real == root or root in real.parents for root in _real_roots(roots)):
+        where = ", ".join(str(r) for r in roots) or "none configured"
+        raise StorageError(f"disk {disk.path} is outside this host's storage roots ({where})")
+    try:
+        info = real.stat()
+    except FileNotFoundError:
+        raise StorageError(f"disk {disk.path} does not exist") from None
+    except OSError as err:
+        raise StorageError(f"disk {disk.path} cannot be read: {err.strerror}") from None
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+        raise StorageError(f"disk {disk.path} is neither a regular file nor a block device")
+    mode = os.R_OK | (os.W_OK if disk.writable else 0)
+    if not os.access(real, mode):
+        raise StorageError(f"disk {disk.path} is not {'writable' if disk.writable else 'readable'}")
+    return str(real)
+
+
+def _real_roots(roots: Sequence[Path]) -> list[Path]:
+    return [Path(os.path.realpath(root)) for root in roots]
+
+
+def check_disks(
+    cfg: DomainConfig, roots: Sequence[Path], in_use: Iterable[tuple[str, str]]
+) -> None:
+    """Refuse a config whose disks are missing, outside the roots or written by another domain.
+
+    ``in_use`` holds (domain name, canonical disk identity) for the writable
+    disks of the domains already on this host.
+    """
+    users = dict((disk, name) for name, disk in in_use)
+    for disk in cfg.disks:
+        identity = resolve_disk(disk, roots)
+        owner = users.get(identity)
+        if owner is not None and owner != cfg.name:
+            raise StorageError(f"disk {disk.path} is already in use by domain '{owner}'")
