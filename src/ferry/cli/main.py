@@ -123,6 +123,12 @@ def cmd_image_disk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ferry.lab.quickstart import run_demo
+
+    return run_demo(args.workdir, keep=args.keep)
+
+
 # -- argument parsing --------------------------------------------------------
 
 
@@ -158,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--wait", action="store_true", help="wait until it has powered off")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with -w)")
     p.add_argument("domain")
+
+    p = add("demo", cmd_demo, "build the guest and show it running under ferryd")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/ferry-demo"))
+    p.add_argument("--keep", action="store_true", help="leave the host and guest running")
 
     image = sub.add_parser("image", help="the guest image").add_subparsers(
         dest="image_command", required=True, metavar="ACTION"

@@ -48,7 +48,9 @@ def decode_utf8(data: bytes, source: str) -> str:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         bad = data[err.start]
-        raise ConfigError(f"{source}:{line}: not UTF-8: byte 0x{bad:02x} cannot be decoded") from err
+        raise ConfigError(
+            f"{source}:{line}: not UTF-8: byte 0x{bad:02x} cannot be decoded"
+        ) from err
 
 
 def line_of(text: str, offset: int) -> int:

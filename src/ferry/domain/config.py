@@ -270,9 +270,10 @@ class _Validator:
 
     def netmask(self, data: Mapping[str, Any]) -> str:
         value = data.get("netmask", "255.255.255.0")
-        text = str(value) if isinstance(value, int) and not isinstance(value, bool) else None
-        if text is None:
-            text = self.string(data, "netmask")
+        if isinstance(value, int) and not isinstance(value, bool):
+            text = str(value)
+        else:
+            text = self.string({"netmask": value}, "netmask")
         try:
             return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
         except ValueError:

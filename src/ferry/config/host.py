@@ -1,0 +1,290 @@
+"""The host (daemon) config: native ``ferryd.toml`` or a classic ``xend-config.sxp``.
+
+::
+
+    name = "xen_host_1"
+    state_dir = "/var/lib/ferry"
+    storage_roots = ["/xen"]
+    [relocation]
+    port = 8002
+    hosts_allow = ['^xen_host_2$', '^192\\.168\\.1\\.']
+
+From ``xend-config.sxp`` only the relocation keys and ``dom0-min-mem`` carry
+over; every other key is accepted and listed in ``ignored`` with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry.config._common import read_config_text
+from ferry.config.sxp import parse_sxp_lines
+from ferry.config.toml_domain import load_toml_text, toml_key_lines
+from ferry.errors import ConfigError
+
+ACCELS = ("auto", "kvm", "tcg")
+
+Fail = Callable[[str], ConfigError]  # builds the error for one key from the reason
+
+
+@dataclass(frozen=True)
+class RelocationConfig:
+    enabled: bool = True
+    port: int = 8002
+    address: str = ""  # '' = all addresses
+    hosts_allow: tuple[str, ...] = ()  # regexes, xend semantics; empty = allow all
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    state_dir: Path = Path("/var/lib/ferry")
+    run_dir: Path = Path("/run/ferry")
+    accel: str = "auto"
+    storage_roots: tuple[Path, ...] = (Path("/xen"), Path("/var/lib/ferry/images"))
+    qemu_binary: str = "qemu-system-x86_64"
+    relocation: RelocationConfig = field(default_factory=RelocationConfig)
+    dom0_min_mem: int = 0  # MiB kept for the host
+    ignored: tuple[str, ...] = ()
+
+
+def load_host_config(path: Path | None) -> HostConfig:
+    """``None`` gives the defaults; ``*.sxp`` is read as xend's config, else TOML."""
+    if path is None:
+        return HostConfig(name=socket.gethostname())
+    source = str(path)
+    text = read_config_text(path)
+    if path.suffix == ".sxp":
+        return parse_xend_config(text, source)
+    return parse_host_toml(text, source)
+
+
+def hosts_allow_matches(patterns: Iterable[str], addr: str, names: Iterable[str] = ()) -> bool:
+    """xend's rule: no patterns allows all; else any pattern ``re.match``-es the
+    peer address or one of its names (anchored at the start only)."""
+    compiled = [re.compile(p) for p in patterns]
+    if not compiled:
+        return True
+    candidates = [addr, *names]
+    return any(p.match(c) for p in compiled for c in candidates)
+
+
+def split_hosts_allow(text: str) -> tuple[str, ...]:
+    # xend split on single spaces, so a double space made an empty, allow-all
+    # pattern; splitting on any whitespace keeps only real patterns.
+    return tuple(text.split())
+
+
+# -- native TOML ---------------------------------------------------------------
+
+
+_TOP_KEYS = frozenset(
+    {"name", "state_dir", "run_dir", "accel", "storage_roots", "qemu_binary", "dom0_min_mem"}
+    | {"relocation"}
+)
+_RELOCATION_KEYS = frozenset({"enabled", "port", "address", "hosts_allow"})
+
+
+def parse_host_toml(text: str, source: str) -> HostConfig:
+    return _TomlHost(source, load_toml_text(text, source), toml_key_lines(text, source)).build()
+
+
+class _TomlHost:
+    def __init__(self, source: str, data: dict[str, Any], where: dict[str, str]) -> None:
+        self.source = source
+        self.data = data
+        self.where = where
+
+    def fail(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.where.get(key, self.source)}: '{key}': {why}")
+
+    def build(self) -> HostConfig:
+        data = self.data
+        self.no_unknown(data, _TOP_KEYS, "")
+        relocation = data.get("relocation", {})
+        if not isinstance(relocation, dict):
+            raise self.fail("relocation", "expected a [relocation] table")
+        self.no_unknown(relocation, _RELOCATION_KEYS, "relocation.")
+        defaults = HostConfig(name="")
+        roots = data.get("storage_roots", [str(p) for p in defaults.storage_roots])
+        if not isinstance(roots, list):
+            raise self.fail("storage_roots", f"expected a list of paths, got {roots!r}")
+        patterns = relocation.get("hosts_allow", [])
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise self.fail("relocation.hosts_allow", "expected a list of regex strings")
+        return HostConfig(
+            name=self.text(data, "name", socket.gethostname()),
+            state_dir=self.path(data, "state_dir", defaults.state_dir),
+            run_dir=self.path(data, "run_dir", defaults.run_dir),
+            accel=self.accel(data),
+            storage_roots=tuple(self.root(r) for r in roots),
+            qemu_binary=self.text(data, "qemu_binary", defaults.qemu_binary),
+            relocation=RelocationConfig(
+                enabled=self.flag(relocation, "enabled", "relocation.enabled"),
+                port=check_port(
+                    self.integer(relocation, "port", 8002, "relocation.port"),
+                    lambda why: self.fail("relocation.port", why),
+                ),
+                address=self.text(relocation, "address", "", "relocation.address", empty=True),
+                hosts_allow=check_patterns(
+                    patterns, lambda why: self.fail("relocation.hosts_allow", why)
+                ),
+            ),
+            dom0_min_mem=self.integer(data, "dom0_min_mem", 0, "dom0_min_mem"),
+        )
+
+    def no_unknown(self, table: Mapping[str, Any], known: frozenset[str], prefix: str) -> None:
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise self.fail(prefix + unknown[0], "unknown key")
+
+    def text(
+        self, table: Mapping[str, Any], key: str, default: str, label: str = "", empty: bool = False
+    ) -> str:
+        value = table.get(key, default)
+        label = label or key
+        if not isinstance(value, str) or "\n" in value or (not value and not empty):
+            raise self.fail(label, f"expected a non-empty single-line string, got {value!r}")
+        return value
+
+    def path(self, table: Mapping[str, Any], key: str, default: Path | None) -> Path:
+        value = table.get(key, default)
+        if not isinstance(value, str | Path) or not str(value).startswith("/"):
+            raise self.fail(key, f"expected an absolute path, got {value!r}")
+        return Path(value)
+
+    def root(self, value: Any) -> Path:
+        return self.path({"storage_roots": value}, "storage_roots", None)
+
+    def integer(self, table: Mapping[str, Any], key: str, default: int, label: str) -> int:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail(label, f"expected a non-negative integer, got {value!r}")
+        return value
+
+    def flag(self, table: Mapping[str, Any], key: str, label: str) -> bool:
+        value = table.get(key, True)
+        if not isinstance(value, bool):
+            raise self.fail(label, f"expected true or false, got {value!r}")
+        return value
+
+    def accel(self, data: Mapping[str, Any]) -> str:
+        value = data.get("accel", "auto")
+        if value not in ACCELS:
+            raise self.fail("accel", f"{value!r} is not one of {', '.join(ACCELS)}")
+        return str(value)
+
+
+def check_port(port: int, fail: Fail) -> int:
+    if not 1 <= port <= 65535:
+        raise fail(f"{port} is out of range 1..65535")
+    return port
+
+
+def check_patterns(patterns: Iterable[str], fail: Fail) -> tuple[str, ...]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise fail(f"regex {pattern!r} does not compile: {err}") from err
+    return tuple(patterns)
+
+
+# -- classic xend-config.sxp ---------------------------------------------------
+
+_API = "ferry's control API is a root-only unix socket"
+_HEADLESS = "ferry runs QEMU headless"
+_TLS = "relocation TLS is not read from xend-config.sxp"
+
+
+def _each(words: str, reason: str) -> dict[str, str]:
+    return dict.fromkeys(words.split(), reason)
+
+
+XEND_IGNORED: dict[str, str] = {
+    **_each(
+        "xend-http-server xend-unix-server xend-tcp-xmlrpc-server xend-port "
+        "xend-unix-xmlrpc-server xend-address xend-unix-path xen-api-server "
+        "xend-tcp-xmlrpc-server-address xend-tcp-xmlrpc-server-port",
+        _API,
+    ),
+    **_each(
+        "xend-relocation-ssl-server xend-relocation-ssl-port xend-relocation-ssl "
+        "xend-relocation-server-ssl-key-file xend-relocation-server-ssl-cert-file",
+        _TLS,
+    ),
+    "network-script": "ferry attaches taps to the bridge named in each vif itself",
+    "vif-script": "ferry attaches taps to the bridge named in each vif itself",
+    "dom0-cpus": "ferry does not pin host CPUs",
+    "enable-dom0-ballooning": "no ballooning",
+    "total_available_memory": "no ballooning",
+    **dict.fromkeys(("vncpasswd", "vnc-listen", "vnc-tls", "keymap"), _HEADLESS),
+    **dict.fromkeys(("logfile", "loglevel"), "ferryd logs to the journal"),
+    "console-limit": "ferry's console has no rate limit",
+    "xend-domain-lock": "ferry's migration protocol prevents two writers itself",
+}
+_XEND_USED = frozenset(
+    {
+        "xend-relocation-server", "xend-relocation-port", "xend-relocation-address",
+        "xend-relocation-hosts-allow", "dom0-min-mem",
+    }
+)  # fmt: skip
+_YES = ("yes", "y", "1", "on", "true", "t")
+_NO = ("no", "n", "0", "off", "false", "f")
+
+
+def parse_xend_config(text: str, source: str) -> HostConfig:
+    values: dict[str, tuple[int, str]] = {}
+    ignored: list[str] = []
+    for line, item in parse_sxp_lines(text, source):
+        if not isinstance(item, list) or not item or not isinstance(item[0], str):
+            raise ConfigError(f"{source}:{line}: expected (key value), got {item!r}")
+        key = item[0]
+        if key in _XEND_USED:
+            if len(item) != 2 or not isinstance(item[1], str):
+                raise ConfigError(f"{source}:{line}: '{key}': expected ({key} value)")
+            if key in values:
+                first = values[key][0]
+                raise ConfigError(f"{source}:{line}: '{key}' given twice: lines {first} and {line}")
+            values[key] = (line, item[1])
+        else:
+            reason = XEND_IGNORED.get(key, "not used by ferry")
+            ignored.append(f"{key} ignored: {reason}")
+
+    def fail(key: str, why: str) -> ConfigError:
+        line = values[key][0] if key in values else None
+        return ConfigError(f"{source}:{line}: '{key}': {why}" if line else f"{source}: {why}")
+
+    def get(key: str, default: str) -> str:
+        return values[key][1] if key in values else default
+
+    enabled_text = get("xend-relocation-server", "yes").lower()
+    if enabled_text not in _YES + _NO:
+        raise fail("xend-relocation-server", f"{enabled_text!r} is not yes or no")
+    port = _xend_int(get("xend-relocation-port", "8002"), "xend-relocation-port", fail)
+    check_port(port, lambda why: fail("xend-relocation-port", why))
+    patterns = split_hosts_allow(get("xend-relocation-hosts-allow", ""))
+    return HostConfig(
+        name=socket.gethostname(),
+        relocation=RelocationConfig(
+            enabled=enabled_text in _YES,
+            port=port,
+            address=get("xend-relocation-address", ""),
+            hosts_allow=check_patterns(
+                patterns, lambda why: fail("xend-relocation-hosts-allow", why)
+            ),
+        ),
+        dom0_min_mem=_xend_int(get("dom0-min-mem", "0"), "dom0-min-mem", fail),
+        ignored=tuple(ignored),
+    )
+
+
+def _xend_int(text: str, key: str, fail: Callable[[str, str], ConfigError]) -> int:
+    if not re.fullmatch(r"[0-9]+", text):
+        raise fail(key, f"{text!r} is not a non-negative integer")
+    return int(text)

@@ -1,0 +1,69 @@
+"""Network namespaces as lab hosts: create, wire, run commands inside, remove."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import subprocess
+from collections.abc import Sequence
+
+from pyroute2 import NetNS, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ferry.errors import NetworkError
+
+
+def exists(name: str) -> bool:
+    return name in netns.listnetns()
+
+
+def create(name: str) -> None:
+    """A fresh namespace with loopback up; an existing one of that name is replaced."""
+    if exists(name):
+        remove(name)
+    netns.create(name)
+    with NetNS(name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+
+
+def remove(name: str) -> None:
+    if exists(name):
+        netns.remove(name)
+
+
+def add_bridge(ns_name: str, bridge: str, address: str | None = None) -> None:
+    """A bridge inside ``ns_name``, up, with ``address`` (CIDR) if given."""
+    with NetNS(ns_name) as ns:
+        try:
+            ns.link("add", ifname=bridge, kind="bridge", br_forward_delay=0)
+        except NetlinkError as err:
+            raise NetworkError(f"cannot create bridge {bridge} in {ns_name}: {err}") from err
+        index = ns.link_lookup(ifname=bridge)[0]
+        ns.link("set", index=index, state="up")
+        if address:
+            iface = ipaddress.IPv4Interface(address)
+            ns.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+
+def run(
+    ns_name: str, argv: Sequence[str], timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns_name, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
+def popen_argv(ns_name: str, argv: Sequence[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns_name, *argv]
+
+
+def ping(ns_name: str, address: str, timeout: float = 1.0) -> bool:
+    """One ICMP echo from inside ``ns_name``; True if it was answered."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        result = run(ns_name, ["ping", "-c", "1", "-W", f"{timeout:g}", address], timeout + 5)
+        return result.returncode == 0
+    return False
