@@ -65,7 +65,9 @@ def test_classic_virt_server_imports_as_it_is(classic_vm: Path) -> None:
 
 def test_classic_virt_server_says_what_it_ignores(classic_vm: Path) -> None:
     notes = load_xm(classic_vm).ignored
-    assert any(n.startswith("bootloader='/usr/bin/pygrub' ignored: ferry boots its own") for n in notes)
+    assert any(
+        n.startswith("bootloader='/usr/bin/pygrub' ignored: ferry boots its own") for n in notes
+    )
     assert any(n.startswith("maxmem=512 ignored: no ballooning") for n in notes)
     assert any(n.startswith("sdl=1 ignored: ferry runs QEMU headless") for n in notes)
     assert len(notes) == 3
@@ -120,19 +122,24 @@ def test_unusable_disks_are_refused_with_their_line(tmp_path: Path, disk: str, w
 
 
 def test_validator_error_on_a_disk_gets_the_item_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "name = 'a'\ndisk = ['file:/xen/a.img,xvda,w',\n 'file:relative,xvdb,w']\n")
+    path = write(
+        tmp_path, "name = 'a'\ndisk = ['file:/xen/a.img,xvda,w',\n 'file:relative,xvdb,w']\n"
+    )
     message = error_of(path)
     assert message.startswith(f"{path}:3: 'disk[1].path'")
 
 
 def test_vif_keys_and_defaults() -> None:
     mapping = parse_xm(
-        "name = 'a'\nvif = ['mac=00:16:3e:12:34:56, bridge=br1 , ip=10.0.0.5, script=vif-bridge', '']\n",
+        "name = 'a'\n"
+        "vif = ['mac=00:16:3e:12:34:56, bridge=br1 , ip=10.0.0.5, script=vif-bridge', '']\n",
         "vm",
     )
     assert mapping["vif"] == [{"mac": "00:16:3e:12:34:56", "bridge": "br1"}, {}]
     notes = mapping["ignored"]
-    assert any(n.startswith("vif[0] ip=10.0.0.5 ignored: xm gave it to the host's vif") for n in notes)
+    assert any(
+        n.startswith("vif[0] ip=10.0.0.5 ignored: xm gave it to the host's vif") for n in notes
+    )
     assert any(n.startswith("vif[0] script=vif-bridge ignored") for n in notes)
     assert "ip" not in mapping
 
@@ -225,7 +232,7 @@ SENTINEL_CASES = [
     ("name = open('{s}', 'w').write('x')", 1, "function call"),
     ("import os\nos.system('touch {s}')", 1, "import"),
     ("from os import system", 1, "import"),
-    ('name = "a"; exec("open(\'{s}\', \'w\')")', 1, "function call"),
+    ("name = \"a\"; exec(\"open('{s}', 'w')\")", 1, "function call"),
     ("name = (lambda: open('{s}', 'w'))()", 1, "function call"),
     ("name = 'a'\nmemory = [open('{s}','w') for i in range(3)][0]", 2, "subscript"),
     ("name = 'a'\nx = [open('{s}', 'w') for i in range(3)]", 2, "comprehension"),
@@ -302,3 +309,9 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 def test_missing_name_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "memory = 256\n")
     assert error_of(path) == f"{path}: 'name' is required"
+
+
+@pytest.mark.parametrize("value", ["-" * 500_000 + "1", "a." * 300_000 + "b"])
+def test_parser_stress_is_a_config_error_not_a_crash(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"name = 'a'\nmemory = {value}\n")
+    assert error_of(path).startswith(f"{path}")

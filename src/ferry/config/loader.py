@@ -79,6 +79,10 @@ def apply_overrides(
             raise ConfigError(f"{at}: unknown key '{key}'{hint}")
         where[key] = at
         if key in ("disk", "vif"):
+            if key not in devices:
+                # The file's items are replaced: their places must not label new errors.
+                for stale in [k for k in where if k.startswith(f"{key}[")]:
+                    del where[stale]
             items = devices.setdefault(key, [])
             if value.strip():
                 where[f"{key}[{len(items)}]"] = at

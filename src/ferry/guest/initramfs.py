@@ -80,9 +80,12 @@ def read_module(path: Path) -> bytes:
     if path.suffix == ".gz":
         return gzip.decompress(data)
     if path.suffix == ".zst":
-        return subprocess.run(
-            ["zstd", "-dcq", str(path)], capture_output=True, check=True
-        ).stdout
+        try:
+            return subprocess.run(
+                ["zstd", "-dcq", str(path)], capture_output=True, check=True
+            ).stdout
+        except (OSError, subprocess.CalledProcessError) as err:
+            raise ImageError(f"decompressing kernel module {path} with zstd: {err}") from err
     return data
 
 
@@ -93,7 +96,9 @@ class CpioWriter:
         self._parts: list[bytes] = []
         self._ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         encoded = name.encode() + b"\0"
         fields = [
             self._ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data),

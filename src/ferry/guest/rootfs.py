@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ferry.errors import ImageError
 from ferry.guest.cache import TMP_PREFIX, remove_tree
 from ferry.guest.kernel import run
 
@@ -34,9 +33,10 @@ def host_mirror(suite: str = SUITE, apt_dir: Path = Path("/etc/apt")) -> str:
     for sources in sorted((apt_dir / "sources.list.d").glob("*.sources")):
         for stanza in re.split(r"\n\s*\n", _read(sources)):
             fields = _deb822(stanza)
-            if "deb" in fields.get("types", "").split() and suite in fields.get(
-                "suites", ""
-            ).split():
+            if (
+                "deb" in fields.get("types", "").split()
+                and suite in fields.get("suites", "").split()
+            ):
                 uris = fields.get("uris", "").split()
                 if uris:
                     return uris[0].rstrip("/")
@@ -78,7 +78,7 @@ def ensure_base(
     packages: tuple[str, ...],
     log: Callable[[str], None],
 ) -> Path:
-    """A debootstrap'ed tree for these inputs, built once and kept (debootstrap is the slow part)."""
+    """A debootstrap'ed tree for these inputs, built once and kept: debootstrap is the slow part."""
     final = base_dir / base_digest(suite, mirror, packages)
     if (final / "root" / "usr" / "bin" / "python3").exists():
         return final / "root"

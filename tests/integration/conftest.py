@@ -1,0 +1,164 @@
+"""Fixtures that start real things (namespaces, ferryd, QEMU) and clean all of it up.
+
+The ladder: ``host`` (a namespace with bridge xenbr0 and a ferryd) ->
+``booted`` (virt_server created there and answering on its IP). A failed
+test's logs are copied to ``test-logs/<test>/`` in the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ferry.errors import FerryError
+from ferry.guest.image import GuestImage, build_image, default_cache_dir, make_domain_disk
+from ferry.hypervisor import process
+from ferry.lab import netns
+from ferry.lab.ferryd_process import FerrydProcess
+
+REPO = Path(__file__).resolve().parents[2]
+KEPT_LOGS = REPO / "test-logs"
+BRIDGE_ADDRESS = "10.99.0.1/24"
+_counter = itertools.count(1)
+
+XM_TEMPLATE = """\
+name = "{name}"
+memory = 256
+vcpus = 1
+bootloader = "/usr/bin/pygrub"
+disk = [ "tap:aio:{disk},xvda,w" ]
+vif = [ "mac={mac},bridge={bridge}" ]
+ip = "{ip}"
+netmask = "255.255.255.0"
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_orphans() -> None:
+    # QEMUs outlive a ferryd that a test kills; as subreaper we collect them.
+    process.become_subreaper()
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    cache = Path(os.environ.get("FERRY_CACHE_DIR", str(default_cache_dir())))
+    return build_image(cache, log=print)
+
+
+@pytest.fixture
+def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ferry-t", dir="/tmp"))
+    yield path
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        dest = KEPT_LOGS / re.sub(r"[^\w.-]+", "_", request.node.nodeid)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(path, dest, ignore=shutil.ignore_patterns("*.img", "*.sock"))
+        print(f"logs of the failed test kept in {dest}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class LabHost:
+    ns: str
+    ferryd: FerrydProcess
+    storage: Path
+    workdir: Path
+    image: GuestImage
+
+    def domain_config(
+        self, name: str = "virt_server", ip: str = "10.99.0.10", bridge: str = "xenbr0",
+        mac: str = "00:16:3e:4a:21:07",
+    ) -> Path:  # fmt: skip
+        disk = self.storage / f"{name}.img"
+        if not disk.exists():
+            make_domain_disk(self.image, disk)
+        path = self.workdir / name
+        path.write_text(XM_TEMPLATE.format(name=name, disk=disk, mac=mac, bridge=bridge, ip=ip))
+        return path
+
+    def ferry(self, *args: str) -> tuple[int, str, str]:
+        result = self.ferryd.ferry(*args)
+        return result.returncode, result.stdout, result.stderr
+
+    def ping(self, address: str, timeout: float = 1.0) -> bool:
+        return netns.ping(self.ns, address, timeout)
+
+    def qemu_pids(self) -> list[int]:
+        pids = []
+        for pidfile in (self.ferryd.run_dir / "domains").glob("*/qemu.pid"):
+            pid = process.read_pidfile(pidfile)
+            if pid is not None and process.is_alive(pid):
+                pids.append(pid)
+        return pids
+
+
+def _cleanup_host(host: LabHost, known_pids: list[int]) -> None:
+    if host.ferryd.proc is not None and host.ferryd.proc.poll() is None:
+        with contextlib.suppress(FerryError):
+            for row in host.ferryd.call("list"):
+                with contextlib.suppress(FerryError):
+                    host.ferryd.call("destroy", name=row["name"])
+    host.ferryd.stop()
+    for pid in set(known_pids) | set(host.qemu_pids()):
+        if process.is_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process.is_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.reap(pid)
+    netns.remove(host.ns)
+    shutil.rmtree(host.ferryd.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def host(workdir: Path, guest_image: GuestImage) -> Iterator[LabHost]:
+    ns = f"ferry-t{os.getpid()}-{next(_counter)}"
+    netns.create(ns)
+    netns.add_bridge(ns, "xenbr0", BRIDGE_ADDRESS)
+    storage = workdir / "xen"
+    storage.mkdir()
+    config = workdir / "ferryd.toml"
+    config.write_text(f'storage_roots = ["{storage}"]\naccel = "tcg"\n')
+    ferryd = FerrydProcess(
+        name="xen_host_1", state_dir=workdir / "state", run_dir=workdir / "run",
+        log=workdir / "ferryd.log", ns=ns, config=config,
+    )  # fmt: skip
+    lab = LabHost(ns=ns, ferryd=ferryd, storage=storage, workdir=workdir, image=guest_image)
+    known: list[int] = []
+    try:
+        ferryd.start()
+        yield lab
+    finally:
+        known += lab.qemu_pids()
+        _cleanup_host(lab, known)
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def booted(host: LabHost) -> LabHost:
+    """virt_server created on ``host`` and answering on 10.99.0.10."""
+    code, _out, err = host.ferry("create", str(host.domain_config()))
+    assert code == 0, err
+    wait_for(lambda: host.ping("10.99.0.10"), 180, "virt_server to answer ping")
+    return host
