@@ -109,6 +109,10 @@ class ControlServer:
             return err
         except ValueError as err:
             return ProtocolError(f"malformed request: {err}")
+        except Exception as err:
+            # The API boundary: a bug must answer the client, not drop it.
+            log.exception("internal error handling %r", line[:200])
+            return FerryError(f"internal error in ferryd: {type(err).__name__}: {err}")
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, reply: Any) -> None:

@@ -26,10 +26,6 @@ class HostLayout:
         return self.state_dir / "domains"
 
     @property
-    def accel_cache(self) -> Path:
-        return self.state_dir / "accel-probe.json"
-
-    @property
     def domid_counter(self) -> Path:
         return self.state_dir / "last-domid"
 

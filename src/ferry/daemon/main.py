@@ -56,7 +56,12 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     except BlockingIOError:
         raise FerryError(f"another ferryd already runs with run directory {cfg.run_dir}") from None
     become_subreaper()
-    manager = DomainManager(cfg, layout, guest_boot_files(lambda: load_image(image_cache)))
+    manager = DomainManager(
+        cfg,
+        layout,
+        guest_boot_files(lambda: load_image(image_cache)),
+        accel_cache=image_cache.parent / "accel-probe.json",
+    )
     await manager.reattach_all()
     server = ControlServer(manager, layout.control_socket)
     await server.start()

@@ -94,7 +94,7 @@ class DomainManager:
         pid = process.read_pidfile(paths.pidfile) or record.pid
         if pid is None or not process.is_our_qemu(pid, paths.qmp_socket):
             log.info("domain %s ended while ferryd was away; cleaning up", name)
-            self._cleanup_files(record, paths)
+            await asyncio.to_thread(self._cleanup_files, record, paths)
             return
         record.pid = pid
         monitor = Monitor(name)
@@ -158,7 +158,7 @@ class DomainManager:
                 self.host.qemu_binary,
                 boot.kernel,
                 boot.initrd or boot.kernel,
-                self.layout.accel_cache,
+                self.accel_cache,
             )
             log.info("accelerator: %s (%s)", self._accel.accel, self._accel.reason)
         return self._accel
@@ -178,7 +178,7 @@ class DomainManager:
             ]
             try:
                 check_disks(cfg, self.host.storage_roots, in_use)
-                tap.check_bridges([v.bridge for v in cfg.vifs])
+                await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self._check_memory(cfg)
                 boot = self.boot_files(cfg)
                 accel = (await self.accel(boot)).accel
@@ -233,7 +233,7 @@ class DomainManager:
         monitor = Monitor(cfg.name)
         try:
             for name, vif in zip(record.taps, cfg.vifs, strict=True):
-                tap.create_tap(name, vif.bridge)
+                await asyncio.to_thread(tap.create_tap, name, vif.bridge)
                 created_taps.append(name)
             args = build_qemu_args(
                 cfg,
@@ -253,10 +253,7 @@ class DomainManager:
             await monitor.close()
             if record.pid is not None:
                 await process.terminate(record.pid, 0)
-            for name in created_taps:
-                with contextlib.suppress(FerryError):
-                    tap.delete_tap(name)
-            self._cleanup_files(record, paths)
+            await asyncio.to_thread(self._cleanup_files, record, paths)
             if isinstance(err, FerryError):
                 raise type(err)(f"cannot create domain '{cfg.name}': {err}") from err
             raise HypervisorError(f"cannot create domain '{cfg.name}': {err}") from err
@@ -334,7 +331,7 @@ class DomainManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await events
             await dom.monitor.close()
-            self._ended(dom)
+            await self._ended(dom)
 
     async def _follow_events(self, dom: RunningDomain) -> None:
         async for event in dom.monitor.events:
@@ -357,20 +354,21 @@ class DomainManager:
                 await dom.monitor.execute("cont")
                 self._set_state(dom, next_state(dom.name, dom.record.state, Event.RESTART))
 
-    def _ended(self, dom: RunningDomain) -> None:
+    async def _ended(self, dom: RunningDomain) -> None:
         log.info("domain %s ended", dom.name)
         self.domains.pop(dom.name, None)
-        for name in dom.record.taps:
+        await asyncio.to_thread(self._cleanup_files, dom.record, dom.paths)
+
+    def _cleanup_files(self, record: DomainRecord, paths: MachinePaths) -> None:
+        """Remove the taps, run files and record of a domain whose QEMU has ended.
+
+        Blocking (netlink): call it in a thread from the event loop.
+        """
+        for name in record.taps:
             try:
                 tap.delete_tap(name)
             except FerryError as err:
                 log.error("%s", err)
-        self._cleanup_files(dom.record, dom.paths)
-
-    def _cleanup_files(self, record: DomainRecord, paths: MachinePaths) -> None:
-        for name in record.taps:
-            with contextlib.suppress(FerryError):
-                tap.delete_tap(name)
         shutil.rmtree(paths.run_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self.layout.record_file(record.config.name).unlink()

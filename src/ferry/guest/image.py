@@ -90,7 +90,11 @@ def load_image(cache_dir: Path | None = None) -> GuestImage:
 def build_image(
     cache_dir: Path | None = None, *, force: bool = False, log: Callable[[str], None] = print
 ) -> GuestImage:
-    """The image for the current inputs: reused from the cache if it verifies, else built."""
+    """The image for the current inputs: reused from the cache if it verifies, else built.
+
+    ``force`` rebuilds everything, including the debootstrap'ed base tree that
+    ordinary rebuilds reuse (it depends only on suite, mirror and package list).
+    """
     cache_dir = cache_dir or default_cache_dir()
     files = guest_files()
     inputs = collect_inputs(files)
@@ -117,7 +121,7 @@ def build_image(
         log(f"guest image: building {digest[:12]} in {cache_dir}")
         tmp = images / f"{cache.TMP_PREFIX}{digest[:12]}-{os.getpid()}"
         try:
-            manifest = _build(cache_dir, tmp, inputs, files, log)
+            manifest = _build(cache_dir, tmp, inputs, files, log, refresh_base=force)
             if final.exists():
                 cache.remove_tree(final)
             os.rename(tmp, final)
@@ -136,6 +140,8 @@ def _build(
     inputs: cache.BuildInputs,
     files: dict[str, bytes],
     log: Callable[[str], None],
+    *,
+    refresh_base: bool = False,
 ) -> cache.Manifest:
     work = out / "work"
     work.mkdir(parents=True)
@@ -151,7 +157,9 @@ def _build(
     log(f"guest image: initramfs with busybox and modules {' '.join(modules)}")
 
     mirror = rootfs.host_mirror(inputs.suite)
-    base = rootfs.ensure_base(cache_dir / "base", inputs.suite, mirror, inputs.packages, log)
+    base = rootfs.ensure_base(
+        cache_dir / "base", inputs.suite, mirror, inputs.packages, log, refresh=refresh_base
+    )
     staged = work / "root"
     rootfs.stage_tree(base, staged)
     rootfs.install_guest_files(staged, files)

@@ -17,7 +17,6 @@ KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 class KernelPackage:
     name: str  # e.g. linux-image-6.1.0-56-cloud-amd64
     version: str  # Debian package version, e.g. 6.1.192-2
-    sha256: str  # of the .deb, as the apt index publishes it
 
 
 @dataclass(frozen=True)
@@ -44,28 +43,41 @@ def run(argv: list[str], what: str, cwd: Path | None = None) -> str:
 def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> KernelPackage:
     """The concrete image package (and candidate version) behind the metapackage."""
     what = f"resolving kernel package {metapackage}"
-    deps = run(["apt-cache", "depends", "--no-recommends", "--no-suggests", metapackage], what)
-    names = re.findall(r"^\s+Depends: (linux-image-\S+)$", deps, flags=re.MULTILINE)
+    # `apt-cache show --no-all-versions` describes the candidate version only; the
+    # metapackage pins its image package with "(= version)", so one call suffices.
+    meta = run(["apt-cache", "show", "--no-all-versions", metapackage], what)
+    depends = re.search(r"^Depends: (.*)$", meta, flags=re.MULTILINE)
+    pinned = re.search(
+        r"(linux-image-[^\s,(|]+) \(= ([^)\s]+)\)", depends.group(1) if depends else ""
+    )
+    if pinned:
+        return KernelPackage(pinned.group(1), pinned.group(2))
+    names = re.findall(r"(linux-image-[^\s,(|]+)", depends.group(1)) if depends else []
     if not names:
         raise ImageError(f"{what}: apt-cache lists no linux-image dependency (run apt-get update?)")
-    name = names[0]
-    policy = run(["apt-cache", "policy", name], what)
-    match = re.search(r"^\s+Candidate: (\S+)$", policy, flags=re.MULTILINE)
-    if not match or match.group(1) == "(none)":
-        raise ImageError(f"{what}: apt has no installable version of {name}")
-    version = match.group(1)
-    show = run(["apt-cache", "show", "--no-all-versions", f"{name}={version}"], what)
+    show = run(["apt-cache", "show", "--no-all-versions", names[0]], what)
+    version = re.search(r"^Version: (\S+)$", show, flags=re.MULTILINE)
+    if not version:
+        raise ImageError(f"{what}: apt has no installable version of {names[0]}")
+    return KernelPackage(names[0], version.group(1))
+
+
+def published_sha256(pkg: KernelPackage) -> str:
+    """The .deb's sha256 as the apt index publishes it."""
+    what = f"looking up {pkg.name}={pkg.version} in the apt index"
+    show = run(["apt-cache", "show", "--no-all-versions", f"{pkg.name}={pkg.version}"], what)
     sha = re.search(r"^SHA256: ([0-9a-f]{64})$", show, flags=re.MULTILINE)
     if not sha:
-        raise ImageError(f"{what}: apt-cache show {name}={version} gives no SHA256")
-    return KernelPackage(name, version, sha.group(1))
+        raise ImageError(f"{what}: no SHA256 field")
+    return sha.group(1)
 
 
 def fetch_kernel_deb(pkg: KernelPackage, downloads: Path) -> Path:
     """Download the .deb into ``downloads`` unless a verified copy is already there."""
     downloads.mkdir(parents=True, exist_ok=True)
     deb = downloads / f"{pkg.name}_{pkg.version.replace(':', '%3a')}_amd64.deb"
-    if deb.exists() and file_sha256(deb) == pkg.sha256:
+    expected = published_sha256(pkg)
+    if deb.exists() and file_sha256(deb) == expected:
         return deb
     deb.unlink(missing_ok=True)
     # Downloading as root into a root-owned dir: apt's _apt sandbox user could not write there.
@@ -76,7 +88,7 @@ def fetch_kernel_deb(pkg: KernelPackage, downloads: Path) -> Path:
     )
     if not deb.exists():
         raise ImageError(f"downloading {pkg.name}: apt-get left no {deb.name} in {downloads}")
-    if file_sha256(deb) != pkg.sha256:
+    if file_sha256(deb) != expected:
         deb.unlink()
         raise ImageError(f"downloading {pkg.name}: {deb} does not match the apt index sha256")
     return deb

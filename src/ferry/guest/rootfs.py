@@ -77,13 +77,15 @@ def ensure_base(
     mirror: str,
     packages: tuple[str, ...],
     log: Callable[[str], None],
+    *,
+    refresh: bool = False,
 ) -> Path:
     """A debootstrap'ed tree for these inputs, built once and kept: debootstrap is the slow part."""
     final = base_dir / base_digest(suite, mirror, packages)
-    if (final / "root" / "usr" / "bin" / "python3").exists():
+    if not refresh and (final / "root" / "usr" / "bin" / "python3").exists():
         return final / "root"
     if final.exists():
-        log(f"guest image: base tree {final} is incomplete; removing it")
+        log(f"guest image: removing base tree {final} ({'refresh' if refresh else 'incomplete'})")
         remove_tree(final)
     base_dir.mkdir(parents=True, exist_ok=True)
     for leftover in sorted(base_dir.glob(TMP_PREFIX + "*")):
