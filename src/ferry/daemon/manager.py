@@ -64,8 +64,17 @@ BootFilesProvider = Callable[[DomainConfig], BootFiles]
 
 
 class DomainManager:
-    def __init__(self, host: HostConfig, layout: HostLayout, boot_files: BootFilesProvider) -> None:
+    def __init__(
+        self,
+        host: HostConfig,
+        layout: HostLayout,
+        boot_files: BootFilesProvider,
+        accel_cache: Path | None = None,
+    ) -> None:
         self.host = host
+        # The probe's verdict is a property of the machine, not of one daemon's
+        # state: shared by every ferryd on it, it costs one probe per machine.
+        self.accel_cache = accel_cache or layout.state_dir / "accel-probe.json"
         self.layout = layout
         self.boot_files = boot_files
         self.domains: dict[str, RunningDomain] = {}
