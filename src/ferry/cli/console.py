@@ -23,7 +23,8 @@ def _raw_terminal(fd: int) -> Iterator[None]:
         yield
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    # TCSANOW: what the user typed while we attached is kept, not flushed.
+    tty.setraw(fd, termios.TCSANOW)
     try:
         yield
     finally:
@@ -37,12 +38,12 @@ def attach(socket_path: Path, name: str) -> None:
     except OSError as err:
         raise FerryError(f"cannot attach to the console of domain '{name}': {err}") from err
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
-    if os.isatty(stdin):
-        print(f"Connected to domain '{name}'. Escape character is ^]", flush=True)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     sel.register(stdin, selectors.EVENT_READ)
     with _raw_terminal(stdin), sock:
+        if os.isatty(stdin):
+            os.write(stdout, f"Connected to domain '{name}'. Escape character is ^]\r\n".encode())
         while True:
             for key, _ in sel.select():
                 if key.fileobj is sock:

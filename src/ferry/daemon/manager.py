@@ -336,11 +336,12 @@ class DomainManager:
             while not await process.wait_exit(dom.record.pid, 3600):
                 pass
         finally:
+            # Cancelled means ferryd is leaving: the domain lives on, untouched.
             events.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await events
             await dom.monitor.close()
-            await self._ended(dom)
+        await self._ended(dom)
 
     async def _follow_events(self, dom: RunningDomain) -> None:
         async for event in dom.monitor.events:
