@@ -20,8 +20,13 @@ failed; the CLI prints exactly that line and exits non-zero.
      +-- StorageError           disks that are missing or outside storage roots
      +-- ImageError             building or using the guest image failed
      +-- DaemonError            talking to ferryd failed
-          +-- DaemonUnreachable no ferryd answers on the control socket
-          +-- ProtocolError     a malformed request or reply on the control API
+     |    +-- DaemonUnreachable no ferryd answers on the control socket
+     |    +-- ProtocolError     a malformed request or reply on the control API
+     +-- MigrationError         a migration failed; the VM runs on the source
+          +-- MigrationRefused  the target (or its hosts-allow) said no
+          +-- MigrationAborted  cancelled by the user
+          +-- MigrationInDoubt  the commit's answer was lost; the VM is held
+                                paused on the source until the target answers
 
 Errors cross the control API as ``{"type": <class name>, "message": ...}`` and
 are rebuilt on the client side by :func:`error_from_wire`, so the CLI shows the
@@ -112,3 +117,20 @@ def error_from_wire(data: object) -> FerryError:
         return ProtocolError(f"daemon sent a malformed error: {data!r}")
     kind = _all_subclasses(FerryError).get(str(data.get("type")), FerryError)
     return kind(str(data.get("message", "unknown error")))
+
+
+class MigrationError(FerryError):
+    """A migration failed before its commit; the VM keeps running on the source."""
+
+
+class MigrationRefused(MigrationError):
+    """The target refused the domain, or its hosts-allow refused this host."""
+
+
+class MigrationAborted(MigrationError):
+    """The migration was cancelled by the user."""
+
+
+class MigrationInDoubt(MigrationError):
+    """The commit was sent but its answer lost: the VM stays paused on the source
+    until the target says whether it resumed the VM."""

@@ -90,6 +90,7 @@ def test_sockets_and_logs_are_the_machine_paths() -> None:
 def test_incoming_defer_for_a_migration_target() -> None:
     args = args_for(config(), incoming=True)
     assert option(args, "-incoming") == ["defer"]
+    assert "-S" in args
 
 
 def test_kernel_command_line_has_classic_ip_param_and_maps_xvd() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ class DaemonClient:
         self.timeout = timeout
 
     def call(self, op: str, **args: Any) -> Any:
+        return self.call_stream(op, None, **args)
+
+    def call_stream(
+        self, op: str, on_progress: Callable[[dict[str, Any]], None] | None, **args: Any
+    ) -> Any:
+        """A request whose answer may be preceded by ``{"progress": ...}`` lines."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -37,7 +44,14 @@ class DaemonClient:
                     f"permission denied on {self.path}: ferry must run as root"
                 ) from None
             sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-            reply = sock.makefile("rb").readline()
+            replies = sock.makefile("rb")
+            while True:
+                reply = replies.readline()
+                progress = _progress(reply)
+                if progress is None:
+                    break
+                if on_progress is not None:
+                    on_progress(progress)
         except TimeoutError:
             raise DaemonUnreachable(
                 f"ferryd on {self.path} did not answer '{op}' within {self.timeout:.0f} s"
@@ -55,3 +69,14 @@ class DaemonClient:
         if not message.get("ok"):
             raise error_from_wire(message.get("error"))
         return message.get("result")
+
+
+def _progress(line: bytes) -> dict[str, Any] | None:
+    if not line.startswith(b'{"progress"'):
+        return None
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    progress = message.get("progress") if isinstance(message, dict) else None
+    return progress if isinstance(progress, dict) else None

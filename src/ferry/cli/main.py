@@ -86,6 +86,56 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from ferry.cli.migrate_view import MigrationView, summary
+
+    client = _client(args)
+    if args.abort:
+        client.call("migrate_abort", name=args.domain)
+        print(f"abort of the migration of {args.domain} requested")
+        return 0
+    if not args.host:
+        raise FerryError("ferry migrate: a target HOST is required (or --abort)")
+    params: dict[str, Any] = {"live": args.live}
+    if args.max_downtime is not None:
+        params["max_downtime_ms"] = args.max_downtime
+    if args.bandwidth is not None:
+        params["bandwidth_mbit"] = args.bandwidth
+    if args.auto_converge is not None:
+        params["auto_converge"] = args.auto_converge
+    if args.xbzrle:
+        params["xbzrle"] = True
+    request = {"name": args.domain, "host": args.host, "port": args.port, "params": params}
+    with MigrationView(args.domain, args.host) as view:
+        try:
+            result = client.call_stream("migrate", view.update, **request)
+        except KeyboardInterrupt:
+            return _abort_after_interrupt(client, args.domain)
+    print(json.dumps(result) if args.json else summary(args.domain, args.host, result))
+    return 0
+
+
+def _abort_after_interrupt(client: DaemonClient, name: str) -> int:
+    """Ctrl-C: cancel cleanly and wait until the domain is settled on the source."""
+    import time
+
+    _note(f"interrupted: aborting the migration of {name} ...")
+    try:
+        client.call("migrate_abort", name=name)
+    except FerryError as err:
+        _note(f"ferry migrate: {err}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rows = {r["name"]: r for r in client.call("list")}
+        state = rows.get(name, {}).get("state")
+        if state != "migrating-out":
+            _note(f"migration aborted; {name} is {state or 'gone'} here")
+            return 130
+        time.sleep(0.2)
+    _note(f"{name} is still migrating out after 120 s; see `ferry list`")
+    return 130
+
+
 def _attach_console(client: DaemonClient, name: str) -> int:
     from ferry.cli.console import attach
 
@@ -159,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("console", cmd_console, "attach to a domain's console (Ctrl-] detaches)"),
     ):
         add(name, func, text).add_argument("domain")
+
+    p = add("migrate", cmd_migrate, "move a domain to another host (-l: live)")
+    p.add_argument("-l", "--live", action="store_true", help="live migration (else stop-and-copy)")
+    p.add_argument("-p", "--port", type=int, help="the target's relocation port (default 8002)")
+    p.add_argument("--abort", action="store_true", help="cancel the domain's running migration")
+    p.add_argument("--max-downtime", type=int, metavar="MS", help="downtime limit")
+    p.add_argument("--bandwidth", type=float, metavar="MBIT", help="bandwidth cap, Mbit/s")
+    p.add_argument("--auto-converge", dest="auto_converge", action="store_true", default=None)
+    p.add_argument("--no-auto-converge", dest="auto_converge", action="store_false")
+    p.add_argument("--xbzrle", action="store_true", help="compress re-sent pages (XBZRLE)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("domain")
+    p.add_argument("host", nargs="?")
 
     p = add("shutdown", cmd_shutdown, "shut a domain down through ACPI")
     p.add_argument("-w", "--wait", action="store_true", help="wait until it has powered off")

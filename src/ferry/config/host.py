@@ -51,6 +51,9 @@ class HostConfig:
     relocation: RelocationConfig = field(default_factory=RelocationConfig)
     dom0_min_mem: int = 0  # MiB kept for the host
     ignored: tuple[str, ...] = ()
+    # Host defaults for migration settings ([migration] table); checked by
+    # ferry.migration.params when ferryd starts.
+    migration: Mapping[str, Any] = field(default_factory=dict)
 
 
 def load_host_config(path: Path | None) -> HostConfig:
@@ -85,7 +88,7 @@ def split_hosts_allow(text: str) -> tuple[str, ...]:
 
 _TOP_KEYS = frozenset(
     {"name", "state_dir", "run_dir", "accel", "storage_roots", "qemu_binary", "dom0_min_mem"}
-    | {"relocation"}
+    | {"relocation", "migration"}
 )
 _RELOCATION_KEYS = frozenset({"enabled", "port", "address", "hosts_allow"})
 
@@ -136,7 +139,14 @@ class _TomlHost:
                 ),
             ),
             dom0_min_mem=self.integer(data, "dom0_min_mem", 0, "dom0_min_mem"),
+            migration=self.table(data, "migration"),
         )
+
+    def table(self, data: Mapping[str, Any], key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a [{key}] table")
+        return dict(value)
 
     def no_unknown(self, table: Mapping[str, Any], known: frozenset[str], prefix: str) -> None:
         unknown = sorted(set(table) - known)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ferry.daemon.manager import DomainManager
 from ferry.errors import FerryError, ProtocolError, error_to_wire
+from ferry.migration.params import MigrationParams
 
 log = logging.getLogger("ferryd")
 
@@ -59,6 +60,8 @@ class ControlServer:
             "shutdown": self._shutdown,
             "destroy": self._destroy,
             "console": self._console,
+            "migrate": self._migrate_placeholder,
+            "migrate_abort": self._migrate_abort,
         }
 
     async def start(self) -> None:
@@ -85,7 +88,7 @@ class ControlServer:
                 )
                 return
             while line := await reader.readline():
-                await self._reply(writer, await self._dispatch(line))
+                await self._reply(writer, await self._dispatch(line, writer))
         except (ConnectionError, asyncio.IncompleteReadError, ValueError) as err:
             log.debug("control connection closed: %s", err)
         finally:
@@ -93,7 +96,7 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _dispatch(self, line: bytes) -> Any:
+    async def _dispatch(self, line: bytes, writer: asyncio.StreamWriter) -> Any:
         try:
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
@@ -104,6 +107,8 @@ class ControlServer:
             args = request.get("args", {})
             if not isinstance(args, dict):
                 raise ProtocolError("request 'args' must be an object")
+            if request["op"] == "migrate":
+                return {"ok": True, "result": await self._migrate(args, writer)}
             return {"ok": True, "result": await handler(args)}
         except FerryError as err:
             return err
@@ -152,3 +157,27 @@ class ControlServer:
 
     async def _console(self, args: dict[str, Any]) -> Any:
         return {"socket": self.manager.console_socket(_arg(args, "name", str))}
+
+    async def _migrate_placeholder(self, args: dict[str, Any]) -> Any:
+        raise ProtocolError("migrate streams its progress; it is dispatched separately")
+
+    async def _migrate(self, args: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
+        """Streams ``{"progress": ...}`` lines, then the one final reply."""
+
+        def emit(progress: dict[str, Any]) -> None:
+            # The client may have gone (Ctrl-C, closed terminal): the migration
+            # carries on regardless, and so does the daemon.
+            if not writer.is_closing():
+                writer.write(json.dumps({"progress": progress}).encode() + b"\n")
+
+        settings = args.get("params", {})
+        if not isinstance(settings, dict):
+            raise ProtocolError("request argument 'params' must be an object")
+        params = MigrationParams.from_wire(dict(self.manager.host.migration) | settings)
+        port = args.get("port") or self.manager.host.relocation.port
+        return await self.manager.migrate(
+            _arg(args, "name", str), _arg(args, "host", str), int(port), params, emit
+        )
+
+    async def _migrate_abort(self, args: dict[str, Any]) -> Any:
+        await self.manager.abort_migration(_arg(args, "name", str))

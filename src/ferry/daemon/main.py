@@ -15,9 +15,11 @@ from ferry.config.host import HostConfig, load_host_config
 from ferry.daemon.api import ControlServer
 from ferry.daemon.layout import HostLayout
 from ferry.daemon.manager import DomainManager, guest_boot_files
+from ferry.daemon.relocation import RelocationServer
 from ferry.errors import FerryError
 from ferry.guest.image import default_cache_dir, load_image
 from ferry.hypervisor.process import become_subreaper
+from ferry.migration.params import MigrationParams
 
 log = logging.getLogger("ferryd")
 
@@ -38,6 +40,7 @@ def host_config(args: argparse.Namespace) -> HostConfig:
     default = Path("/etc/ferry/ferryd.toml")
     path = args.config or (default if default.exists() else None)
     cfg = load_host_config(path)
+    MigrationParams.from_wire(cfg.migration, f"{path}: [migration]")
     overrides = {
         "name": args.name,
         "state_dir": args.state_dir,
@@ -65,6 +68,10 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     await manager.reattach_all()
     server = ControlServer(manager, layout.control_socket)
     await server.start()
+    relocation = None
+    if cfg.relocation.enabled:
+        relocation = RelocationServer(cfg.relocation, manager, cfg.name)
+        await relocation.start()
     for note in cfg.ignored:
         log.info("config: %s", note)
     log.info("ferryd for host %s listening on %s", cfg.name, layout.control_socket)
@@ -75,6 +82,8 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     await stop.wait()
     log.info("ferryd stopping; domains keep running")
     await server.close()
+    if relocation is not None:
+        await relocation.close()
     await manager.close()
     lock.close()
 

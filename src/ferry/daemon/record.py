@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,17 @@ class DomainRecord:
     taps: list[str]
     accel: str
     pid: int | None = None
+    # The record's directory under domains/ (and its run directory): the name,
+    # or name@<migration> for an incoming copy, which may briefly share its
+    # name with the outgoing domain when a host migrates to itself.
+    key: str = ""
+    migration_id: str | None = None
+    migration_target: str | None = None  # host:port of an outgoing migration
+    leases: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = self.config.name
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -32,6 +43,10 @@ class DomainRecord:
             "taps": self.taps,
             "accel": self.accel,
             "pid": self.pid,
+            "key": self.key,
+            "migration_id": self.migration_id,
+            "migration_target": self.migration_target,
+            "leases": self.leases,
         }
 
     @classmethod
@@ -45,6 +60,10 @@ class DomainRecord:
                 taps=[str(t) for t in data["taps"]],
                 accel=str(data["accel"]),
                 pid=None if data.get("pid") is None else int(data["pid"]),
+                key=str(data.get("key") or data["config"]["name"]),
+                migration_id=data.get("migration_id"),
+                migration_target=data.get("migration_target"),
+                leases=[str(x) for x in data.get("leases", [])],
             )
         except (KeyError, TypeError, ValueError) as err:
             raise FerryError(f"{source}: damaged domain record: {err}") from err

@@ -158,5 +158,7 @@ def build_qemu_args(
         "-daemonize",
     ]
     if incoming:
-        args += ["-incoming", "defer"]
+        # -S: the arriving VM stays paused after the stream ends, and its disks
+        # inactive, until the source's commit says "cont".
+        args += ["-S", "-incoming", "defer"]
     return args

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,22 @@ class Monitor:
             raise QmpError(
                 f"QMP {command} on domain '{self.domain}' failed: monitor connection lost ({err})"
             ) from err
+
+    @contextlib.contextmanager
+    def listener(self, names: Iterable[str]) -> Iterator[EventListener]:
+        """A private queue of the named events for as long as the block runs."""
+        with self._client.listener(names) as events:
+            yield events
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a file descriptor (SCM_RIGHTS), known to it as ``name``."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as err:
+            raise QmpError(
+                f"cannot pass a file descriptor to domain '{self.domain}': {err}"
+            ) from err
+        await self.execute("getfd", {"fdname": name})
 
     async def close(self) -> None:
         # The peer may be gone already, which is what closing wants anyway.

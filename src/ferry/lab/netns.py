@@ -67,3 +67,46 @@ def ping(ns_name: str, address: str, timeout: float = 1.0) -> bool:
         result = run(ns_name, ["ping", "-c", "1", "-W", f"{timeout:g}", address], timeout + 5)
         return result.returncode == 0
     return False
+
+
+def add_veth(ns_name: str, ifname: str, peer_ns: str, peer_ifname: str) -> None:
+    """A veth pair, ``ifname`` in ``ns_name`` and ``peer_ifname`` in ``peer_ns``, both up."""
+    with NetNS(ns_name) as ns:
+        try:
+            ns.link("add", ifname=ifname, kind="veth", peer=peer_ifname)
+            ns.link("set", index=ns.link_lookup(ifname=peer_ifname)[0], net_ns_fd=peer_ns)
+        except NetlinkError as err:
+            raise NetworkError(
+                f"cannot create veth {ifname} ({ns_name}) <-> {peer_ifname} ({peer_ns}): {err}"
+            ) from err
+        ns.link("set", index=ns.link_lookup(ifname=ifname)[0], state="up")
+    with NetNS(peer_ns) as ns:
+        ns.link("set", index=ns.link_lookup(ifname=peer_ifname)[0], state="up")
+
+
+def set_master(ns_name: str, ifname: str, bridge: str) -> None:
+    """Enslave ``ifname`` to ``bridge``, both inside ``ns_name``."""
+    with NetNS(ns_name) as ns:
+        try:
+            master = ns.link_lookup(ifname=bridge)[0]
+            ns.link("set", index=ns.link_lookup(ifname=ifname)[0], master=master)
+        except (IndexError, NetlinkError) as err:
+            raise NetworkError(
+                f"cannot add {ifname} to bridge {bridge} in {ns_name}: {err}"
+            ) from err
+
+
+def add_address(ns_name: str, ifname: str, address: str) -> None:
+    """Put ``address`` (CIDR) on ``ifname`` inside ``ns_name``."""
+    iface = ipaddress.IPv4Interface(address)
+    with NetNS(ns_name) as ns:
+        try:
+            index = ns.link_lookup(ifname=ifname)[0]
+            ns.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        except (IndexError, NetlinkError) as err:
+            raise NetworkError(f"cannot put {address} on {ifname} in {ns_name}: {err}") from err
+
+
+def list_names(prefix: str) -> list[str]:
+    """The namespaces whose names start with ``prefix``."""
+    return sorted(name for name in netns.listnetns() if name.startswith(prefix))

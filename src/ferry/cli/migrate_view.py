@@ -1,0 +1,65 @@
+"""How ``ferry migrate`` shows a migration: a live progress bar, then one summary line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+class MigrationView:
+    """Feeds on the daemon's progress lines; silent when stderr is not a terminal."""
+
+    def __init__(self, name: str, host: str) -> None:
+        self.console = Console(stderr=True)
+        self.enabled = self.console.is_terminal
+        self.bar = Progress(
+            TextColumn("[bold]{task.fields[phase]:>8}"),
+            BarColumn(),
+            TextColumn("{task.fields[detail]}"),
+            console=self.console,
+            transient=True,
+        )
+        self.task: TaskID | None = None
+        self.label = f"{name} -> {host}"
+
+    def __enter__(self) -> MigrationView:
+        if self.enabled:
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=1, phase="connect", detail=self.label)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+    def update(self, p: dict[str, Any]) -> None:
+        if self.task is None:
+            return
+        total = max(int(p.get("total") or 0), 1)
+        done = max(total - int(p.get("remaining") or 0), 0)
+        eta = p.get("eta_s")
+        detail = (
+            f"sent {_mb(p.get('transferred', 0))}, left {_mb(p.get('remaining', 0))}, "
+            f"{p.get('rate_mbit', 0):.0f} Mbit/s, dirty {p.get('dirty_rate', 0):.0f} pages/s, "
+            f"pass {p.get('passes', 0)}, ETA {f'{eta:.1f} s' if eta is not None else '?'}"
+        )
+        self.bar.update(
+            self.task, total=total, completed=done, phase=p.get("phase", ""), detail=detail
+        )
+
+
+def summary(name: str, host: str, result: dict[str, Any]) -> str:
+    switchover = result.get("switchover_ms")
+    qemu = result.get("qemu_downtime_ms")
+    downtime = f"{switchover:.0f} ms" if switchover is not None else f"{qemu} ms"
+    return (
+        f"migrated {name} to {host} in {result['total_s']:.1f} s: downtime {downtime} "
+        f"(QEMU {qemu} ms, limit {result['downtime_limit_ms']} ms), "
+        f"{_mb(result['bytes_sent'])} sent in {result['passes']} passes"
+    )

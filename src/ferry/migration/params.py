@@ -1,0 +1,77 @@
+"""Migration settings: per call, with host defaults, checked in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from ferry.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    live: bool = True
+    # QEMU's default of 300 ms is more than a viewer tolerates; a streaming
+    # guest dirties little memory, so a tight limit still converges.
+    max_downtime_ms: int = 50
+    bandwidth_mbit: float = 0.0  # 0: no cap beyond the link
+    auto_converge: bool = True
+    xbzrle: bool = False
+    # No progress in the memory stream for this long: the link is taken as
+    # cut and the migration is cancelled (QEMU itself would wait for TCP's
+    # retransmission timeout, minutes).
+    stall_timeout_s: float = 10.0
+    # Not converged after this long: the downtime limit is doubled, step by
+    # step, up to max_downtime_cap_ms.
+    converge_after_s: float = 60.0
+    max_downtime_cap_ms: int = 2000
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(
+        cls, data: Mapping[str, Any], source: str = "migration settings"
+    ) -> MigrationParams:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting '{unknown[0]}'")
+        params = replace(cls(), **{k: _coerce(k, v, source) for k, v in data.items()})
+        params.check(source)
+        return params
+
+    def check(self, source: str = "migration settings") -> None:
+        if not 1 <= self.max_downtime_ms <= 60_000:
+            raise ConfigError(
+                f"{source}: max_downtime_ms {self.max_downtime_ms} is not in 1..60000"
+            )
+        if self.bandwidth_mbit < 0:
+            raise ConfigError(f"{source}: bandwidth_mbit must not be negative")
+        if self.stall_timeout_s <= 0 or self.converge_after_s <= 0:
+            raise ConfigError(f"{source}: timeouts must be positive")
+        if self.max_downtime_cap_ms < self.max_downtime_ms:
+            raise ConfigError(f"{source}: max_downtime_cap_ms is below max_downtime_ms")
+
+    def capabilities(self) -> dict[str, bool]:
+        """QEMU capabilities for the source."""
+        return {"auto-converge": self.auto_converge, "xbzrle": self.xbzrle, "events": True}
+
+    def qemu_parameters(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"downtime-limit": self.max_downtime_ms}
+        # QEMU caps at 128 MiB/s by default; "no cap" must be said explicitly.
+        bandwidth = self.bandwidth_mbit * 1_000_000 / 8 if self.bandwidth_mbit else 1 << 40
+        params["max-bandwidth"] = int(bandwidth)
+        return params
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    default = getattr(MigrationParams(), key)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, not {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{source}: '{key}' must be a number, not {value!r}")
+    return int(value) if isinstance(default, int) else float(value)

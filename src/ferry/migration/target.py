@@ -1,0 +1,139 @@
+"""The target side of a migration, one relocation connection at a time.
+
+A connection's first message says what it is: ``hello`` opens a migration
+session (handshake, prepare, then waiting for commit or abort), ``data``
+carries the memory stream (its socket is handed to QEMU), ``status`` asks how
+a migration ended. The session never resumes the VM without the source's
+commit, and aborts (ending its QEMU) when the source goes silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from ferry.errors import FerryError, MigrationError, MigrationRefused
+from ferry.migration.channel import PROTOCOL_VERSION, Channel
+from ferry.migration.params import MigrationParams
+
+log = logging.getLogger("ferryd")
+
+HELLO_TIMEOUT = 10.0
+# Longer than the source's stall timeout, so that a source that sees the link
+# die cancels first and tells us; silence past this means the source is gone.
+SILENCE_TIMEOUT = 30.0
+
+
+class TargetHost(Protocol):
+    async def prepare_incoming(
+        self,
+        migration_id: str,
+        mapping: Mapping[str, Any],
+        params: MigrationParams,
+        disks: list[Any],
+        boot: Mapping[str, Any],
+        peer: str,
+    ) -> str: ...
+
+    async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None: ...
+
+    async def commit_incoming(self, migration_id: str, resume: bool) -> float | None: ...
+
+    async def abort_incoming(self, migration_id: str, reason: str) -> None: ...
+
+    def migration_outcome(self, migration_id: str) -> str: ...
+
+
+async def serve_connection(channel: Channel, host: TargetHost, local_name: str) -> None:
+    try:
+        first = await channel.recv(HELLO_TIMEOUT)
+        kind = first["type"]
+        if kind == "hello":
+            await _session(channel, host, local_name, first)
+        elif kind == "data":
+            await _data(channel, host, first)
+        elif kind == "status":
+            outcome = host.migration_outcome(str(first.get("migration_id")))
+            await channel.send({"type": "status", "outcome": outcome})
+        else:
+            await channel.send_error(MigrationError(f"unknown relocation request '{kind}'"))
+    except MigrationError as err:
+        log.info("relocation connection from %s: %s", channel.peer, err)
+    finally:
+        # A data connection's socket lives on in QEMU, which holds its own copy.
+        await channel.close()
+
+
+async def _session(
+    channel: Channel, host: TargetHost, local_name: str, hello: dict[str, Any]
+) -> None:
+    if hello.get("version") != PROTOCOL_VERSION:
+        await channel.send_error(
+            MigrationRefused(
+                f"host {local_name} speaks relocation protocol {PROTOCOL_VERSION}, "
+                f"not {hello.get('version')}"
+            )
+        )
+        return
+    await channel.send({"type": "hello", "version": PROTOCOL_VERSION, "host": local_name})
+    prepare = await channel.recv(HELLO_TIMEOUT, "prepare")
+    migration_id = str(prepare.get("migration_id", ""))
+    if len(migration_id) < 16:
+        await channel.send_error(MigrationRefused("a migration id is required"))
+        return
+    try:
+        params = MigrationParams.from_wire(prepare.get("params") or {})
+        config = prepare.get("config")
+        if not isinstance(config, dict):
+            raise MigrationRefused("the source sent no domain config")
+        token = await host.prepare_incoming(
+            migration_id,
+            config,
+            params,
+            list(prepare.get("disks") or []),
+            dict(prepare.get("boot") or {}),
+            f"{hello.get('host')} ({channel.peer})",
+        )
+    except FerryError as err:
+        refusal = err if isinstance(err, MigrationRefused) else MigrationRefused(str(err))
+        await channel.send_error(refusal)
+        return
+    try:
+        await channel.send({"type": "prepared", "token": token})
+        while True:
+            message = await channel.recv(SILENCE_TIMEOUT)
+            if message["type"] == "ping":
+                continue
+            if message["type"] == "commit":
+                break
+            raise MigrationError(f"unexpected '{message['type']}' from the source")
+    except MigrationError as err:
+        await host.abort_incoming(migration_id, str(err))
+        return
+    try:
+        resume_ts = await host.commit_incoming(migration_id, bool(message.get("resume", True)))
+    except FerryError as err:
+        await host.abort_incoming(migration_id, f"commit failed: {err}")
+        await channel.send_error(MigrationError(f"host {local_name} could not commit: {err}"))
+        return
+    await channel.send({"type": "committed", "resume_ts": resume_ts})
+
+
+async def _data(channel: Channel, host: TargetHost, header: dict[str, Any]) -> None:
+    # Nothing more may be read by us: the rest of this socket is QEMU's.
+    channel.writer.transport.pause_reading()  # type: ignore[attr-defined]
+    fd = os.dup(channel.socket().fileno())
+    try:
+        await host.start_incoming_stream(
+            str(header.get("migration_id")), str(header.get("token")), fd
+        )
+    except FerryError as err:
+        channel.writer.write(f"refused: {err}\n".encode())
+        await channel.writer.drain()
+        return
+    finally:
+        os.close(fd)
+    channel.writer.write(b"ready\n")
+    await channel.writer.drain()
