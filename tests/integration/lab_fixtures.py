@@ -1,5 +1,7 @@
 """The ``lab`` fixture: the whole classic set-up (``ferry lab up``), always torn down.
 
+Import ``lab_fixture`` and ``lab_workdir`` from here into the test module.
+
 Parametrize it by storage kind with ``indirect``::
 
     @pytest.mark.parametrize("lab", ["nfs", "nbd", "dir"], indirect=True)
@@ -45,8 +47,8 @@ def lab_workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def lab(
+@pytest.fixture(name="lab")
+def lab_fixture(
     request: pytest.FixtureRequest, lab_workdir: Path, guest_image: GuestImage
 ) -> Iterator[Lab]:
     """A lab that is up, with the storage kind of the parameter (default nfs)."""

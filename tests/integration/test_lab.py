@@ -15,7 +15,7 @@ from ferry.lab import lab as lab_mod
 from ferry.lab import netns, topology
 from ferry.lab.lab import Lab
 from ferry.lab.lab_cli import add_lab_parser
-from tests.integration.lab_fixtures import lab, lab_workdir  # noqa: F401
+from tests.integration.lab_fixtures import lab_fixture, lab_workdir  # noqa: F401
 
 pytestmark = pytest.mark.integration
 KINDS = ["nfs", "nbd", "dir"]
