@@ -8,6 +8,7 @@ packages=(
   qemu-system-x86 qemu-utils qemu-block-extra
   iproute2 iputils-ping e2fsprogs cpio busybox-static debootstrap kmod
   python3-venv ca-certificates
+  nfs-ganesha nfs-ganesha-vfs rpcbind
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -20,7 +20,7 @@ from pathlib import Path
 from ferry.errors import ImageError
 from ferry.guest import cache, initramfs, kernel, rootfs
 
-GUEST_FILES = ("init", "ferry-init", "ferry-poweroff")
+GUEST_FILES = ("init", "ferry-init", "ferry-poweroff", "ferry-ledger")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ BASE_FORMAT = 1
 GUEST_FILE_PLACES: Mapping[str, tuple[str, int]] = {
     "ferry-init": ("sbin/ferry-init", 0o755),
     "ferry-poweroff": ("usr/local/sbin/ferry-poweroff", 0o755),
+    "ferry-ledger": ("etc/ferry/services.d/50-ledger", 0o755),
 }
 
 # Space the image never needs: package caches and indexes, docs, translations.

@@ -278,8 +278,7 @@ def up(
         lab.save()
         log(f"storage: {storage_kind}, virt_server's disk {lab.disk}")
         for host in HOSTS:
-            lab.daemons[host.name] = _start_ferryd(lab, host.name)
-            lab.save()
+            _start_ferryd(lab, host.name)
             log(f"{host.name}: ferryd answering on {lab.daemons[host.name].socket}")
         lab.ready = True
         lab.save()
@@ -300,7 +299,7 @@ def _make_disks(lab: Lab, log: Log) -> None:
         scratch.truncate(SCRATCH_SIZE)
 
 
-def _start_ferryd(lab: Lab, host: str) -> HostDaemon:
+def _start_ferryd(lab: Lab, host: str) -> None:
     base = lab.workdir / "hosts" / host
     base.mkdir(parents=True, exist_ok=True)
     state_dir, run_dir = base / "state", RUN_ROOT / host
@@ -311,6 +310,7 @@ def _start_ferryd(lab: Lab, host: str) -> HostDaemon:
         name=host, state_dir=state_dir, run_dir=run_dir, log=Path(daemon.log),
         ns=topology.node(host).ns, config=config,
     )  # fmt: skip
+    lab.daemons[host] = daemon
     try:
         ferryd.start()
     finally:
@@ -319,7 +319,7 @@ def _start_ferryd(lab: Lab, host: str) -> HostDaemon:
             daemon.process = LabProcess.started(
                 f"ferryd-{host}", ferryd.proc, str(config), Path(daemon.log)
             )
-    return daemon
+        lab.save()
 
 
 def down(workdir: Path = DEFAULT_WORKDIR, log: Log = print) -> list[str]:

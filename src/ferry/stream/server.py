@@ -433,6 +433,18 @@ class MediaHandler(BaseHTTPRequestHandler):
     sys_version = ""
     protocol_version = "HTTP/1.1"
 
+    # Error replies to unparsable request lines must still carry a status line,
+    # which the stdlib omits when it takes the request for HTTP/0.9.
+    default_request_version = "HTTP/1.0"
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if len(self.requestline.split()) < 3:
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not supported")
+            return False
+        return True
+
     def version_string(self) -> str:
         return SERVER_NAME
 
