@@ -15,6 +15,7 @@ from ferry.lab import lab as lab_mod
 from ferry.lab import netns, topology
 from ferry.lab.lab import Lab
 from ferry.lab.lab_cli import add_lab_parser
+from tests.integration.conftest import wait_for
 from tests.integration.lab_fixtures import lab_fixture, lab_workdir  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -115,6 +116,8 @@ def test_up_after_a_crash_cleans_and_comes_up(lab: Lab, forget_state: bool) -> N
     crashed += [s for s in lab.servers if s.name == "ganesha"]
     for proc in crashed:
         os.kill(proc.pid, signal.SIGKILL)
+    dead = [proc.pid for proc in crashed]
+    wait_for(lambda: not any(process.is_alive(pid) for pid in dead), 10, "crashed daemons to die")
     if forget_state:
         (lab.workdir / "lab.json").unlink()
     again = lab_mod.up("nfs", workdir=lab.workdir, log=print)

@@ -56,6 +56,10 @@ class DaemonClient:
             raise DaemonUnreachable(
                 f"ferryd on {self.path} did not answer '{op}' within {self.timeout:.0f} s"
             ) from None
+        except ConnectionError as err:
+            raise DaemonUnreachable(
+                f"ferryd on {self.path} dropped the connection during '{op}': {err}"
+            ) from None
         finally:
             sock.close()
         if not reply:

@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/ferry-demo"))
     p.add_argument("--keep", action="store_true", help="leave the host and guest running")
 
+    from ferry.lab.lab_cli import add_lab_parser
+
+    add_lab_parser(sub)
+
     image = sub.add_parser("image", help="the guest image").add_subparsers(
         dest="image_command", required=True, metavar="ACTION"
     )

@@ -368,10 +368,11 @@ def _stop_host(daemon: HostDaemon) -> list[str]:
         name=daemon.host, state_dir=Path(daemon.state_dir), run_dir=Path(daemon.run_dir),
         log=Path(daemon.log),
     )  # fmt: skip
-    with contextlib.suppress(FerryError):
+    # OSError: a ferryd dying right now resets the connection (DaemonClient lets it through).
+    with contextlib.suppress(FerryError, OSError):
         client = ferryd.client(timeout=30)
         for row in client.call("list"):
-            with contextlib.suppress(FerryError):
+            with contextlib.suppress(FerryError, OSError):
                 client.call("destroy", name=row["name"])
                 done.append(f"destroyed {row['name']} on {daemon.host}")
     if daemon.process.stop(timeout=20):

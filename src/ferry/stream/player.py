@@ -500,23 +500,24 @@ class _Session:
                     pb.mark_complete(now)
                     return
                 raise _StreamBroken(f"connection closed {remaining} bytes early")
-            self._arrived(now)
+            self._note_gap(now)
             self.digest.update(data)
             if remaining is not None:
                 remaining -= len(data)
             complete = self.total is not None and pb.received + len(data) >= self.total
             pb.add(now, len(data), complete)
+            self.gap_from = now
+            self.gap_level = pb.level()
         pb.mark_complete(self.now())
 
-    def _arrived(self, now: float) -> None:
+    def _note_gap(self, now: float) -> None:
+        """Bytes came in at ``now``: record the wait for them if it was long."""
         assert self.playback is not None
+        self.playback.advance(now)
         gap = now - self.gap_from
         self.report.longest_gap_ms = max(self.report.longest_gap_ms, gap * 1000.0)
         if gap >= self.outage_min:
             self.report.outages.append(self._outage(now, ongoing=False))
-        self.gap_from = now
-        self.playback.advance(now)
-        self.gap_level = self.playback.level()
 
     def _outage(self, now: float, ongoing: bool) -> Outage:
         assert self.playback is not None

@@ -452,6 +452,9 @@ class MediaHandler(BaseHTTPRequestHandler):
         super().setup()
         # Reading a request line or headers: a silent client is dropped after this.
         self.connection.settimeout(self.server.config.idle_timeout)
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            # Paced writes are small; Nagle would hold them back for the peer's delayed ACK.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sent = 0
         self._status = 0
 

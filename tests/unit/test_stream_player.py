@@ -1,0 +1,347 @@
+"""The player against a loopback server with injected faults.
+
+Measured on the 2-core CI machine: an injected stall of N s shows up as an
+outage of N s within +-0.1 s, and the playback stall it causes (N minus the
+buffered seconds) within +-0.1 s as well; the tests allow STALL_TOLERANCE_S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import socketserver
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ferry.stream import player as pl
+from ferry.stream.player import Playback, Status, watch
+from ferry.stream.watch_cli import add_watch_arguments, format_status, run_watch
+
+STALL_TOLERANCE_S = 0.15
+
+
+@dataclass
+class Faults:
+    """What the fault server does to the stream; every fault fires once."""
+
+    rate: float = 0.0  # bytes per second after the burst; 0 sends as fast as it can
+    burst: int = 0
+    stall_at: int | None = None
+    stall_s: float = 0.0
+    reset_at: int | None = None
+    refuse_after_reset: bool = False
+    truncate: int = 0
+    alter_at: int | None = None
+    manifest: bool = True
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+    fired: set[str] = field(default_factory=set)
+    stall_began: float | None = None
+
+
+class FaultHandler(socketserver.BaseRequestHandler):
+    server: FaultServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            if not data:
+                return
+            head += data
+        lines = head.decode("latin-1").split("\r\n")
+        path = lines[0].split(" ")[1]
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)
+        }
+        f = self.server.faults
+        f.requests.append((path, headers.get("range")))
+        if path.endswith(".json"):
+            body = self.server.manifest if f.manifest else None
+            if body is None:
+                sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            else:
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            return
+        if "reset" in f.fired and f.refuse_after_reset:
+            sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            return
+        body = self.server.body
+        offset = 0
+        if headers.get("range"):
+            offset = int(headers["range"].removeprefix("bytes=").rstrip("-"))
+            status = (
+                f"206 Partial Content\r\nContent-Range: bytes {offset}-{len(body) - 1}/{len(body)}"
+            )
+        else:
+            status = "200 OK"
+        sock.sendall(
+            f"HTTP/1.1 {status}\r\nContent-Length: {len(body) - offset}\r\n\r\n".encode()
+        )
+        self.send(sock, body, offset)
+
+    def send(self, sock: socket.socket, body: bytes, pos: int) -> None:
+        f = self.server.faults
+        start, sent = time.monotonic(), 0
+        while pos < len(body):
+            end = min(len(body), pos + 2048)
+            for name, at in (("stall", f.stall_at), ("reset", f.reset_at)):
+                if at is not None and name not in f.fired and pos < at < end:
+                    end = at
+            if f.rate:
+                delay = start + (sent + end - pos - f.burst) / f.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            sock.sendall(body[pos:end])
+            sent += end - pos
+            pos = end
+            if pos == f.stall_at and "stall" not in f.fired:
+                f.fired.add("stall")
+                f.stall_began = time.monotonic()
+                time.sleep(f.stall_s)
+                # Like a paused source that comes back: a fresh burst, then the same rate.
+                start, sent = time.monotonic(), 0
+            if pos == f.reset_at and "reset" not in f.fired:
+                f.fired.add("reset")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                return
+
+
+class FaultServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, media: bytes, duration: float, faults: Faults) -> None:
+        self.faults = faults
+        self.body = media
+        if faults.truncate:
+            self.body = media[: -faults.truncate]
+        if faults.alter_at is not None:
+            b = bytearray(media)
+            b[faults.alter_at] ^= 0xFF
+            self.body = bytes(b)
+        self.manifest = json.dumps(
+            {"duration": duration, "size": len(media), "sha256": hashlib.sha256(media).hexdigest()}
+        ).encode()
+        super().__init__(("127.0.0.1", 0), FaultHandler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        # A small send buffer keeps the server's notion of "sent" close to the player's.
+        request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().process_request(request, client_address)  # type: ignore[arg-type]
+
+
+@contextmanager
+def fault_server(media: bytes, duration: float, faults: Faults) -> Iterator[str]:
+    server = FaultServer(media, duration, faults)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/movie.ogg"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+MEDIA = os.urandom(100_000)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_playback_model_stalls_exactly_when_the_buffer_empties() -> None:
+    pb = Playback(seconds_per_byte=0.001, prebuffer=0.5, resume=0.2, t0=100.0)
+    pb.add(100.0, 400, complete=False)  # 0.4 s: still prebuffering
+    assert pb.state == "prebuffering"
+    pb.add(100.1, 600, complete=False)  # 1.0 s buffered: playback starts
+    assert pb.state == "playing" and pb.started_at == 100.1
+    pb.advance(101.5)  # 1.4 s later the buffer ran dry at 101.1
+    assert pb.state == "stalled" and pb.stall_start == pytest.approx(101.1)
+    pb.add(102.0, 100, complete=False)  # 0.1 s < resume threshold
+    assert pb.state == "stalled"
+    pb.add(102.3, 200, complete=False)
+    assert pb.state == "playing"
+    assert pb.stalls[0].start_s == pytest.approx(1.1)
+    assert pb.stalls[0].duration_s == pytest.approx(1.2)
+    pb.add(102.3, 100, complete=True)
+    pb.advance(110.0)  # draining the rest at the end is no stall
+    assert pb.state == "finished" and pb.finished_at == pytest.approx(102.7)
+    assert len(pb.stalls) == 1 and pb.played == pytest.approx(1.4)
+
+
+# --------------------------------------------------------------------------- network
+
+
+def test_clean_paced_stream_plays_through() -> None:
+    statuses: list[Status] = []
+    faults = Faults(rate=100_000.0, burst=30_000)  # 1 s of media, paced at real time
+    with fault_server(MEDIA, 1.0, faults) as url:
+        report = watch(url, buffer_seconds=2.0, prebuffer=0.2, on_status=statuses.append)
+    assert report.ended == "complete"
+    assert report.checksum == "match" and report.bytes_received == len(MEDIA)
+    assert report.stalls == [] and report.reconnects == 0 and report.outages == []
+    assert report.exit_code == pl.EXIT_OK
+    assert report.duration_source == "manifest"
+    assert report.elapsed_s == pytest.approx(1.0 + (report.playback_started_s or 0), abs=0.15)
+    # The buffer was measured along the way, and the live status saw playback.
+    assert len(report.timeline) >= 8
+    assert max(level for _, level, _ in report.timeline) >= 0.25
+    assert any(s.state == "playing" for s in statuses)
+    assert json.loads(report.to_json())["exit_code"] == 0
+
+
+@pytest.mark.parametrize("stall_s", [0.8, 1.5])
+def test_injected_stall_is_reported_with_its_length(stall_s: float) -> None:
+    # 2 s of media, paced at real time after a 0.5 s burst; the source stops at 1 s.
+    faults = Faults(rate=50_000.0, burst=25_000, stall_at=50_000, stall_s=stall_s)
+    with fault_server(MEDIA, 2.0, faults) as url:
+        report = watch(url, buffer_seconds=4.0, prebuffer=0.2, resume=0.2)
+    [outage] = report.outages
+    assert outage.gap_s == pytest.approx(stall_s, abs=STALL_TOLERANCE_S)
+    assert report.longest_gap_ms == pytest.approx(stall_s * 1000, abs=STALL_TOLERANCE_S * 1000)
+    # The player was about one burst ahead when the bytes stopped.
+    assert outage.buffer_s == pytest.approx(0.5, abs=0.15)
+    assert outage.stalled and outage.drained_after_s == pytest.approx(outage.buffer_s, abs=0.05)
+    [stall] = report.stalls
+    assert stall.duration_s == pytest.approx(stall_s - outage.buffer_s, abs=STALL_TOLERANCE_S)
+    assert stall.start_s == pytest.approx(outage.start_s + outage.buffer_s, abs=0.05)
+    assert report.checksum == "match" and report.reconnects == 0
+    assert report.exit_code == pl.EXIT_STALLED
+
+
+def test_a_stall_shorter_than_the_buffer_is_an_outage_without_a_stall() -> None:
+    faults = Faults(rate=50_000.0, burst=50_000, stall_at=60_000, stall_s=0.6)
+    with fault_server(MEDIA, 2.0, faults) as url:
+        report = watch(url, buffer_seconds=4.0, prebuffer=0.2)
+    [outage] = report.outages
+    assert outage.gap_s == pytest.approx(0.6, abs=STALL_TOLERANCE_S)
+    assert not outage.stalled and outage.drained_after_s is None
+    assert report.stalls == [] and report.exit_code == pl.EXIT_OK
+
+
+def test_pause_measures_the_players_buffer() -> None:
+    # The classic measurement: the source runs ahead until the 1 s buffer is full,
+    # then pauses for 2 s; playback goes on from the buffer for about 1 s.
+    media = os.urandom(400_000)  # 4 s at 100 kB/s
+    faults = Faults(rate=200_000.0, burst=50_000, stall_at=250_000, stall_s=2.0)
+    with fault_server(media, 4.0, faults) as url:
+        report = watch(url, buffer_seconds=1.0, prebuffer=0.5, resume=0.3)
+    [outage] = report.outages
+    assert outage.stalled
+    assert report.buffer_drain_s == [outage.drained_after_s]
+    assert outage.drained_after_s == pytest.approx(1.0, abs=0.15)
+    assert report.stalls[0].duration_s == pytest.approx(
+        outage.gap_s - (outage.drained_after_s or 0), abs=STALL_TOLERANCE_S
+    )
+    assert report.checksum == "match"
+
+
+def test_reset_is_one_reconnect_resumed_with_a_range_request() -> None:
+    faults = Faults(rate=200_000.0, burst=20_000, reset_at=40_000)
+    with fault_server(MEDIA, 1.0, faults) as url:
+        report = watch(url, buffer_seconds=2.0, prebuffer=0.2)
+    assert report.reconnects == 1
+    ranged = [r for p, r in faults.requests if p.endswith(".ogg") and r]
+    resumed_at = report.reconnect_events[0].offset
+    assert ranged == [f"bytes={resumed_at}-"] and 0 < resumed_at <= 40_000
+    assert report.checksum == "match" and report.bytes_received == len(MEDIA)
+    assert report.exit_code == pl.EXIT_RECONNECTED
+
+
+def test_player_gives_up_when_the_resume_keeps_failing() -> None:
+    faults = Faults(reset_at=30_000, refuse_after_reset=True)
+    start = time.monotonic()
+    with fault_server(MEDIA, 1.0, faults) as url:
+        report = watch(url, buffer_seconds=2.0, prebuffer=0.2, reconnect_window=0.8)
+    assert time.monotonic() - start < 5
+    assert report.ended == "gave-up" and report.reconnects == 0
+    assert len(report.reconnect_events) >= 2
+    assert report.checksum == "unverified"
+    assert report.exit_code & pl.EXIT_RECONNECTED and report.exit_code & pl.EXIT_INCOMPLETE
+    assert report.stalls and report.stalls[-1].ongoing
+
+
+@pytest.mark.parametrize("fault", ["truncate", "alter"])
+def test_truncated_or_altered_bytes_are_a_mismatch(fault: str) -> None:
+    faults = Faults(truncate=1000) if fault == "truncate" else Faults(alter_at=54_321)
+    with fault_server(MEDIA, 0.5, faults) as url:
+        report = watch(url, buffer_seconds=1.0, prebuffer=0.1)
+    assert report.ended == "complete"
+    assert report.checksum == "mismatch"
+    assert report.exit_code == pl.EXIT_MISMATCH
+    expected = len(MEDIA) - 1000 if fault == "truncate" else len(MEDIA)
+    assert report.bytes_received == expected
+
+
+def test_without_a_manifest_the_player_estimates_and_says_so() -> None:
+    faults = Faults(manifest=False)
+    with fault_server(MEDIA, 1.0, faults) as url:
+        report = watch(url, buffer_seconds=3.0, prebuffer=0.1, assume_kbps=1600.0)
+    assert report.duration_source == "estimate" and report.notes
+    assert report.duration_s == pytest.approx(0.5)  # 100 kB at 200 kB/s
+    assert report.checksum == "unverified" and report.exit_code == pl.EXIT_OK
+
+
+def test_max_time_bounds_the_watch() -> None:
+    faults = Faults(rate=10_000.0)  # 10 s of media at real time
+    with fault_server(MEDIA, 10.0, faults) as url:
+        report = watch(url, buffer_seconds=2.0, prebuffer=0.1, timeout=0.6)
+    assert report.ended == "max-time"
+    assert report.elapsed_s == pytest.approx(0.6, abs=0.15)
+    assert report.checksum == "unverified"
+
+
+def test_unreachable_server_is_an_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connection refused
+        with pytest.raises(pl.WatchError, match="connect"):
+            watch(f"http://127.0.0.1:{port}/movie.ogg")
+    with pytest.raises(pl.WatchError, match="only http"):
+        watch("https://example.invalid/x.ogg")
+
+
+# --------------------------------------------------------------------------- cli
+
+
+def test_cli_json_report_and_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_watch_arguments(parser)
+    out = tmp_path / "report.json"
+    faults = Faults(alter_at=10)
+    with fault_server(MEDIA, 0.3, faults) as url:
+        args = parser.parse_args([url, "--json", "--buffer", "1", "--prebuffer", "0.1"])
+        args.output = out
+        code = run_watch(args)
+    assert code == pl.EXIT_MISMATCH
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["checksum"] == "mismatch" and printed["exit_code"] == code
+    assert json.loads(out.read_text())["bytes_received"] == len(MEDIA)
+
+
+def test_cli_unreachable_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_watch_arguments(parser)
+    assert run_watch(parser.parse_args(["http://127.0.0.1:1/x.ogg"])) == pl.EXIT_ERROR
+    assert "ferry watch:" in capsys.readouterr().err
+
+
+def test_status_line_format() -> None:
+    line = format_status(Status(1.0, "playing", 2.5, 3.0, 90.0, 1000, 5000, 1, 0.5, 0, 0.05))
+    assert "playing" in line and "buffer  2.50s" in line and "stalls 1" in line
