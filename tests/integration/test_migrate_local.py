@@ -49,7 +49,9 @@ def test_migrate_to_localhost(booted: LabHost, live: bool) -> None:
     seen = guest_status(booted)
     witness(booted, "append", GUEST, "--out", str(booted.workdir / "acked"), "--duration", "1")
     live_flag = ["-l"] if live else []
-    code, out, err = booted.ferry("migrate", *live_flag, "--json", "virt_server", "localhost")
+    code, out, err = booted.ferry(
+        "migrate", *live_flag, "--bandwidth", "100", "--json", "virt_server", "localhost"
+    )
     assert code == 0, err
     result = json.loads(out)
     print(result)

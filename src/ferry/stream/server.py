@@ -1,3 +1,4 @@
+#!/usr/bin/python3
 """ferry-media-server: the HTTP media streaming server that runs inside the guest.
 
 It does gnump3d's job: browse a media tree, stream files, hand out ``.m3u``
@@ -421,6 +422,17 @@ class MediaServer(ThreadingHTTPServer):
         finally:
             self.slots.release()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            # Clients vanish mid-request all the time; that is no server fault.
+            return
+        print(
+            f"ferry-media-server: error serving {client_address[0]}: {err!r}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def server_close(self) -> None:
         super().server_close()
         if self._log is not None and self._log is not sys.stdout:
@@ -819,8 +831,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=400.0,
         help="assumed bitrate of media whose duration is unknown",
     )
-    p.add_argument("--allow", type=_network, nargs="+", default=[], metavar="CIDR")
-    p.add_argument("--deny", type=_network, nargs="+", default=[], metavar="CIDR")
+    p.add_argument(
+        "--allow",
+        type=_network,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="CIDR",
+        help="serve only these client networks (default: all)",
+    )
+    p.add_argument(
+        "--deny",
+        type=_network,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="CIDR",
+        help="never serve these client networks; wins over --allow",
+    )
     p.add_argument("--access-log", metavar="PATH", help="common log format; '-' for stdout")
     p.add_argument("--stats-file", type=Path, metavar="PATH", help="persist play statistics")
     p.add_argument("--idle-timeout", type=float, default=20.0)

@@ -153,6 +153,11 @@ def run_watch(args: argparse.Namespace) -> int:
             status_line.close()
         print(f"ferry watch: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        if status_line is not None:
+            status_line.close()
+        print("ferry watch: interrupted, no report", file=sys.stderr)
+        return 130
     if status_line is not None:
         status_line.close()
     if args.output is not None:
