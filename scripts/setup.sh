@@ -9,6 +9,7 @@ packages=(
   iproute2 iputils-ping e2fsprogs cpio busybox-static debootstrap kmod
   python3-venv ca-certificates
   nfs-ganesha nfs-ganesha-vfs rpcbind
+  ffmpeg fonts-dejavu-core
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave the host and guest running")
 
     from ferry.lab.lab_cli import add_lab_parser
+    from ferry.stream.watch_cli import add_watch_arguments, run_watch
+
+    p = add("watch", run_watch, "play a stream as a player would and report every stall")
+    add_watch_arguments(p)
 
     add_lab_parser(sub)
 

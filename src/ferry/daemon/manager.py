@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import EventListener
+
 from ferry.config.host import HostConfig
 from ferry.daemon.layout import HostLayout
 from ferry.daemon.record import DomainRecord, load_record
@@ -81,6 +83,7 @@ class Incoming:
     token: str
     peer: str
     streaming: bool = False
+    events: EventListener | None = None
 
 
 BootFilesProvider = Callable[[DomainConfig], BootFiles]
@@ -679,10 +682,11 @@ class DomainManager:
             raise MigrationRefused("this migration's stream is already connected")
         arriving.streaming = True
         monitor = arriving.dom.monitor
+        arriving.events = monitor.watch_events(("MIGRATION",))
         await monitor.pass_fd(fd, FD_NAME)
         await monitor.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
 
-    async def commit_incoming(self, migration_id: str, resume: bool) -> float | None:
+    async def commit_incoming(self, migration_id: str, resume: bool) -> dict[str, Any]:
         """The source has stopped and sent everything: run the domain here."""
         arriving = self.incoming.get(migration_id)
         if arriving is None:
@@ -698,6 +702,9 @@ class DomainManager:
                 resume_ts = stamp["seconds"] + stamp["microseconds"] / 1e6
         self.outcomes[migration_id] = "committed"
         del self.incoming[migration_id]
+        loaded_ts = _event_time(arriving.events, "completed")
+        if arriving.events is not None:
+            dom.monitor.unwatch(arriving.events)
         commit = Event.MIGRATE_IN_COMMIT if resume else Event.MIGRATE_IN_COMMIT_PAUSED
         dom.record.state = next_state(dom.name, dom.record.state, commit)
         dom.record.started_at = time.time()
@@ -711,7 +718,7 @@ class DomainManager:
             # Switches and clients learn at once where the VM's MAC lives now.
             await dom.monitor.execute("announce-self", _ANNOUNCE)
         log.info("committed incoming %s (migration %s)", dom.name, migration_id[:8])
-        return resume_ts
+        return {"resume_ts": resume_ts, "loaded_ts": loaded_ts}
 
     async def _wait_incoming_complete(self, dom: RunningDomain, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -834,6 +841,16 @@ class DomainManager:
                 with contextlib.suppress(asyncio.CancelledError):
                     await dom.watcher
             await dom.monitor.close()
+
+
+def _event_time(events: EventListener | None, status: str) -> float | None:
+    """When QEMU reported migration ``status`` (its own clock, from the event)."""
+    history: list[Any] = list(events.history) if events is not None else []
+    for event in history:
+        if event["data"].get("status") == status:
+            stamp = event["timestamp"]
+            return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
+    return None
 
 
 _ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}

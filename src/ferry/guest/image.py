@@ -19,8 +19,10 @@ from pathlib import Path
 
 from ferry.errors import ImageError
 from ferry.guest import cache, initramfs, kernel, rootfs
+from ferry.stream import media
 
-GUEST_FILES = ("init", "ferry-init", "ferry-poweroff", "ferry-ledger")
+GUEST_FILES = ("init", "ferry-init", "ferry-poweroff", "ferry-ledger", "media-service")
+MOVIE_SECONDS = 90
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,14 @@ def guest_files() -> dict[str, bytes]:
     """ferry's guest-side scripts, shipped as package data."""
     base = resources.files("ferry.guest").joinpath("files")
     try:
-        return {name: base.joinpath(name).read_bytes() for name in GUEST_FILES}
+        files = {name: base.joinpath(name).read_bytes() for name in GUEST_FILES}
+        server = resources.files("ferry.stream").joinpath("server.py")
+        files["ferry-media-server"] = server.read_bytes()
     except OSError as err:
         raise ImageError(f"reading ferry's guest files from {base}: {err}") from err
+    # Not a file: the test movie's recipe, so that a new recipe rebuilds the image.
+    files["media-recipe"] = f"{media.MEDIA_VERSION}:{MOVIE_SECONDS}".encode()
+    return files
 
 
 def collect_inputs(files: dict[str, bytes]) -> cache.BuildInputs:
@@ -163,6 +170,7 @@ def _build(
     staged = work / "root"
     rootfs.stage_tree(base, staged)
     rootfs.install_guest_files(staged, files)
+    media.generate_movie(staged / "home" / "mp3", "movie", MOVIE_SECONDS, log=log)
     log(f"guest image: mke2fs ext4 root disk ({rootfs.ROOTFS_SIZE >> 20} MiB sparse)")
     rootfs.make_ext4(staged, out / cache.ROOTFS_NAME)
     cache.remove_tree(work)

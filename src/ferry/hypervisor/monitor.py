@@ -58,6 +58,16 @@ class Monitor:
         with self._client.listener(names) as events:
             yield events
 
+    def watch_events(self, names: Iterable[str]) -> EventListener:
+        """Like :meth:`listener`, for a queue that outlives one block; pair with unwatch."""
+        events = EventListener(names)
+        self._client.register_listener(events)
+        return events
+
+    def unwatch(self, events: EventListener) -> None:
+        with contextlib.suppress(ValueError, KeyError):
+            self._client.remove_listener(events)
+
     async def pass_fd(self, fd: int, name: str) -> None:
         """Give QEMU a file descriptor (SCM_RIGHTS), known to it as ``name``."""
         try:

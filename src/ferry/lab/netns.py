@@ -45,6 +45,18 @@ def add_bridge(ns_name: str, bridge: str, address: str | None = None) -> None:
             ns.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
 
+def pin_bridge_mac(ns_name: str, bridge: str, uplink: str) -> None:
+    """Give ``bridge`` its uplink's MAC for good, as Xen's network-bridge script did.
+
+    Left alone, a bridge takes the lowest MAC among its ports and changes it as
+    VM taps come and go; the host would then vanish from its peers' ARP caches.
+    """
+    with NetNS(ns_name) as ns:
+        link = ns.get_links(ns.link_lookup(ifname=uplink)[0])[0]
+        mac = link.get_attr("IFLA_ADDRESS")
+        ns.link("set", index=ns.link_lookup(ifname=bridge)[0], address=mac)
+
+
 def run(
     ns_name: str, argv: Sequence[str], timeout: float = 60.0, check: bool = False
 ) -> subprocess.CompletedProcess[str]:

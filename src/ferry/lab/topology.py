@@ -109,6 +109,7 @@ def build(rate: str | None) -> None:
         if n.role == "host":
             netns.add_bridge(n.ns, HOST_BRIDGE)
             netns.set_master(n.ns, "eth0", HOST_BRIDGE)
+            netns.pin_bridge_mac(n.ns, HOST_BRIDGE, "eth0")
         netns.add_address(n.ns, n.addressed_iface, f"{n.address}/{PREFIXLEN}")
         if rate is not None:
             shape(n.ns, "eth0", rate)

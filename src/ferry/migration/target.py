@@ -39,7 +39,7 @@ class TargetHost(Protocol):
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None: ...
 
-    async def commit_incoming(self, migration_id: str, resume: bool) -> float | None: ...
+    async def commit_incoming(self, migration_id: str, resume: bool) -> dict[str, Any]: ...
 
     async def abort_incoming(self, migration_id: str, reason: str) -> None: ...
 
@@ -113,12 +113,12 @@ async def _session(
         await host.abort_incoming(migration_id, str(err))
         return
     try:
-        resume_ts = await host.commit_incoming(migration_id, bool(message.get("resume", True)))
+        times = await host.commit_incoming(migration_id, bool(message.get("resume", True)))
     except FerryError as err:
         await host.abort_incoming(migration_id, f"commit failed: {err}")
         await channel.send_error(MigrationError(f"host {local_name} could not commit: {err}"))
         return
-    await channel.send({"type": "committed", "resume_ts": resume_ts})
+    await channel.send({"type": "committed", **times})
 
 
 async def _data(channel: Channel, host: TargetHost, header: dict[str, Any]) -> None:

@@ -7,6 +7,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ferry.errors import NetworkError
 
+TAP_MAC = "fe:ff:ff:ff:ff:ff"
+
 
 def tap_name(domid: int, index: int) -> str:
     """Xen's naming, vif<domid>.<n>: an operator finds a domain's ports at a glance."""
@@ -44,6 +46,11 @@ def create_tap(name: str, bridge: str) -> None:
         try:
             ipr.link("add", ifname=name, kind="tuntap", mode="tap")
             index = ipr.link_lookup(ifname=name)[0]
+            # Xen's vif scripts did the same: a bridge takes the lowest MAC of
+            # its ports, so a random tap MAC could become the host's own, and
+            # change again when the domain leaves, cutting the host off from
+            # its peers' ARP caches.
+            ipr.link("set", index=index, address=TAP_MAC)
             ipr.link("set", index=index, master=master, state="up")
         except (NetlinkError, OSError, IndexError) as err:
             delete_tap(name)
