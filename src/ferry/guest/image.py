@@ -23,6 +23,8 @@ from ferry.stream import media
 
 GUEST_FILES = ("init", "ferry-init", "ferry-poweroff", "ferry-ledger", "media-service")
 MOVIE_SECONDS = 90
+# A short clip beside the movie: tests play it to the end, checksum and all.
+CLIP_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def guest_files() -> dict[str, bytes]:
     except OSError as err:
         raise ImageError(f"reading ferry's guest files from {base}: {err}") from err
     # Not a file: the test movie's recipe, so that a new recipe rebuilds the image.
-    files["media-recipe"] = f"{media.MEDIA_VERSION}:{MOVIE_SECONDS}".encode()
+    files["media-recipe"] = f"{media.MEDIA_VERSION}:{MOVIE_SECONDS}:{CLIP_SECONDS}".encode()
     return files
 
 
@@ -171,6 +173,7 @@ def _build(
     rootfs.stage_tree(base, staged)
     rootfs.install_guest_files(staged, files)
     media.generate_movie(staged / "home" / "mp3", "movie", MOVIE_SECONDS, log=log)
+    media.generate_movie(staged / "home" / "mp3", "clip", CLIP_SECONDS, log=log)
     log(f"guest image: mke2fs ext4 root disk ({rootfs.ROOTFS_SIZE >> 20} MiB sparse)")
     rootfs.make_ext4(staged, out / cache.ROOTFS_NAME)
     cache.remove_tree(work)

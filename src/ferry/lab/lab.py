@@ -299,12 +299,21 @@ def _make_disks(lab: Lab, log: Log) -> None:
         scratch.truncate(SCRATCH_SIZE)
 
 
-def _start_ferryd(lab: Lab, host: str) -> None:
+def restart_ferryd(lab: Lab, host: str, config_text: str | None = None) -> None:
+    """Stop a host's ferryd (its domains keep running) and start it again,
+    with a new host config if one is given."""
+    daemon = lab.daemons[host]
+    if daemon.process is not None:
+        daemon.process.stop(timeout=20)
+    _start_ferryd(lab, host, config_text)
+
+
+def _start_ferryd(lab: Lab, host: str, config_text: str | None = None) -> None:
     base = lab.workdir / "hosts" / host
     base.mkdir(parents=True, exist_ok=True)
     state_dir, run_dir = base / "state", RUN_ROOT / host
     config = base / "ferryd.toml"
-    config.write_text(host_config_text(host, state_dir, run_dir, lab.export_dir))
+    config.write_text(config_text or host_config_text(host, state_dir, run_dir, lab.export_dir))
     daemon = HostDaemon(host, str(config), str(state_dir), str(run_dir), str(base / "ferryd.log"))
     ferryd = FerrydProcess(
         name=host, state_dir=state_dir, run_dir=run_dir, log=Path(daemon.log),

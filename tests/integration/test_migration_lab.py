@@ -1,0 +1,358 @@
+"""Live migration in the classic lab: two hosts, shared storage, a streaming VM.
+
+Every scenario checks the same promises: the VM ends up running exactly once
+(on the target after a success, on the source after any failure), it was not
+rebooted, and no acknowledged disk write was lost or doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.guest.image import GuestImage
+from ferry.lab import lab as lab_mod
+from ferry.lab import netns
+from ferry.lab.lab import Lab
+from ferry.lab.witness import check_ledger
+
+from .lab_fixtures import keep_logs
+
+pytestmark = pytest.mark.integration
+VM = "virt_server"
+CLIP = "http://virt_server:8888/clip.ogg"
+
+
+@contextmanager
+def lab_up(request: pytest.FixtureRequest, kind: str, rate: str | None) -> Iterator[Lab]:
+    workdir = Path(tempfile.mkdtemp(prefix="ferrylab-m", dir="/tmp"))
+    try:
+        yield lab_mod.up(kind, rate=rate, workdir=workdir, log=print)
+    finally:
+        keep_logs(request, workdir)
+        lab_mod.down(workdir, log=print)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def fast_lab(request: pytest.FixtureRequest, guest_image: GuestImage) -> Iterator[Lab]:
+    """NFS storage on gigabit links: the failure scenarios, quickly."""
+    with lab_up(request, getattr(request, "param", "nfs"), "1gbit") as lab:
+        yield lab
+
+
+class Scenario:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+
+    def ferry(
+        self, host: str, *args: str, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return self.lab.run(host, ["ferry", *args], timeout=timeout)
+
+    def listed(self, host: str) -> dict[str, dict[str, Any]]:
+        result = self.ferry(host, "list", "--json")
+        assert result.returncode == 0, result.stderr
+        return {row["name"]: row for row in json.loads(result.stdout)}
+
+    def witness(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.lab.run(
+            "client_2", ["python3", "-m", "ferry.lab.witness", *args], timeout=timeout
+        )
+
+    def status(self) -> dict[str, Any]:
+        result = self.witness("status", VM)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def create(self, host: str = "xen_host_1", config: Path | None = None) -> dict[str, Any]:
+        result = self.ferry(host, "create", str(config or self.lab.domain_config))
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 120
+        while self.witness("status", VM, timeout=30).returncode != 0:
+            assert time.monotonic() < deadline, "the VM's witness service never answered"
+            time.sleep(0.5)
+        return self.status()
+
+    def migrate(self, src: str, dst: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        return self.ferry(src, "migrate", "--json", *flags, VM, dst)
+
+    def start_writes(self, seconds: float) -> subprocess.Popen[str]:
+        log = self.lab.workdir / "acked"
+        argv = [
+            "python3",
+            "-m",
+            "ferry.lab.witness",
+            "append",
+            VM,
+            "--out",
+            str(log),
+            "--duration",
+            str(seconds),
+        ]
+        return subprocess.Popen(
+            self.lab.exec_argv("client_2", argv), text=True, stdout=subprocess.PIPE
+        )
+
+    def check_writes(self, writer: subprocess.Popen[str]) -> int:
+        writer.wait(120)
+        acked = (self.lab.workdir / "acked").read_text().splitlines()
+        ledger = self.witness("ledger", VM)
+        assert ledger.returncode == 0, ledger.stderr
+        written = [int(x) for x in ledger.stdout.split()]
+        assert check_ledger(acked, written) == []
+        assert len(written) > 0
+        return len(written)
+
+    def runs_only_on(self, host: str, before: dict[str, Any]) -> None:
+        other = "xen_host_2" if host == "xen_host_1" else "xen_host_1"
+        here = self.listed(host)
+        assert here[VM]["state"] == "running", here
+        assert VM not in self.listed(other), f"{VM} is still listed on {other}"
+        now = self.status()
+        assert now["boot_id"] == before["boot_id"], "the VM was rebooted"
+        assert now["counter"] > before["counter"]
+
+
+def watch(lab: Lab, url: str, output: Path) -> subprocess.Popen[str]:
+    argv = ["ferry", "watch", "--json", "--output", str(output), "--buffer", "10", url]
+    return subprocess.Popen(lab.exec_argv("client_2", argv), text=True, stdout=subprocess.DEVNULL)
+
+
+def finish_watch(player: subprocess.Popen[str], output: Path) -> dict[str, Any]:
+    code = player.wait(180)
+    report: dict[str, Any] = json.loads(output.read_text())
+    summary = {
+        k: report[k] for k in ("stalls", "reconnects", "checksum", "longest_gap_ms", "ended")
+    }
+    print("player:", summary)
+    assert report["stalls"] == [], summary
+    assert report["reconnects"] == 0, summary
+    assert report["checksum"] == "match", summary
+    assert code == 0, summary
+    return report
+
+
+# -- success -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "rate"), [("nfs", "100mbit"), ("nbd", "1gbit"), ("dir", "1gbit")])
+def test_live_migration_there_and_back_while_streaming(
+    request: pytest.FixtureRequest, guest_image: GuestImage, kind: str, rate: str
+) -> None:
+    with lab_up(request, kind, rate) as lab:
+        s = Scenario(lab)
+        before = s.create()
+        player = watch(lab, CLIP, lab.workdir / "watch.json")
+        writer = s.start_writes(seconds=25)
+        time.sleep(3)  # the player fills its buffer; the writes are flowing
+        for src, dst in (("xen_host_1", "xen_host_2"), ("xen_host_2", "xen_host_1")):
+            result = s.migrate(src, dst, "-l")
+            assert result.returncode == 0, result.stderr
+            print(f"{kind} {rate} {src} -> {dst}:", result.stdout.strip())
+            s.runs_only_on(dst, before)
+        finish_watch(player, lab.workdir / "watch.json")
+        s.check_writes(writer)
+
+
+def test_stop_and_copy_migration(fast_lab: Lab) -> None:
+    s = Scenario(fast_lab)
+    before = s.create()
+    result = s.migrate("xen_host_1", "xen_host_2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    # Stopped from the first byte to the last: the whole transfer is downtime.
+    assert report["switchover_ms"] >= 0.8 * report["transfer_s"] * 1000, report
+    s.runs_only_on("xen_host_2", before)
+
+
+# -- refusals: the VM is untouched -------------------------------------------------
+
+
+def assert_untouched(
+    s: Scenario, before: dict[str, Any], result: subprocess.CompletedProcess[str], why: str
+) -> None:
+    assert result.returncode == 1, result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, errors
+    assert re.search(why, errors[0]), errors[0]
+    s.runs_only_on("xen_host_1", before)
+
+
+def test_refused_by_hosts_allow(fast_lab: Lab) -> None:
+    s = Scenario(fast_lab)
+    before = s.create()
+    daemon = fast_lab.daemons["xen_host_2"]
+    text = Path(daemon.config).read_text()
+    strict = re.sub(
+        r"hosts_allow = \[.*\]", "hosts_allow = ['^client_1$', '^10\\\\.42\\\\.0\\\\.11$']", text
+    )
+    assert strict != text
+    lab_mod.restart_ferryd(fast_lab, "xen_host_2", strict)
+    result = s.migrate("xen_host_1", "xen_host_2", "-l")
+    assert_untouched(
+        s, before, result, r"does not allow relocations from 10\.42\.0\.1 \(xen_host_1"
+    )
+
+
+def test_refused_when_the_name_is_taken_on_the_target(fast_lab: Lab) -> None:
+    s = Scenario(fast_lab)
+    before = s.create()
+    other = fast_lab.workdir / "other"
+    disk = fast_lab.export_dir / "other.img"
+    subprocess.run(
+        ["cp", "--sparse=always", str(fast_lab.export_dir / "virt_server.img"), str(disk)],
+        check=True,
+    )
+    config = fast_lab.domain_config.read_text()
+    config = re.sub(r"disk = \[.*\]", f'disk = [ "tap:aio:{disk},xvda,w" ]', config)
+    config = config.replace("10.42.0.100", "10.42.0.101").replace(
+        "00:16:3e:4a:21:07", "00:16:3e:4a:21:08"
+    )
+    other.write_text(config)
+    created = s.ferry("xen_host_2", "create", str(other))
+    assert created.returncode == 0, created.stderr
+    result = s.migrate("xen_host_1", "xen_host_2", "-l")
+    assert result.returncode == 1
+    assert "a domain of that name already runs there" in result.stderr
+    assert s.listed("xen_host_1")[VM]["state"] == "running"
+    assert s.status()["boot_id"] == before["boot_id"]
+
+
+def test_refused_when_the_bridge_is_missing(fast_lab: Lab) -> None:
+    s = Scenario(fast_lab)
+    netns.add_bridge("ferrylab-xen_host_1", "xenbr1")
+    config = fast_lab.workdir / "on_xenbr1"
+    config.write_text(fast_lab.domain_config.read_text().replace("bridge=xenbr0", "bridge=xenbr1"))
+    result = s.ferry("xen_host_1", "create", str(config))
+    assert result.returncode == 0, result.stderr
+    before = s.listed("xen_host_1")[VM]
+    result = s.migrate("xen_host_1", "xen_host_2", "-l")
+    assert result.returncode == 1
+    assert "bridge 'xenbr1' does not exist" in result.stderr
+    assert s.listed("xen_host_1")[VM]["state"] == "running"
+    assert s.listed("xen_host_1")[VM]["pid"] == before["pid"]
+    assert VM not in s.listed("xen_host_2")
+
+
+@pytest.mark.parametrize("fast_lab", ["dir"], indirect=True)
+def test_refused_when_the_target_cannot_see_the_storage(fast_lab: Lab) -> None:
+    s = Scenario(fast_lab)
+    local = fast_lab.workdir / "local-only"
+    local.mkdir()
+    disk = local / "virt_server.img"
+    subprocess.run(["cp", "--sparse=always", fast_lab.disk, str(disk)], check=True)
+    daemon = fast_lab.daemons["xen_host_1"]
+    text = Path(daemon.config).read_text()
+    lab_mod.restart_ferryd(
+        fast_lab, "xen_host_1", text.replace("storage_roots = [", f'storage_roots = ["{local}", ')
+    )
+    config = fast_lab.workdir / "local_vm"
+    config.write_text(
+        re.sub(
+            r"disk = \[.*\]",
+            f'disk = [ "tap:aio:{disk},xvda,w" ]',
+            fast_lab.domain_config.read_text(),
+        )
+    )
+    before = s.create(config=config)
+    result = s.migrate("xen_host_1", "xen_host_2", "-l")
+    assert_untouched(s, before, result, "outside this host's storage roots")
+
+
+# -- failures midway: the VM runs on the source, exactly once ----------------------
+
+
+def migrate_in_background(s: Scenario, *flags: str) -> subprocess.Popen[str]:
+    argv = s.lab.exec_argv("xen_host_1", ["ferry", "migrate", "--json", *flags, VM, "xen_host_2"])
+    return subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_transfer(s: Scenario, minimum_bytes: int = 20_000_000) -> None:
+    """Until the source's QEMU has sent ``minimum_bytes`` of RAM."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        row = s.listed("xen_host_1").get(VM, {})
+        incoming = s.listed("xen_host_2").get(VM, {})
+        if row.get("state") == "migrating-out" and incoming.get("state") == "migrating-in":
+            time.sleep(2)  # well into the memory stream on a 100 Mbit link
+            return
+        time.sleep(0.1)
+    raise AssertionError("the migration never got under way")
+
+
+def assert_failed_back_to_source(
+    s: Scenario,
+    proc: subprocess.Popen[str],
+    before: dict[str, Any],
+    why: str,
+    writer: subprocess.Popen[str],
+) -> None:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    assert re.search(why, err), err
+    s.runs_only_on("xen_host_1", before)
+    records = s.check_writes(writer)
+    print(f"{records} synced records, none lost or doubled")
+
+
+@pytest.fixture
+def slow_lab(request: pytest.FixtureRequest, guest_image: GuestImage) -> Iterator[Lab]:
+    """100 Mbit links, so that a migration lasts long enough to break it midway."""
+    with lab_up(request, "nfs", "100mbit") as lab:
+        yield lab
+
+
+def test_abort_midway(slow_lab: Lab) -> None:
+    s = Scenario(slow_lab)
+    before = s.create()
+    writer = s.start_writes(seconds=12)
+    proc = migrate_in_background(s, "-l")
+    wait_for_transfer(s)
+    aborted = s.ferry("xen_host_1", "migrate", "--abort", VM)
+    assert aborted.returncode == 0, aborted.stderr
+    assert_failed_back_to_source(s, proc, before, "aborted", writer)
+
+
+def test_target_qemu_killed_during_transfer(slow_lab: Lab) -> None:
+    s = Scenario(slow_lab)
+    before = s.create()
+    writer = s.start_writes(seconds=12)
+    proc = migrate_in_background(s, "-l")
+    wait_for_transfer(s)
+    pid = int(s.listed("xen_host_2")[VM]["pid"])
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    assert_failed_back_to_source(s, proc, before, "migration|stream|closed", writer)
+
+
+def test_link_cut_during_transfer(slow_lab: Lab) -> None:
+    s = Scenario(slow_lab)
+    before = s.create()
+    writer = s.start_writes(seconds=30)
+    proc = migrate_in_background(s, "-l")
+    wait_for_transfer(s)
+    cut = netns.run("ferrylab-xen_host_2", ["ip", "link", "set", "eth0", "down"])
+    assert cut.returncode == 0, cut.stderr
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        netns.run("ferrylab-xen_host_2", ["ip", "link", "set", "eth0", "up"])
+    assert proc.returncode != 0, out
+    assert "no progress" in err or "link" in err, err
+    s.runs_only_on("xen_host_1", before)
+    s.check_writes(writer)
+    # The target, cut off from the source, must have given up its copy too.
+    deadline = time.monotonic() + 60
+    while VM in s.listed("xen_host_2"):
+        assert time.monotonic() < deadline, "the target kept its incoming copy"
+        time.sleep(0.5)
