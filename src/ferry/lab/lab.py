@@ -179,6 +179,12 @@ class Lab:
             text=True, timeout=timeout,
         )  # fmt: skip
 
+    def popen(self, node: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+        """Start ``argv`` in ``node`` in the background (kwargs go to Popen)."""
+        return subprocess.Popen(
+            self.exec_argv(node, argv), env=self.exec_env(node), text=True, **kwargs
+        )
+
     def exec(self, node: str, argv: Sequence[str]) -> int:
         """Run ``argv`` in ``node`` on this terminal; its exit status (128+N for signal N)."""
         if not argv:
