@@ -174,9 +174,20 @@ def cmd_image_disk(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ferry.lab.quickstart import run_demo
+    from ferry.lab.demo import DemoOptions, run_demo
 
-    return run_demo(args.workdir, keep=args.keep)
+    if args.round_trips < 1:
+        raise FerryError("ferry demo: --round-trips must be at least 1")
+    opts = DemoOptions(
+        rate=args.rate,
+        memory=args.memory,
+        storage=args.storage,
+        round_trips=args.round_trips,
+        report_dir=args.report,
+        workdir=args.workdir,
+        keep=args.keep,
+    )
+    return run_demo(opts)
 
 
 # -- argument parsing --------------------------------------------------------
@@ -228,9 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with -w)")
     p.add_argument("domain")
 
-    p = add("demo", cmd_demo, "build the guest and show it running under ferryd")
-    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/ferry-demo"))
-    p.add_argument("--keep", action="store_true", help="leave the host and guest running")
+    p = add("demo", cmd_demo, "the classic live-migration demonstration, measured")
+    p.add_argument("--rate", default="100mbit", help="LAN link rate (default 100mbit; none)")
+    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
+    p.add_argument("--storage", choices=["nfs", "nbd", "dir"], default="nfs")
+    p.add_argument("--round-trips", type=int, default=1, help="migrations there and back")
+    p.add_argument("--report", type=Path, default=Path("ferry-demo-report"), help="report dir")
+    p.add_argument("--workdir", type=Path, default=Path("/var/lib/ferry-lab"), help="lab dir")
+    p.add_argument("--keep", action="store_true", help="leave the lab up for exploring")
 
     from ferry.lab.lab_cli import add_lab_parser
     from ferry.stream.watch_cli import add_watch_arguments, run_watch

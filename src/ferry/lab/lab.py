@@ -232,6 +232,12 @@ netmask = "255.255.255.0"
                 node["ferryd"] = bool(proc and proc.is_running())
         for server in data["servers"]:
             server["running"] = LabProcess.from_json(server).is_running()
+        data["healthy"] = bool(
+            data["ready"]
+            and all(n["present"] for n in data["nodes"].values())
+            and all(n.get("ferryd", True) for n in data["nodes"].values())
+            and all(s["running"] for s in data["servers"])
+        )
         return data
 
 

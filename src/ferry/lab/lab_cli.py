@@ -43,8 +43,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=1))
     else:
         print(format_status(status))
-    healthy = status["ready"] and all(n["present"] for n in status["nodes"].values())
-    return 0 if healthy else 1
+    return 0 if status["healthy"] else 1
 
 
 def format_status(status: dict[str, Any]) -> str:

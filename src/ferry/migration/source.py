@@ -60,6 +60,8 @@ class OutgoingResult:
     bytes_sent: int
     passes: int
     resumed: bool
+    stopped_at: float | None  # wall clock of the source's STOP event
+    resumed_at: float | None  # wall clock of the target's RESUME event
     downtime_limit_ms: int
 
     def to_wire(self) -> dict[str, Any]:
@@ -136,6 +138,8 @@ class OutgoingMigration:
             bytes_sent=progress.transferred,
             passes=progress.passes,
             resumed=was_running,
+            stopped_at=stop_ts,
+            resumed_at=float(resume_ts) if isinstance(resume_ts, int | float) else None,
             downtime_limit_ms=self._downtime_limit,
         )
 

@@ -10,6 +10,8 @@ start at all.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,8 +23,34 @@ from ferry.stream.player import EXIT_ERROR, Status, WatchReport, watch
 STATUS_INTERVAL_S = 0.2
 
 
+class StatusFile:
+    """The latest status as JSON in a file, replaced atomically, for another
+    program (``ferry demo``) to follow the player live."""
+
+    INTERVAL = 0.1
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.last = 0.0
+
+    def __call__(self, status: Status) -> None:
+        now = time.monotonic()
+        if now - self.last < self.INTERVAL:
+            return
+        self.last = now
+        self.tmp.write_text(json.dumps(dataclasses.asdict(status)))
+        self.tmp.replace(self.path)
+
+
 def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", metavar="URL", help="http://host:port/path of the media")
+    parser.add_argument(
+        "--status-file",
+        type=Path,
+        metavar="FILE",
+        help="keep the live status here as JSON (for programs following the player)",
+    )
     parser.add_argument(
         "--buffer",
         type=float,
@@ -137,13 +165,21 @@ def summary(report: WatchReport) -> list[str]:
 def run_watch(args: argparse.Namespace) -> int:
     status_stream = sys.stderr if args.json else sys.stdout
     status_line = StatusLine(status_stream) if status_stream.isatty() else None
+    status_file = StatusFile(args.status_file) if args.status_file else None
+
+    def on_status(status: Status) -> None:
+        if status_line is not None:
+            status_line(status)
+        if status_file is not None:
+            status_file(status)
+
     try:
         report = watch(
             args.url,
             buffer_seconds=args.buffer,
             prebuffer=args.prebuffer,
             timeout=args.max_time,
-            on_status=status_line,
+            on_status=on_status,
             resume=args.resume,
             outage_min=args.outage_min,
             reconnect_window=args.reconnect_window,

@@ -1,0 +1,368 @@
+"""``ferry demo``: the classic live-migration demonstration, narrated and measured.
+
+The steps of the 2007 walkthrough, in the lab: ``virt_server`` is created on
+``xen_host_1`` from an xm config like the classic one; the viewer in
+``client_2`` plays the movie; the VM is paused until the player runs dry
+(which measures the player's buffer) and unpaused; playback starts again and
+the VM is live-migrated to ``xen_host_2`` and back, while ``list`` on both
+hosts shows it moving. The verdict says whether the stream stayed unbroken;
+a report directory keeps every figure, a timeline plot and an HTML page.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ferry.cli.client import DaemonClient
+from ferry.cli.migrate_view import MigrationView, summary
+from ferry.errors import FerryError
+from ferry.guest.image import build_image
+from ferry.lab import lab as lab_mod
+from ferry.lab import topology
+from ferry.lab.lab import Lab
+from ferry.lab.report import write_report
+
+VM = "virt_server"
+MOVIE = "http://virt_server:8888/movie.ogg"
+PLAYER_BUFFER_S = 10.0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    rate: str = "100mbit"
+    memory: int = 256
+    storage: str = "nfs"
+    round_trips: int = 1
+    report_dir: Path = Path("ferry-demo-report")
+    workdir: Path = lab_mod.DEFAULT_WORKDIR
+    keep: bool = False
+
+
+class Player:
+    """``ferry watch`` in client_2, followed live through its status file."""
+
+    def __init__(self, lab: Lab, name: str, max_time: float | None = None) -> None:
+        self.report_file = lab.workdir / f"{name}.json"
+        self.status_file = lab.workdir / f"{name}-status.json"
+        for path in (self.report_file, self.status_file):
+            path.unlink(missing_ok=True)
+        argv = [
+            "ferry",
+            "watch",
+            "--json",
+            "--buffer",
+            str(PLAYER_BUFFER_S),
+            "--output",
+            str(self.report_file),
+            "--status-file",
+            str(self.status_file),
+        ]
+        if max_time is not None:
+            argv += ["--max-time", str(max_time)]
+        self.proc = lab.popen("client_2", [*argv, MOVIE], stdout=subprocess.DEVNULL)
+
+    def status(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def wait_for(self, what: str, check: Any, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status and check(status):
+                return status
+            if self.proc.poll() is not None:
+                raise FerryError(f"the player ended while waiting for {what}")
+            time.sleep(0.05)
+        raise FerryError(f"the player did not reach {what} within {timeout:.0f} s")
+
+    def finish(self, timeout: float) -> dict[str, Any]:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+        try:
+            report: dict[str, Any] = json.loads(self.report_file.read_text())
+        except (OSError, ValueError) as err:
+            raise FerryError(f"the player left no report: {err}") from err
+        return report
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions) -> None:
+        self.opts = opts
+        self.out = Console(highlight=False)
+        self.lab: Lab | None = None
+        self.players: list[Player] = []
+        self.interrupted = False
+        self.data: dict[str, Any] = {"origin": time.time(), "migrations": [], "summary": []}
+
+    def say(self, text: str) -> None:
+        elapsed = time.time() - self.data["origin"]
+        self.out.print(f"[dim]{elapsed:6.1f}s[/] {text}")
+
+    def step(self, title: str) -> None:
+        self.out.rule(f"[bold]{title}")
+
+    # -- set-up ------------------------------------------------------------------
+
+    def set_up(self) -> Lab:
+        self.step("Setting up: the guest image and the classic lab")
+        image = build_image(log=lambda line: self.out.print(f"  [dim]{line}[/]"))
+        self.say(f"guest image ready (kernel {image.kernel_version})")
+        lab = self._reuse_lab()
+        if lab is None:
+            lab = lab_mod.up(
+                self.opts.storage,
+                rate=self.opts.rate,
+                workdir=self.opts.workdir,
+                memory=self.opts.memory,
+                log=lambda line: self.out.print(f"  [dim]{line}[/]"),
+            )
+        self.lab = lab
+        self.say(
+            f"lab up: xen_host_1, xen_host_2, client_1, client_2 on a "
+            f"{lab.rate or 'unshaped'} LAN, "
+            f"{lab.storage} storage ({lab.disk})"
+        )
+        self.data["setup"] = {
+            "rate": lab.rate,
+            "storage": lab.storage,
+            "disk": lab.disk,
+            "memory_mib": self.opts.memory,
+            "round_trips": self.opts.round_trips,
+            "player_buffer_s": PLAYER_BUFFER_S,
+            "movie": MOVIE,
+        }
+        return lab
+
+    def _reuse_lab(self) -> Lab | None:
+        try:
+            lab = lab_mod.load(self.opts.workdir)
+            healthy = lab.status().get("healthy", False)
+        except FerryError:
+            return None
+        wanted_rate = topology.parse_rate(self.opts.rate) if self.opts.rate != "none" else None
+        if healthy and lab.storage == self.opts.storage and lab.rate == wanted_rate:
+            for host in ("xen_host_1", "xen_host_2"):
+                if VM in self._names(lab, host):
+                    lab.run(host, ["ferry", "destroy", VM])
+            self.say(f"reusing the healthy lab in {lab.workdir}")
+            return lab
+        return None
+
+    @staticmethod
+    def _names(lab: Lab, host: str) -> set[str]:
+        rows = DaemonClient(lab.daemons[host].socket, timeout=30).call("list")
+        return {str(row["name"]) for row in rows}
+
+    # -- the classic steps --------------------------------------------------------
+
+    def create(self, lab: Lab) -> None:
+        self.step("xm create -c virt_server  →  ferry create virt_server (on xen_host_1)")
+        config = self.opts.report_dir / "virt_server"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(lab.domain_config_text(memory=self.opts.memory))
+        self.out.print(config.read_text().rstrip(), style="cyan")
+        result = lab.run("xen_host_1", ["ferry", "create", str(config.resolve())], timeout=300)
+        for line in (result.stdout + result.stderr).strip().splitlines():
+            self.say(line)
+        if result.returncode != 0:
+            raise FerryError(f"ferry create failed: {result.stderr.strip()}")
+        start = time.monotonic()
+        while lab.run(
+            "client_2", ["python3", "-m", "ferry.lab.witness", "status", VM], timeout=30
+        ).returncode:
+            if time.monotonic() - start > 180:
+                raise FerryError("virt_server's services did not come up within 180 s")
+            time.sleep(0.3)
+        self.say(
+            f"virt_server is up and serving {MOVIE} ({time.monotonic() - start:.1f} s after create)"
+        )
+        self.show_lists(lab)
+
+    def measure_buffer(self, lab: Lab) -> None:
+        self.step("xm pause: the player plays on from its buffer until it runs dry")
+        player = Player(lab, "pause-player", max_time=60)
+        self.players.append(player)
+        player.wait_for(
+            "playback", lambda s: s.get("state") == "playing" and s.get("t_s", 0) > 6, 60
+        )
+        self.say("client_2 is playing the movie; $ ferry pause virt_server")
+        paused_at = time.time()
+        self._ferry(lab, "xen_host_1", "pause", VM)
+        status = player.wait_for("an empty buffer", lambda s: s.get("state") == "stalled", 60)
+        dry_at = time.time()
+        self.say(
+            f"the player ran dry {dry_at - paused_at:.1f} s after the pause "
+            f"(it had played on from its buffer); $ ferry unpause virt_server"
+        )
+        time.sleep(1.0)  # let the stall show on the timeline
+        self._ferry(lab, "xen_host_1", "unpause", VM)
+        self.data["pause"] = {"start": paused_at, "end": time.time(), "dry_at": dry_at}
+        player.wait_for("playback again", lambda s: s.get("state") == "playing", 30)
+        player.stop()
+        report = player.finish(15)
+        drained = [
+            o["drained_after_s"] for o in report.get("outages", []) if o.get("drained_after_s")
+        ]
+        buffer_s = drained[0] if drained else round(dry_at - paused_at, 2)
+        self.data["buffer_s"] = buffer_s
+        self.data["pause_player"] = report
+        self.say(
+            f"[bold]measured buffer: {buffer_s:.2f} s[/] of playback after the source stopped "
+            f"(status at the stall: {status.get('stalls')} stall)"
+        )
+
+    def migrate_round_trips(self, lab: Lab) -> Player:
+        self.step("Playback again; xm migrate -l virt_server xen_host_2  →  ferry migrate -l")
+        player = Player(lab, "player")
+        self.players.append(player)
+        player.wait_for(
+            "a full buffer", lambda s: s.get("state") == "playing" and s.get("t_s", 0) > 6, 60
+        )
+        self.say("client_2 is playing the movie again")
+        legs = [("xen_host_1", "xen_host_2"), ("xen_host_2", "xen_host_1")] * self.opts.round_trips
+        for source, target in legs:
+            self.migrate(lab, source, target)
+            time.sleep(3)
+        return player
+
+    def migrate(self, lab: Lab, source: str, target: str) -> None:
+        self.say(f"$ ferry lab exec {source} ferry migrate -l {VM} {target}")
+        client = DaemonClient(lab.daemons[source].socket)
+        shown = False
+
+        def on_progress(progress: dict[str, Any]) -> None:
+            nonlocal shown
+            view.update(progress)
+            if (
+                not shown
+                and progress.get("status") == "active"
+                and progress.get("elapsed_s", 0) > 1
+            ):
+                shown = True
+                self.show_lists(lab)
+
+        start = time.time()
+        with MigrationView(VM, target) as view:
+            result = client.call_stream(
+                "migrate", on_progress, name=VM, host=target, params={"live": True}
+            )
+        end = time.time()
+        self.say(summary(VM, target, result))
+        self.show_lists(lab)
+        self.data["migrations"].append(
+            {
+                **result,
+                "source": source,
+                "start": start,
+                "end": end,
+                "stop_at": result.get("stopped_at"),
+                "resume_at": result.get("resumed_at"),
+            }
+        )
+
+    def show_lists(self, lab: Lab) -> None:
+        table = Table("host", "Name", "ID", "Mem", "VCPUs", "State", "Time(s)", box=None)
+        for host in ("xen_host_1", "xen_host_2"):
+            rows = DaemonClient(lab.daemons[host].socket, timeout=30).call("list")
+            for row in rows or [{}]:
+                table.add_row(
+                    host,
+                    *(str(row.get(k, "")) for k in ("name", "id", "mem", "vcpus", "state", "time")),
+                )
+        self.out.print(table)
+
+    def _ferry(self, lab: Lab, host: str, *args: str) -> None:
+        result = lab.run(host, ["ferry", *args])
+        if result.returncode != 0:
+            raise FerryError(f"ferry {' '.join(args)} on {host} failed: {result.stderr.strip()}")
+
+    # -- verdict and report -------------------------------------------------------
+
+    def conclude(self, player: Player) -> int:
+        self.step("The verdict")
+        self.say("waiting for the movie to play to its end")
+        report = player.finish(timeout=150)
+        self.data["player"] = report
+        self.data["stalls_at"] = [
+            [report["started_at"] + s["start_s"], s["duration_s"]] for s in report.get("stalls", [])
+        ]
+        unbroken = (
+            not report["stalls"] and report["reconnects"] == 0 and report["checksum"] == "match"
+        )
+        self.data["unbroken"] = unbroken
+        self.data["verdict"] = "the stream was unbroken" if unbroken else "the stream broke"
+        lines = [f"buffer measured by the pause: {self.data.get('buffer_s', 0):.2f} s"]
+        for m in self.data["migrations"]:
+            lines.append(
+                f"{m['source']} -> {m['target']}: total {m['total_s']:.1f} s, downtime "
+                f"{m['switchover_ms']} ms (QEMU {m['qemu_downtime_ms']} ms, "
+                f"commit {m['commit_ms']} ms), "
+                f"{m['bytes_sent'] / 1e6:.1f} MB sent"
+            )
+        lines.append(
+            f"player: largest gap {report['longest_gap_ms']:.0f} ms, "
+            f"{len(report['stalls'])} stalls, "
+            f"{report['reconnects']} reconnects, bytes {report['checksum']} "
+            f"({report['bytes_received'] / 1e6:.1f} MB)"
+        )
+        self.data["summary"] = lines
+        self.data["title"] = f"ferry demo: {self.data['verdict']}"
+        paths = write_report(self.data, self.opts.report_dir)
+        style = "bold green" if unbroken else "bold red"
+        self.out.print(f"VERDICT: {self.data['verdict']}", style=style)
+        for line in lines:
+            self.out.print(f"  {line}")
+        self.out.print(f"report: {paths['html']} (plot {paths['png']}, data {paths['json']})")
+        return 0 if unbroken else 1
+
+    def tear_down(self) -> None:
+        for player in self.players:
+            player.stop()
+        if self.opts.keep and self.lab is not None and not self.interrupted:
+            self.out.print(
+                "lab left up (--keep): try `ferry lab exec xen_host_1 ferry list`; "
+                "`ferry lab down` removes it"
+            )
+            return
+        lab_mod.down(self.opts.workdir, log=lambda _line: None)
+        self.out.print("lab removed")
+
+
+def run_demo(opts: DemoOptions) -> int:
+    demo = Demo(opts)
+    try:
+        lab = demo.set_up()
+        demo.create(lab)
+        demo.measure_buffer(lab)
+        player = demo.migrate_round_trips(lab)
+        return demo.conclude(player)
+    except KeyboardInterrupt:
+        demo.out.print("interrupted: removing everything the demo made")
+        demo.interrupted = True
+        return 130
+    finally:
+        demo.tear_down()
