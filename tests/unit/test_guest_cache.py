@@ -77,9 +77,10 @@ def test_guest_file_content_reaches_the_digest(monkeypatch: pytest.MonkeyPatch) 
         lambda: kernel.KernelPackage("linux-image-x", "1"),
     )
     files = image.guest_files()
-    assert set(files) == set(image.GUEST_FILES)
-    changed = dict(files, **{"ferry-init": files["ferry-init"] + b"\n# changed\n"})
-    assert image.collect_inputs(files).digest() != image.collect_inputs(changed).digest()
+    assert set(files) == {*image.GUEST_FILES, "ferry-media-server", "media-recipe"}
+    for name in ("ferry-init", "ferry-media-server", "media-recipe"):
+        changed = dict(files, **{name: files[name] + b"\n# changed\n"})
+        assert image.collect_inputs(files).digest() != image.collect_inputs(changed).digest()
 
 
 # --- manifest verification ---------------------------------------------------

@@ -12,8 +12,9 @@ import pytest
 
 from ferry.config.host import HostConfig
 from ferry.daemon.layout import HostLayout
-from ferry.daemon.manager import DomainManager, RunningDomain
+from ferry.daemon.manager import DomainManager
 from ferry.daemon.record import DomainRecord, load_record
+from ferry.daemon.running import RunningDomain
 from ferry.domain.config import DomainConfig
 from ferry.domain.state import DomainState
 from ferry.errors import DomainNotFound, InvalidTransition, QmpError

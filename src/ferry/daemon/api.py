@@ -175,9 +175,9 @@ class ControlServer:
             raise ProtocolError("request argument 'params' must be an object")
         params = MigrationParams.from_wire(dict(self.manager.host.migration) | settings)
         port = args.get("port") or self.manager.host.relocation.port
-        return await self.manager.migrate(
+        return await self.manager.outgoing.migrate(
             _arg(args, "name", str), _arg(args, "host", str), int(port), params, emit
         )
 
     async def _migrate_abort(self, args: dict[str, Any]) -> Any:
-        await self.manager.abort_migration(_arg(args, "name", str))
+        await self.manager.outgoing.abort_migration(_arg(args, "name", str))

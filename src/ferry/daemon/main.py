@@ -70,7 +70,7 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     await server.start()
     relocation = None
     if cfg.relocation.enabled:
-        relocation = RelocationServer(cfg.relocation, manager, cfg.name)
+        relocation = RelocationServer(cfg.relocation, manager.arrivals, cfg.name)
         await relocation.start()
     for note in cfg.ignored:
         log.info("config: %s", note)
