@@ -186,13 +186,20 @@ def ferry_qemu_cmdline(lab: Lab, host: str) -> list[str]:
 
 def run_ferry(
     lab: Lab, scenario: str, reps: int, with_player: bool
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, Any] | None]:
     log(f"[{scenario}] ferry: create {VM} on xen_host_1")
     result = ferry(lab, "xen_host_1", "create", str(lab.domain_config))
     if result.returncode != 0:
         raise RuntimeError(f"ferry create failed: {result.stderr.strip()}")
     before = wait_guest(lab)
+    created_cmdline = ferry_qemu_cmdline(lab, "xen_host_1")
     time.sleep(3)  # let the guest's services settle after boot
+    control: dict[str, Any] | None = None
+    if with_player:
+        # The same clip with no migration: the player's largest gap at rest.
+        log(f"[{scenario}] control: the player with no migration")
+        control = Player.start(lab, lab.workdir / "watch-control.json").finish()
+        log(f"[{scenario}] control: {control}")
     runs: list[dict[str, Any]] = []
     for rep in range(reps):
         src, dst = HOSTS[rep % 2], HOSTS[(rep + 1) % 2]
@@ -228,12 +235,14 @@ def run_ferry(
         log(f"[{scenario}] ferry {src} -> {dst}: {brief(run)}")
         runs.append(run)
     host = where_is_vm(lab)
-    cmdline = ferry_qemu_cmdline(lab, host) if host else []
+    cmdlines = {"created": created_cmdline}
+    if reps and host:
+        cmdlines["arrived"] = ferry_qemu_cmdline(lab, host)
     if host:
         result = ferry(lab, host, "destroy", VM)
         if result.returncode != 0:
             raise RuntimeError(f"ferry destroy failed: {result.stderr.strip()}")
-    return runs, cmdline
+    return runs, cmdlines, control
 
 
 def guest_survived(lab: Lab, before: dict[str, Any]) -> bool:
@@ -388,7 +397,7 @@ async def bare_migrate(
     stop = await next_event(src.events, "STOP", 600)
     resume = await next_event(dst.events, "RESUME", 120)
     while True:
-        info: dict[str, Any] = await src.qmp.execute("query-migrate")
+        info: Any = await src.qmp.execute("query-migrate")
         if info.get("status") == "completed":
             break
         if info.get("status") in ("failed", "cancelled"):
@@ -415,19 +424,28 @@ async def bare_migrate(
 
 
 async def run_bare_async(
-    lab: Lab, scenario: str, reps: int, with_player: bool, ferry_cmdline: list[str]
+    lab: Lab, scenario: str, reps: int, with_player: bool, ferry_cmdlines: dict[str, list[str]]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     cfg = load_domain_file(lab.domain_config)
-    boot = boot_files_from(ferry_cmdline)
+    boot = boot_files_from(ferry_cmdlines["created"])
     base = Path(tempfile.mkdtemp(prefix="bare-", dir=lab.workdir))
     rig = BareRig(lab, cfg, boot, base)
     runs: list[dict[str, Any]] = []
     try:
         for host in HOSTS:
             rig.make_tap(host)
-        check = compare_cmdline(
-            rig.args("xen_host_1", MachinePaths(base, base), False), ferry_cmdline
-        )
+        # Ours against ferry's own: identical but for per-instance paths and tap
+        # names, and (on a target) the "-S" that ferry's commit step needs.
+        paths = MachinePaths(base, base)
+        check = {
+            "created": compare_cmdline(
+                rig.args("xen_host_1", paths, False), ferry_cmdlines["created"]
+            )
+        }
+        if "arrived" in ferry_cmdlines:
+            check["arrived"] = compare_cmdline(
+                rig.args("xen_host_1", paths, True), ferry_cmdlines["arrived"]
+            )
         log(f"[{scenario}] bare: start {VM} on xen_host_1 (command line vs ferry's: {check})")
         src = await rig.launch("xen_host_1", incoming=False)
         before = await asyncio.to_thread(wait_guest, lab)
@@ -498,13 +516,13 @@ def stats(values: list[float | None]) -> dict[str, float | None]:
 
 
 METRICS = (
-    "wall_s", "qemu_time_s", "downtime_ms", "qemu_downtime_ms", "commit_ms",
-    "bytes_sent", "overhead_s", "passes",
+    "wall_s", "wall_with_target_launch_s", "qemu_time_s", "downtime_ms",
+    "qemu_downtime_ms", "commit_ms", "bytes_sent", "overhead_s", "passes",
 )  # fmt: skip
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {m: stats([r.get(m) for r in runs]) for m in METRICS}
+    out: dict[str, Any] = {m: stats([r.get(m) for r in runs]) for m in METRICS}
     players = [r["player"] for r in runs if "player" in r]
     if players:
         out["player_longest_gap_ms"] = stats([p.get("longest_gap_ms") for p in players])
@@ -621,13 +639,14 @@ def run_scenario(name: str, reps: int, memory: int) -> dict[str, Any]:
     with_player = name == "classic"
     started = time.monotonic()
     with lab_session(rate, memory) as lab:
-        ferry_runs, cmdline = run_ferry(lab, name, reps, with_player)
-        bare_runs, check = asyncio.run(run_bare_async(lab, name, reps, with_player, cmdline))
+        ferry_runs, cmdlines, control = run_ferry(lab, name, reps, with_player)
+        bare_runs, check = asyncio.run(run_bare_async(lab, name, reps, with_player, cmdlines))
     ferry_s, bare_s = summarize(ferry_runs), summarize(bare_runs)
     return {
         "rate": rate, "storage": "nfs", "memory_mib": memory, "reps": reps,
         "player": CLIP if with_player else None,
         "cmdline_check": check,
+        "control_player": control,
         "ferry": {"summary": ferry_s, "runs": ferry_runs},
         "bare": {"summary": bare_s, "runs": bare_runs},
         "targets": verdicts(name, rate, ferry_s, bare_s),
@@ -651,8 +670,60 @@ def print_report(results: dict[str, Any]) -> None:
             print(f"  {mark} {t['target']}: {t['detail']}")
 
 
+MAIN_PID = os.getpid()
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    if os.getpid() != MAIN_PID:
+        # A fork of ours (pyroute2's netns helpers fork without exec, and end
+        # their children with SIGTERM): die as by default, never tear down.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _cell(s: dict[str, Any], metric: str, scale: float = 1.0, digits: int = 2) -> str:
+    st = s.get(metric)
+    if not st or st["median"] is None:
+        return "-"
+    med, lo, hi = (st[k] * scale for k in ("median", "min", "max"))
+    return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as markdown tables: median (min-max) per scenario and mode."""
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}, kernel {m['kernel']}, "
+        f"{m['qemu']}, accel {m['accel']}. Run started {results['started']}.",
+        "",
+        "| scenario | mode | n | total wall s | QEMU migration s | wall incl. target launch s "
+        "| downtime ms (STOP->RESUME) | QEMU downtime ms | commit ms | MB sent | passes "
+        "| control overhead s | player largest gap ms | stalls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, sc in results["scenarios"].items():
+        for mode in ("ferry", "bare"):
+            s = sc[mode]["summary"]
+            wall_launch = s["wall_s"] if mode == "ferry" else s["wall_with_target_launch_s"]
+            gap = _cell(s, "player_longest_gap_ms", digits=0)
+            stalls = str(s["player_stalls_total"]) if "player_stalls_total" in s else "-"
+            row = [
+                f"{name} ({sc['rate'] or 'unshaped'})", mode, str(s["wall_s"]["n"]),
+                _cell(s, "wall_s"), _cell(s, "qemu_time_s"),
+                _cell({"x": wall_launch}, "x"),
+                _cell(s, "downtime_ms", digits=1), _cell(s, "qemu_downtime_ms", digits=0),
+                _cell(s, "commit_ms", digits=1), _cell(s, "bytes_sent", 1e-6, 1),
+                _cell(s, "passes", digits=0), _cell(s, "overhead_s"), gap, stalls,
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| scenario | target | verdict | detail |", "|---|---|---|---|"]
+    for name, sc in results["scenarios"].items():
+        for t in sc["targets"]:
+            verdict = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+            lines.append(f"| {name} | {t['target']} | {verdict} | {t['detail']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -661,7 +732,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="idle,classic", help="comma-separated")
     parser.add_argument("--memory", type=int, default=lab_mod.DEFAULT_MEMORY, help="guest MiB")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument(
+        "--markdown", type=Path, metavar="RESULTS", help="print the tables of a results file"
+    )
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())), end="")
+        return 0
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -688,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print_report(results)
-    print(f"\nresults: {args.out}")
+    print("\n" + markdown(results))
+    print(f"results: {args.out}")
     return 0
 
 

@@ -103,6 +103,22 @@ class LabHost:
                 pids.append(pid)
         return pids
 
+    def stray_qemus(self) -> list[int]:
+        """QEMUs started for this test, found by its unique directory in their
+        command line: even one whose pidfile a failing ferryd removed."""
+        marker = str(self.workdir).encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"qemu-system") and marker in cmdline:
+                found.append(int(entry.name))
+        return found
+
 
 def _cleanup_host(host: LabHost, known_pids: list[int]) -> None:
     if host.ferryd.proc is not None and host.ferryd.proc.poll() is None:
@@ -111,7 +127,7 @@ def _cleanup_host(host: LabHost, known_pids: list[int]) -> None:
                 with contextlib.suppress(FerryError):
                     host.ferryd.call("destroy", name=row["name"])
     host.ferryd.stop()
-    for pid in set(known_pids) | set(host.qemu_pids()):
+    for pid in set(known_pids) | set(host.qemu_pids()) | set(host.stray_qemus()):
         if process.is_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
