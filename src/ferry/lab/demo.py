@@ -100,8 +100,9 @@ class Player:
         return report
 
     def stop(self) -> None:
+        """End playback now; the player still writes its report."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

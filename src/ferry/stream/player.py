@@ -709,6 +709,10 @@ async def watch_async(
     deadline = None if timeout is None else session.t0 + timeout
     try:
         await session.run(deadline)
+    except asyncio.CancelledError:
+        # Cancelling a watch means "stop playing now": the viewer closed the
+        # player, and the report covers what was played so far.
+        report.ended = "stopped"
     finally:
         if report.duration_s is None and session.total is not None:
             report.duration_s = round(session.total * spb, 3)

@@ -10,15 +10,18 @@ start at all.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from ferry.errors import FerryError
-from ferry.stream.player import EXIT_ERROR, Status, WatchReport, watch
+from ferry.stream.player import EXIT_ERROR, Status, WatchReport, watch_async
 
 STATUS_INTERVAL_S = 0.2
 
@@ -162,6 +165,29 @@ def summary(report: WatchReport) -> list[str]:
     return lines
 
 
+async def _watch_until_stopped(
+    args: argparse.Namespace, on_status: Callable[[Status], None]
+) -> WatchReport:
+    """The watch, ended early (with its report) by SIGTERM, as a player window closing."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await watch_async(
+            args.url,
+            buffer_seconds=args.buffer,
+            prebuffer=args.prebuffer,
+            timeout=args.max_time,
+            on_status=on_status,
+            resume=args.resume,
+            outage_min=args.outage_min,
+            reconnect_window=args.reconnect_window,
+        )
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def run_watch(args: argparse.Namespace) -> int:
     status_stream = sys.stderr if args.json else sys.stdout
     status_line = StatusLine(status_stream) if status_stream.isatty() else None
@@ -174,16 +200,7 @@ def run_watch(args: argparse.Namespace) -> int:
             status_file(status)
 
     try:
-        report = watch(
-            args.url,
-            buffer_seconds=args.buffer,
-            prebuffer=args.prebuffer,
-            timeout=args.max_time,
-            on_status=on_status,
-            resume=args.resume,
-            outage_min=args.outage_min,
-            reconnect_window=args.reconnect_window,
-        )
+        report = asyncio.run(_watch_until_stopped(args, on_status))
     except FerryError as err:
         if status_line is not None:
             status_line.close()
