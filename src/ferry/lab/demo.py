@@ -50,9 +50,10 @@ class DemoOptions:
 class Player:
     """``ferry watch`` in client_2, followed live through its status file."""
 
-    def __init__(self, lab: Lab, name: str, max_time: float | None = None) -> None:
-        self.report_file = lab.workdir / f"{name}.json"
-        self.status_file = lab.workdir / f"{name}-status.json"
+    def __init__(self, lab: Lab, directory: Path, name: str, max_time: float | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.report_file = directory.resolve() / f"{name}.json"
+        self.status_file = directory.resolve() / f"{name}-status.json"
         for path in (self.report_file, self.status_file):
             path.unlink(missing_ok=True)
         argv = [
@@ -93,6 +94,7 @@ class Player:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.stop()
+        self.status_file.unlink(missing_ok=True)
         try:
             report: dict[str, Any] = json.loads(self.report_file.read_text())
         except (OSError, ValueError) as err:
@@ -205,7 +207,7 @@ class Demo:
 
     def measure_buffer(self, lab: Lab) -> None:
         self.step("xm pause: the player plays on from its buffer until it runs dry")
-        player = Player(lab, "pause-player", max_time=60)
+        player = Player(lab, self.opts.report_dir, "pause-player", max_time=60)
         self.players.append(player)
         player.wait_for(
             "playback", lambda s: s.get("state") == "playing" and s.get("t_s", 0) > 6, 60
@@ -238,7 +240,7 @@ class Demo:
 
     def migrate_round_trips(self, lab: Lab) -> Player:
         self.step("Playback again; xm migrate -l virt_server xen_host_2  →  ferry migrate -l")
-        player = Player(lab, "player")
+        player = Player(lab, self.opts.report_dir, "player")
         self.players.append(player)
         player.wait_for(
             "a full buffer", lambda s: s.get("state") == "playing" and s.get("t_s", 0) > 6, 60
