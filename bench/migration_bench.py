@@ -52,11 +52,13 @@ from qemu.qmp import EventListener, QMPClient
 
 from ferry.config.loader import load_domain_file
 from ferry.domain.config import DomainConfig
+from ferry.errors import FerryError
 from ferry.hypervisor import process
 from ferry.hypervisor.cmdline import BootFiles, MachinePaths, build_qemu_args
 from ferry.lab import lab as lab_mod
 from ferry.lab import topology
 from ferry.lab.lab import Lab
+from ferry.lab.player import LabPlayer
 
 VM = topology.VM_NAME
 HOSTS = ("xen_host_1", "xen_host_2")
@@ -114,27 +116,21 @@ def wait_guest(lab: Lab, timeout: float = 180.0) -> dict[str, Any]:
 
 @dataclass
 class Player:
-    proc: subprocess.Popen[str]
-    output: Path
+    """The lab's viewer playing the clip; its summary, or why there is none."""
+
+    viewer: LabPlayer
     started: float
 
     @classmethod
     def start(cls, lab: Lab, output: Path) -> Player:
-        argv = ["ferry", "watch", "--json", "--output", str(output), "--buffer", "10", CLIP]
-        proc = lab.popen("client_2", argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        return cls(proc, output, time.monotonic())
+        viewer = LabPlayer(lab, output.parent, output.stem, CLIP, buffer_s=10.0)
+        return cls(viewer, time.monotonic())
 
     def finish(self, timeout: float = CLIP_S + 60) -> dict[str, Any]:
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            return {"error": "player did not finish"}
-        try:
-            report: dict[str, Any] = json.loads(self.output.read_text())
-        except (OSError, ValueError) as err:
-            stderr = self.proc.stderr.read() if self.proc.stderr else ""
-            return {"error": f"no player report: {err}: {stderr.strip()[-300:]}"}
+            report = self.viewer.finish(timeout)
+        except FerryError as err:
+            return {"error": str(err)}
         return {
             "stalls": len(report.get("stalls", [])),
             "reconnects": report.get("reconnects"),
@@ -142,17 +138,11 @@ class Player:
             "longest_gap_ms": report.get("longest_gap_ms"),
             "bytes_received": report.get("bytes_received"),
             "ended": report.get("ended"),
-            "exit_code": self.proc.returncode,
+            "exit_code": self.viewer.proc.returncode,
         }
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.viewer.stop()
 
 
 # -- ferry -------------------------------------------------------------------------

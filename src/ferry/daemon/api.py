@@ -27,6 +27,7 @@ log = logging.getLogger("ferryd")
 
 MAX_REQUEST = 1 << 20
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+StreamingHandler = Callable[[dict[str, Any], asyncio.StreamWriter], Awaitable[Any]]
 
 
 def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
@@ -60,9 +61,10 @@ class ControlServer:
             "shutdown": self._shutdown,
             "destroy": self._destroy,
             "console": self._console,
-            "migrate": self._migrate_placeholder,
             "migrate_abort": self._migrate_abort,
         }
+        # Requests that write progress lines before their one final reply.
+        self.streaming: dict[str, StreamingHandler] = {"migrate": self._migrate}
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -101,15 +103,15 @@ class ControlServer:
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise ProtocolError("a request is a JSON object with a string 'op'")
-            handler = self.handlers.get(request["op"])
-            if handler is None:
-                raise ProtocolError(f"unknown request '{request['op']}'")
+            op = request["op"]
+            if op not in self.handlers and op not in self.streaming:
+                raise ProtocolError(f"unknown request '{op}'")
             args = request.get("args", {})
             if not isinstance(args, dict):
                 raise ProtocolError("request 'args' must be an object")
-            if request["op"] == "migrate":
-                return {"ok": True, "result": await self._migrate(args, writer)}
-            return {"ok": True, "result": await handler(args)}
+            if op in self.streaming:
+                return {"ok": True, "result": await self.streaming[op](args, writer)}
+            return {"ok": True, "result": await self.handlers[op](args)}
         except FerryError as err:
             return err
         except ValueError as err:
@@ -157,9 +159,6 @@ class ControlServer:
 
     async def _console(self, args: dict[str, Any]) -> Any:
         return {"socket": self.manager.console_socket(_arg(args, "name", str))}
-
-    async def _migrate_placeholder(self, args: dict[str, Any]) -> Any:
-        raise ProtocolError("migrate streams its progress; it is dispatched separately")
 
     async def _migrate(self, args: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         """Streams ``{"progress": ...}`` lines, then the one final reply."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import shutil
 import time
@@ -397,8 +398,6 @@ class DomainManager:
         return str(self.get(name).paths.console_socket)
 
     def file_digest(self, path: Path) -> str:
-        import hashlib
-
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns)
         if key not in self._digests:

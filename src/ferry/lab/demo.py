@@ -11,9 +11,6 @@ a report directory keeps every figure, a timeline plot and an HTML page.
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from ferry.guest.image import build_image
 from ferry.lab import lab as lab_mod
 from ferry.lab import topology
 from ferry.lab.lab import Lab
+from ferry.lab.player import LabPlayer
 from ferry.lab.report import write_report
 
 VM = "virt_server"
@@ -47,77 +45,12 @@ class DemoOptions:
     keep: bool = False
 
 
-class Player:
-    """``ferry watch`` in client_2, followed live through its status file."""
-
-    def __init__(self, lab: Lab, directory: Path, name: str, max_time: float | None = None) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.report_file = directory.resolve() / f"{name}.json"
-        self.status_file = directory.resolve() / f"{name}-status.json"
-        for path in (self.report_file, self.status_file):
-            path.unlink(missing_ok=True)
-        argv = [
-            "ferry",
-            "watch",
-            "--json",
-            "--buffer",
-            str(PLAYER_BUFFER_S),
-            "--output",
-            str(self.report_file),
-            "--status-file",
-            str(self.status_file),
-        ]
-        if max_time is not None:
-            argv += ["--max-time", str(max_time)]
-        self.proc = lab.popen("client_2", [*argv, MOVIE], stdout=subprocess.DEVNULL)
-
-    def status(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.status_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def wait_for(self, what: str, check: Any, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.status()
-            if status and check(status):
-                return status
-            if self.proc.poll() is not None:
-                raise FerryError(f"the player ended while waiting for {what}")
-            time.sleep(0.05)
-        raise FerryError(f"the player did not reach {what} within {timeout:.0f} s")
-
-    def finish(self, timeout: float) -> dict[str, Any]:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-        self.status_file.unlink(missing_ok=True)
-        try:
-            report: dict[str, Any] = json.loads(self.report_file.read_text())
-        except (OSError, ValueError) as err:
-            raise FerryError(f"the player left no report: {err}") from err
-        return report
-
-    def stop(self) -> None:
-        """End playback now; the player still writes its report."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 class Demo:
     def __init__(self, opts: DemoOptions) -> None:
         self.opts = opts
         self.out = Console(highlight=False)
         self.lab: Lab | None = None
-        self.players: list[Player] = []
+        self.players: list[LabPlayer] = []
         self.interrupted = False
         self.data: dict[str, Any] = {"origin": time.time(), "migrations": [], "summary": []}
 
@@ -207,7 +140,9 @@ class Demo:
 
     def measure_buffer(self, lab: Lab) -> None:
         self.step("xm pause: the player plays on from its buffer until it runs dry")
-        player = Player(lab, self.opts.report_dir, "pause-player", max_time=60)
+        player = LabPlayer(
+            lab, self.opts.report_dir, "pause-player", MOVIE, PLAYER_BUFFER_S, max_time=60
+        )
         self.players.append(player)
         player.wait_for(
             "playback", lambda s: s.get("state") == "playing" and s.get("t_s", 0) > 6, 60
@@ -238,9 +173,9 @@ class Demo:
             f"(status at the stall: {status.get('stalls')} stall)"
         )
 
-    def migrate_round_trips(self, lab: Lab) -> Player:
+    def migrate_round_trips(self, lab: Lab) -> LabPlayer:
         self.step("Playback again; xm migrate -l virt_server xen_host_2  →  ferry migrate -l")
-        player = Player(lab, self.opts.report_dir, "player")
+        player = LabPlayer(lab, self.opts.report_dir, "player", MOVIE, PLAYER_BUFFER_S)
         self.players.append(player)
         player.wait_for(
             "a full buffer", lambda s: s.get("state") == "playing" and s.get("t_s", 0) > 6, 60
@@ -305,7 +240,7 @@ class Demo:
 
     # -- verdict and report -------------------------------------------------------
 
-    def conclude(self, player: Player) -> int:
+    def conclude(self, player: LabPlayer) -> int:
         self.step("The verdict")
         self.say("waiting for the movie to play to its end")
         report = player.finish(timeout=150)
