@@ -19,6 +19,7 @@ failed; the CLI prints exactly that line and exits non-zero.
      +-- NetworkError           bridges, tap devices, addresses
      +-- StorageError           disks that are missing or outside storage roots
      +-- ImageError             building or using the guest image failed
+     +-- WaitTimeout            a state awaited (util.wait) did not come in time
      +-- DaemonError            talking to ferryd failed
      |    +-- DaemonUnreachable no ferryd answers on the control socket
      |    +-- ProtocolError     a malformed request or reply on the control API
@@ -86,6 +87,10 @@ class StorageError(FerryError):
 
 class ImageError(FerryError):
     """Building or using the guest image failed."""
+
+
+class WaitTimeout(FerryError):
+    """A state that was awaited did not come before the caller's deadline."""
 
 
 class DaemonError(FerryError):
