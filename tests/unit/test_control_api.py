@@ -11,8 +11,8 @@ import pytest
 
 from ferry.config.host import HostConfig
 from ferry.daemon.api import ControlServer
-from ferry.daemon.layout import HostLayout
-from ferry.daemon.manager import DomainManager
+from ferry.daemon.services import Services
+from ferry.host.layout import HostLayout
 from ferry.hypervisor.cmdline import BootFiles
 
 
@@ -21,8 +21,8 @@ async def server(tmp_path: Path) -> AsyncIterator[ControlServer]:
     layout = HostLayout(tmp_path / "state", tmp_path / "run")
     layout.create()
     host = HostConfig(name="h1", state_dir=layout.state_dir, run_dir=layout.run_dir, accel="tcg")
-    manager = DomainManager(host, layout, lambda cfg: BootFiles(Path("/k"), None))
-    srv = ControlServer(manager, layout.control_socket)
+    services = Services.build(host, layout, lambda cfg: BootFiles(Path("/k"), None))
+    srv = ControlServer(services, layout.control_socket)
     await srv.start()
     yield srv
     await srv.close()

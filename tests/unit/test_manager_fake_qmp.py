@@ -1,4 +1,4 @@
-"""The lifecycle requests of DomainManager against a fake QMP peer."""
+"""The lifecycle requests of ferryd against a fake QMP peer."""
 
 from __future__ import annotations
 
@@ -11,27 +11,28 @@ from pathlib import Path
 import pytest
 
 from ferry.config.host import HostConfig
-from ferry.daemon.layout import HostLayout
-from ferry.daemon.manager import DomainManager
-from ferry.daemon.record import DomainRecord, load_record
-from ferry.daemon.running import RunningDomain
+from ferry.daemon.services import Services
 from ferry.domain.config import DomainConfig
 from ferry.domain.state import DomainState
 from ferry.errors import DomainNotFound, InvalidTransition, QmpError
+from ferry.host.layout import HostLayout
+from ferry.host.record import DomainRecord, load_record
+from ferry.host.running import RunningDomain
 from ferry.hypervisor.cmdline import BootFiles
 from ferry.hypervisor.monitor import Monitor
+from ferry.util.wait import wait_until
 
 from .fake_qmp import FakeQmpPeer
 
 
 @pytest.fixture
-async def setup(tmp_path: Path) -> AsyncIterator[tuple[DomainManager, FakeQmpPeer]]:
+async def setup(tmp_path: Path) -> AsyncIterator[tuple[Services, FakeQmpPeer]]:
     layout = HostLayout(tmp_path / "state", tmp_path / "run")
     layout.create()
     host = HostConfig(
         name="testhost", state_dir=layout.state_dir, run_dir=layout.run_dir, accel="tcg"
     )
-    manager = DomainManager(host, layout, lambda cfg: BootFiles(Path("/k"), None))
+    services = Services.build(host, layout, lambda cfg: BootFiles(Path("/k"), None))
     peer = FakeQmpPeer(tmp_path / "qmp.sock")
     await peer.start()
     monitor = Monitor("vm")
@@ -45,68 +46,72 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[DomainManager, FakeQmpPee
         accel="tcg",
         pid=os.getpid(),
     )
-    manager.domains["vm"] = RunningDomain(
-        record=record, paths=layout.machine_paths("vm"), monitor=monitor
+    services.table.add(
+        RunningDomain(record=record, paths=layout.machine_paths("vm"), monitor=monitor)
     )
-    yield manager, peer
+    yield services, peer
     await monitor.close()
     await peer.close()
 
 
 async def test_pause_and_unpause_send_qmp_and_persist(
-    setup: tuple[DomainManager, FakeQmpPeer],
+    setup: tuple[Services, FakeQmpPeer],
 ) -> None:
-    manager, peer = setup
+    services, peer = setup
+    manager = services.lifecycle
     await manager.pause("vm")
     assert peer.received[-1] == "stop"
-    assert manager.domains["vm"].record.state is DomainState.PAUSED
-    assert load_record(manager.layout.record_file("vm")).state is DomainState.PAUSED
+    assert services.table.get("vm").record.state is DomainState.PAUSED
+    assert load_record(services.table.layout.record_file("vm")).state is DomainState.PAUSED
     await manager.unpause("vm")
     assert peer.received[-1] == "cont"
     assert manager.list_rows()[0]["state"] == "running"
 
 
-async def test_refused_request_sends_nothing(setup: tuple[DomainManager, FakeQmpPeer]) -> None:
-    manager, peer = setup
+async def test_refused_request_sends_nothing(setup: tuple[Services, FakeQmpPeer]) -> None:
+    services, peer = setup
+    manager = services.lifecycle
     before = list(peer.received)
     with pytest.raises(InvalidTransition, match="cannot unpause domain 'vm': it is running"):
         await manager.unpause("vm")
     assert peer.received == before
 
 
-async def test_failed_qmp_command_keeps_the_state(setup: tuple[DomainManager, FakeQmpPeer]) -> None:
-    manager, peer = setup
+async def test_failed_qmp_command_keeps_the_state(setup: tuple[Services, FakeQmpPeer]) -> None:
+    services, peer = setup
+    manager = services.lifecycle
     peer.fail["stop"] = "injected failure"
     with pytest.raises(QmpError, match="injected failure"):
         await manager.pause("vm")
-    assert manager.domains["vm"].record.state is DomainState.RUNNING
+    assert services.table.get("vm").record.state is DomainState.RUNNING
 
 
-async def test_unknown_domain(setup: tuple[DomainManager, FakeQmpPeer]) -> None:
-    manager, _ = setup
+async def test_unknown_domain(setup: tuple[Services, FakeQmpPeer]) -> None:
+    services, _ = setup
+    manager = services.lifecycle
     with pytest.raises(DomainNotFound, match="'nope' does not exist on host testhost"):
         await manager.pause("nope")
 
 
 async def test_shutdown_of_a_paused_domain_is_refused(
-    setup: tuple[DomainManager, FakeQmpPeer],
+    setup: tuple[Services, FakeQmpPeer],
 ) -> None:
-    manager, peer = setup
+    services, peer = setup
+    manager = services.lifecycle
     await manager.pause("vm")
     with pytest.raises(Exception, match="paused"):
         await manager.shutdown("vm", wait=False, timeout=1)
     assert "system_powerdown" not in peer.received
 
 
-async def test_out_of_band_stop_is_followed(setup: tuple[DomainManager, FakeQmpPeer]) -> None:
-    manager, peer = setup
-    dom = manager.domains["vm"]
-    follow = asyncio.create_task(manager._follow_events(dom))
+async def test_out_of_band_stop_is_followed(setup: tuple[Services, FakeQmpPeer]) -> None:
+    services, peer = setup
+    dom = services.table.get("vm")
+    follow = asyncio.create_task(services.watcher.follow_events(dom))
     peer.status = "paused"
     await peer.emit("STOP")
-    for _ in range(100):
-        if dom.record.state is DomainState.PAUSED:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(
+        lambda: dom.record.state is DomainState.PAUSED, timeout=5, what="the state to follow"
+    )
     follow.cancel()
-    assert dom.record.state is DomainState.PAUSED
+    assert load_record(services.table.layout.record_file("vm")).state is DomainState.PAUSED

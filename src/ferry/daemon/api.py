@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ferry.daemon.manager import DomainManager
+from ferry.daemon.services import Services
 from ferry.errors import FerryError, ProtocolError, error_to_wire
 from ferry.migration.params import MigrationParams
 
@@ -47,8 +47,9 @@ def _arg(args: dict[str, Any], key: str, kind: type) -> Any:
 
 
 class ControlServer:
-    def __init__(self, manager: DomainManager, socket_path: Path) -> None:
-        self.manager = manager
+    def __init__(self, services: Services, socket_path: Path) -> None:
+        self.services = services
+        self.domains = services.lifecycle
         self.socket_path = socket_path
         self._server: asyncio.Server | None = None
         self.handlers: dict[str, Handler] = {
@@ -131,34 +132,34 @@ class ControlServer:
     # -- handlers --------------------------------------------------------------
 
     async def _ping(self, args: dict[str, Any]) -> Any:
-        return {"host": self.manager.host.name, "pid": os.getpid()}
+        return {"host": self.services.host.name, "pid": os.getpid()}
 
     async def _list(self, args: dict[str, Any]) -> Any:
-        return self.manager.list_rows()
+        return self.domains.list_rows()
 
     async def _info(self, args: dict[str, Any]) -> Any:
-        return self.manager.info(_arg(args, "name", str))
+        return self.domains.info(_arg(args, "name", str))
 
     async def _create(self, args: dict[str, Any]) -> Any:
-        return await self.manager.create(_arg(args, "config", dict))
+        return await self.domains.create(_arg(args, "config", dict))
 
     async def _pause(self, args: dict[str, Any]) -> Any:
-        await self.manager.pause(_arg(args, "name", str))
+        await self.domains.pause(_arg(args, "name", str))
 
     async def _unpause(self, args: dict[str, Any]) -> Any:
-        await self.manager.unpause(_arg(args, "name", str))
+        await self.domains.unpause(_arg(args, "name", str))
 
     async def _shutdown(self, args: dict[str, Any]) -> Any:
         timeout = float(args.get("timeout", 120))
-        return await self.manager.shutdown(
+        return await self.domains.shutdown(
             _arg(args, "name", str), bool(args.get("wait", False)), timeout
         )
 
     async def _destroy(self, args: dict[str, Any]) -> Any:
-        await self.manager.destroy(_arg(args, "name", str))
+        await self.domains.destroy(_arg(args, "name", str))
 
     async def _console(self, args: dict[str, Any]) -> Any:
-        return {"socket": self.manager.console_socket(_arg(args, "name", str))}
+        return {"socket": self.domains.console_socket(_arg(args, "name", str))}
 
     async def _migrate(self, args: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         """Streams ``{"progress": ...}`` lines, then the one final reply."""
@@ -172,11 +173,12 @@ class ControlServer:
         settings = args.get("params", {})
         if not isinstance(settings, dict):
             raise ProtocolError("request argument 'params' must be an object")
-        params = MigrationParams.from_wire(dict(self.manager.host.migration) | settings)
-        port = args.get("port") or self.manager.host.relocation.port
-        return await self.manager.outgoing.migrate(
+        defaults = self.services.migration_defaults.to_wire()
+        params = MigrationParams.from_wire(defaults | settings)
+        port = args.get("port") or self.services.host.relocation.port
+        return await self.services.outgoing.migrate(
             _arg(args, "name", str), _arg(args, "host", str), int(port), params, emit
         )
 
     async def _migrate_abort(self, args: dict[str, Any]) -> Any:
-        await self.manager.outgoing.abort_migration(_arg(args, "name", str))
+        await self.services.outgoing.abort_migration(_arg(args, "name", str))

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from ferry.config.host import HostConfig, load_host_config
 from ferry.daemon.api import ControlServer
-from ferry.daemon.layout import HostLayout
-from ferry.daemon.manager import DomainManager, guest_boot_files
+from ferry.daemon.boot_files import guest_boot_files
 from ferry.daemon.relocation import RelocationServer
+from ferry.daemon.services import Services
 from ferry.errors import FerryError
 from ferry.guest.image import default_cache_dir, load_image
+from ferry.host.layout import HostLayout
 from ferry.hypervisor.process import become_subreaper
+from ferry.hypervisor.reaper import ChildReaper
 from ferry.migration.params import MigrationParams
 
 log = logging.getLogger("ferryd")
@@ -59,18 +61,20 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     except BlockingIOError:
         raise FerryError(f"another ferryd already runs with run directory {cfg.run_dir}") from None
     become_subreaper()
-    manager = DomainManager(
+    reaper = ChildReaper()
+    reaper.start()
+    services = Services.build(
         cfg,
         layout,
         guest_boot_files(lambda: load_image(image_cache)),
         accel_cache=image_cache.parent / "accel-probe.json",
     )
-    await manager.reattach_all()
-    server = ControlServer(manager, layout.control_socket)
+    await services.reattach.all()
+    server = ControlServer(services, layout.control_socket)
     await server.start()
     relocation = None
     if cfg.relocation.enabled:
-        relocation = RelocationServer(cfg.relocation, manager.arrivals, cfg.name)
+        relocation = RelocationServer(cfg.relocation, services.incoming, cfg.name)
         await relocation.start()
     for note in cfg.ignored:
         log.info("config: %s", note)
@@ -84,7 +88,8 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     await server.close()
     if relocation is not None:
         await relocation.close()
-    await manager.close()
+    await services.close()
+    await reaper.close()
     lock.close()
 
 

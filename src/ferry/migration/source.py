@@ -1,19 +1,19 @@
-"""The source side of a migration: handshake, prepare, stream, commit, or roll back.
+"""The source side of a migration's protocol: handshake, prepare, stream, commit, or roll back.
 
-Phases (``OutgoingMigration.phase``): connect -> prepare -> transfer -> commit
--> done. Up to and including ``transfer`` any failure rolls back: QEMU's
-migration is cancelled, the VM is resumed on the source if it was running,
-and the target is told to abort (it also aborts by itself if the source goes
-silent). Once the commit is sent, the target alone decides: if its answer is
-lost, the VM stays paused here (never resumed blindly) and the outcome is
-asked of the target until it answers; see :func:`resolve_in_doubt`.
+Phases (:class:`ferry.domain.migration_state.Phase`): connect -> prepare ->
+transfer -> commit -> done. Up to and including ``transfer`` any failure rolls
+back: QEMU's migration is cancelled and the target is told to abort (it also
+aborts by itself if the source goes silent); the caller then gives the domain
+back its state from before (:meth:`SourceEnd.keep`). Once the commit is sent,
+the target alone decides: if its answer is lost the phase is ``in-doubt``, the
+VM stays paused here (never resumed blindly) and the outcome is asked of the
+target until it answers (:meth:`SourceEnd.resolve_in_doubt`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -22,28 +22,28 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.domain.migration_state import Phase
 from ferry.errors import (
     FerryError,
     MigrationAborted,
     MigrationError,
     MigrationInDoubt,
 )
+from ferry.host.running import OutgoingControl
 from ferry.hypervisor.monitor import Monitor
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
+from ferry.migration.data_link import CONNECT_TIMEOUT, FD_NAME, open_data_connection
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress
+from ferry.util.wait import wait_until
 
 log = logging.getLogger("ferryd")
 
-CONNECT_TIMEOUT = 10.0
 HELLO_TIMEOUT = 10.0
 PREPARE_TIMEOUT = 90.0  # the target validates and starts its QEMU
 COMMIT_TIMEOUT = 30.0
 POLL_INTERVAL = 0.25
 HEARTBEAT_INTERVAL = 1.0
-FD_NAME = "ferry-migration"
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-NOTSENT_LOWAT_BYTES = 128 * 1024
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -80,38 +80,54 @@ class OutgoingMigration:
     disks: list[dict[str, Any]]
     boot: dict[str, Any]
     on_progress: ProgressCallback
-    migration_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    phase: str = "connect"
-    abort_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    # Resume the domain on the target: it ran when the migration began.
+    resume: bool = True
+    control: OutgoingControl = field(
+        default_factory=lambda: OutgoingControl(migration_id=uuid.uuid4().hex)
+    )
     _downtime_limit: int = field(default=0, init=False)
+
+    @property
+    def migration_id(self) -> str:
+        return self.control.migration_id
+
+    @property
+    def phase(self) -> Phase:
+        return self.control.phase
 
     async def run(self) -> OutgoingResult:
         start = time.monotonic()
-        channel = await Channel.connect(self.host, self.port, CONNECT_TIMEOUT)
-        was_running = False
+        try:
+            channel = await Channel.connect(self.host, self.port, CONNECT_TIMEOUT)
+        except BaseException:
+            self.control.advance(Phase.ROLLED_BACK)
+            raise
         try:
             with self.monitor.listener(("STOP", "MIGRATION")) as events:
                 await self._handshake(channel)
-                self.phase = "prepare"
+                self.control.advance(Phase.PREPARE)
                 token = await self._prepare(channel)
                 self._check_abort()
-                status = await self.monitor.execute("query-status")
-                was_running = bool(status.get("running"))
                 data = await open_data_connection(self.host, self.port, self.migration_id, token)
-                self.phase = "transfer"
+                self.control.advance(Phase.TRANSFER)
                 transfer_start = time.monotonic()
                 progress = await self._transfer(channel, data, events)
                 stop_ts = _last_event_time(events, "STOP")
-            self.phase = "commit"
+            self.control.advance(Phase.COMMIT)
         except BaseException as err:
-            await self._roll_back(channel, was_running, err)
+            await self._roll_back(channel, err)
             raise
         try:
             await channel.send(
-                {"type": "commit", "migration_id": self.migration_id, "resume": was_running}
+                {"type": "commit", "migration_id": self.migration_id, "resume": self.resume}
             )
             reply = await channel.recv(COMMIT_TIMEOUT, "committed")
-        except MigrationError as err:
+        except BaseException as err:
+            # Sent or not, the commit may have reached the target: from here
+            # only the target's word may end the migration.
+            self.control.advance(Phase.IN_DOUBT)
+            if not isinstance(err, MigrationError):
+                raise
             raise MigrationInDoubt(
                 f"migration of '{self.name}' to {self.host}: the commit was sent but its answer "
                 f"was lost ({err}); the domain is held paused here until {self.host} says "
@@ -119,7 +135,7 @@ class OutgoingMigration:
             ) from err
         finally:
             await channel.close()
-        self.phase = "done"
+        self.control.advance(Phase.DONE)
         resume_ts = reply.get("resume_ts")
         loaded_ts = reply.get("loaded_ts")
         switchover = commit = None
@@ -137,7 +153,7 @@ class OutgoingMigration:
             commit_ms=commit,
             bytes_sent=progress.transferred,
             passes=progress.passes,
-            resumed=was_running,
+            resumed=self.resume,
             stopped_at=stop_ts,
             resumed_at=float(resume_ts) if isinstance(resume_ts, int | float) else None,
             downtime_limit_ms=self._downtime_limit,
@@ -246,39 +262,40 @@ class OutgoingMigration:
         await self.monitor.execute("migrate-set-parameters", {"downtime-limit": new})
 
     def _check_abort(self) -> None:
-        if self.abort_requested.is_set():
+        if self.control.abort_requested.is_set():
             raise MigrationAborted(f"migration of '{self.name}' to {self.host} was aborted")
 
     # -- rollback --------------------------------------------------------------
 
-    async def _roll_back(self, channel: Channel, was_running: bool, err: BaseException) -> None:
+    async def _roll_back(self, channel: Channel, err: BaseException) -> None:
+        """Stop QEMU's stream and tell the target; the caller restores the domain."""
         log.warning("migration of %s to %s failed in %s: %s", self.name, self.host, self.phase, err)
+        self.control.advance(Phase.ROLLED_BACK)
         try:
             info = await self.monitor.execute("query-migrate")
             if isinstance(info, dict) and info.get("status") not in (
                 None, "none", "completed", "failed", "cancelled",
             ):  # fmt: skip
                 await self.monitor.execute("migrate_cancel")
-                await _wait_migration_settled(self.monitor)
-            status = await self.monitor.execute("query-status")
-            if was_running and not status.get("running"):
-                # After a completed stream the images are inactive; cont takes
-                # them back (QEMU re-activates them) and runs the guest here.
-                await self.monitor.execute("cont")
+                await wait_migration_settled(self.monitor)
         except FerryError as rollback_err:
             log.error("rollback of %s on the source: %s", self.name, rollback_err)
         await channel.send_error(MigrationError(f"source aborted: {err}"))
         await channel.close()
 
 
-async def _wait_migration_settled(monitor: Monitor, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+async def wait_migration_settled(monitor: Monitor, timeout: float = 30.0) -> None:
+    """Until QEMU's outgoing migration has ended one way or the other."""
+
+    async def settled() -> bool:
         info = await monitor.execute("query-migrate")
-        if not isinstance(info, dict) or info.get("status") in ("cancelled", "failed", "completed"):
-            return
-        await asyncio.sleep(0.05)
-    raise MigrationError("QEMU did not settle its cancelled migration within 30 s")
+        return not isinstance(info, dict) or info.get("status") in (
+            "none", "cancelled", "failed", "completed",
+        )  # fmt: skip
+
+    await wait_until(
+        settled, timeout=timeout, what=f"QEMU of '{monitor.domain}' to settle its migration"
+    )
 
 
 def _last_event_time(events: Any, name: str) -> float | None:
@@ -288,47 +305,3 @@ def _last_event_time(events: Any, name: str) -> float | None:
             stamp = event["timestamp"]
             found = stamp["seconds"] + stamp["microseconds"] / 1e6
     return found
-
-
-async def open_data_connection(
-    host: str, port: int, migration_id: str, token: str
-) -> socket.socket:
-    """The memory-stream connection: our header, the target's ``ready``, then raw bytes.
-
-    Returns a blocking socket with nothing read past ``ready``, for QEMU.
-    """
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    if not infos:
-        raise MigrationError(f"cannot resolve {host}")
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setblocking(False)
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT)
-        header = {"type": "data", "migration_id": migration_id, "token": token}
-        await loop.sock_sendall(sock, json.dumps(header).encode() + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            # One byte at a time: nothing past the reply may be taken from QEMU.
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), PREPARE_TIMEOUT)
-            if not chunk:
-                raise MigrationError(f"{host} closed the data connection")
-            reply += chunk
-            if len(reply) > 4096:
-                raise MigrationError(f"{host} sent a malformed data-connection reply")
-        if reply.strip() != b"ready":
-            raise MigrationError(f"{host} refused the data connection: {reply.strip().decode()}")
-    except (OSError, TimeoutError) as err:
-        sock.close()
-        raise MigrationError(f"data connection to {host}:{port} failed: {err}") from None
-    except BaseException:
-        sock.close()
-        raise
-    # Keep little unsent data queued in the kernel: QEMU then sees the link's
-    # real rate, its downtime estimate holds, and the final copy does not sit
-    # in a socket buffer (megabytes, hundreds of ms on 100 Mbit) after the
-    # source has stopped the VM.
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
-    sock.setblocking(True)
-    return sock

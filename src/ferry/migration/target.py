@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from ferry.domain.migration_state import Outcome
 from ferry.errors import FerryError, MigrationError, MigrationRefused
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.migration.params import MigrationParams
@@ -24,6 +26,9 @@ HELLO_TIMEOUT = 10.0
 # Longer than the source's stall timeout, so that a source that sees the link
 # die cancels first and tells us; silence past this means the source is gone.
 SILENCE_TIMEOUT = 30.0
+# A migration id names files and directories here: nothing but what a source
+# generates (uuid4 hex) may pass.
+MIGRATION_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 class TargetHost(Protocol):
@@ -80,8 +85,8 @@ async def _session(
     await channel.send({"type": "hello", "version": PROTOCOL_VERSION, "host": local_name})
     prepare = await channel.recv(HELLO_TIMEOUT, "prepare")
     migration_id = str(prepare.get("migration_id", ""))
-    if len(migration_id) < 16:
-        await channel.send_error(MigrationRefused("a migration id is required"))
+    if not MIGRATION_ID_RE.fullmatch(migration_id):
+        await channel.send_error(MigrationRefused("a migration id is 32 lowercase hex digits"))
         return
     try:
         params = MigrationParams.from_wire(prepare.get("params") or {})
@@ -114,9 +119,17 @@ async def _session(
         return
     try:
         times = await host.commit_incoming(migration_id, bool(message.get("resume", True)))
-    except FerryError as err:
+    except Exception as err:
+        if host.migration_outcome(migration_id) == Outcome.COMMITTED:
+            # Past the commit point the domain is ours whatever failed after it:
+            # the source must hand over, never resume its copy.
+            log.exception("migration %s committed, then failed", migration_id[:8])
+            await channel.send({"type": "committed"})
+            return
         await host.abort_incoming(migration_id, f"commit failed: {err}")
         await channel.send_error(MigrationError(f"host {local_name} could not commit: {err}"))
+        if not isinstance(err, FerryError):
+            raise
         return
     await channel.send({"type": "committed", **times})
 

@@ -13,23 +13,43 @@ import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 from ferry.errors import WaitTimeout
 
 T = TypeVar("T")
 
-Check = Callable[[], T | None] | Callable[[], Awaitable[T | None]]
 
-
+@overload
 async def wait_until(
-    check: Check[T],
+    check: Callable[[], Awaitable[T | None]],
     *,
     timeout: float,
     what: str,
     interval: float = 0.05,
     wake: asyncio.Event | None = None,
-) -> T:
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    check: Callable[[], T | None],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    wake: asyncio.Event | None = None,
+) -> T: ...
+
+
+async def wait_until(
+    check: Callable[[], Any],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    wake: asyncio.Event | None = None,
+) -> Any:
     """Call ``check`` until it returns something truthy; return that.
 
     ``wake`` (optional) cuts the pause between two checks short, for callers

@@ -8,11 +8,23 @@ from dataclasses import dataclass, field
 
 from qemu.qmp import EventListener
 
-from ferry.daemon.record import DomainRecord
 from ferry.domain.config import DomainConfig
+from ferry.domain.migration_state import Phase, next_phase
+from ferry.host.record import DomainRecord
 from ferry.hypervisor.cmdline import BootFiles, MachinePaths
 from ferry.hypervisor.monitor import Monitor
-from ferry.migration.source import OutgoingMigration
+
+
+@dataclass
+class OutgoingControl:
+    """What the rest of ferryd may see and do of an outgoing migration."""
+
+    migration_id: str
+    phase: Phase = Phase.CONNECT
+    abort_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def advance(self, new: Phase) -> None:
+        self.phase = next_phase(self.migration_id[:8], self.phase, new)
 
 
 @dataclass
@@ -23,13 +35,18 @@ class RunningDomain:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     watcher: asyncio.Task[None] | None = None
     ending: bool = False
-    outgoing: OutgoingMigration | None = None
-    # Migrated away: the disk leases now belong to the target host.
+    outgoing: OutgoingControl | None = None
+    # Migrated away (or never ours): the disk leases belong to another host.
     handed_over: bool = False
 
     @property
     def name(self) -> str:
         return self.record.config.name
+
+    @property
+    def pid(self) -> int:
+        assert self.record.pid is not None, f"domain {self.name} has no QEMU"
+        return self.record.pid
 
 
 @dataclass

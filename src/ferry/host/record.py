@@ -28,6 +28,9 @@ class DomainRecord:
     key: str = ""
     migration_id: str | None = None
     migration_target: str | None = None  # host:port of an outgoing migration
+    # Whether the domain ran when its outgoing migration began: what a rollback
+    # restores. A domain paused before the migration stays paused after it.
+    migration_was_running: bool = False
     leases: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -46,6 +49,7 @@ class DomainRecord:
             "key": self.key,
             "migration_id": self.migration_id,
             "migration_target": self.migration_target,
+            "migration_was_running": self.migration_was_running,
             "leases": self.leases,
         }
 
@@ -63,6 +67,7 @@ class DomainRecord:
                 key=str(data.get("key") or data["config"]["name"]),
                 migration_id=data.get("migration_id"),
                 migration_target=data.get("migration_target"),
+                migration_was_running=bool(data.get("migration_was_running", False)),
                 leases=[str(x) for x in data.get("leases", [])],
             )
         except (KeyError, TypeError, ValueError) as err:

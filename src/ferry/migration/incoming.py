@@ -1,4 +1,10 @@
-"""The target side of migrations on this host: validate, receive, commit or abort."""
+"""The target driver: validate an arriving domain, receive it, commit or abort it.
+
+The commit point on this side is the durable ``committed`` outcome: it is
+written before the VM may resume, so that a source that lost the answer, or
+this ferryd after a restart, can only ever conclude that the VM runs here.
+A failure before it ends the arriving QEMU and answers ``aborted``.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,12 @@ import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qemu.qmp import EventListener
 
-from ferry.daemon.running import Incoming, RunningDomain
 from ferry.domain.config import DomainConfig
+from ferry.domain.migration_state import UNKNOWN, Outcome
 from ferry.domain.state import Event, next_state
 from ferry.errors import (
     FerryError,
@@ -25,23 +31,32 @@ from ferry.errors import (
     QmpError,
     StorageError,
 )
+from ferry.host.launcher import Launcher
+from ferry.host.running import Incoming, RunningDomain
+from ferry.host.table import DomainTable
+from ferry.host.watcher import DomainWatcher
+from ferry.migration.data_link import FD_NAME
 from ferry.migration.params import MigrationParams
-from ferry.migration.source import FD_NAME
 from ferry.network import tap
 from ferry.storage import lease
 from ferry.storage.disks import check_disks
-
-if TYPE_CHECKING:
-    from ferry.daemon.manager import DomainManager
+from ferry.util.wait import wait_until
 
 log = logging.getLogger("ferryd")
+
+STREAM_COMPLETE_TIMEOUT = 30.0
+RESUME_EVENT_TIMEOUT = 10.0
+_ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
 class IncomingMigrations:
     """What the relocation server asks of this host (the TargetHost protocol)."""
 
-    def __init__(self, manager: DomainManager) -> None:
-        self.m = manager
+    def __init__(self, table: DomainTable, launcher: Launcher, watcher: DomainWatcher) -> None:
+        self.table = table
+        self.launcher = launcher
+        self.watcher = watcher
+        self.host = launcher.host
 
     async def prepare_incoming(
         self,
@@ -54,31 +69,41 @@ class IncomingMigrations:
     ) -> str:
         """Check everything, then start QEMU waiting for the stream; return its token."""
         cfg = DomainConfig.from_mapping(mapping, f"domain config from {peer}")
-        where = f"host {self.m.host.name} refuses domain '{cfg.name}'"
-        async with self.m.create_lock:
-            local = self.m.domains.get(cfg.name)
+        where = f"host {self.host.name} refuses domain '{cfg.name}'"
+        async with self.table.claim_lock:
+            local = self.table.find(cfg.name)
             if local is not None and local.record.migration_id != migration_id:
                 raise MigrationRefused(f"{where}: a domain of that name already runs there")
-            if any(i.dom.name == cfg.name for i in self.m.incoming.values()):
+            if self.table.arriving(cfg.name):
                 raise MigrationRefused(f"{where}: it is already arriving from another migration")
+            if self.table.outcomes.get(migration_id) is not None:
+                raise MigrationRefused(f"{where}: migration {migration_id[:8]} was seen before")
+            roots = self.host.storage_roots
             try:
-                check_disks(cfg, self.m.host.storage_roots, self.m.disks_in_use(exclude=local))
+                check_disks(cfg, roots, self.table.disks_in_use(roots, exclude=local))
                 await self._check_same_disks(cfg, disks)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
-                self.m.check_memory(cfg)
-                boot_files = self.m.boot_files(cfg)
+                self.launcher.check_memory(cfg)
+                boot_files = self.launcher.boot_files(cfg)
                 self._check_same_boot(cfg, boot)
-                accel = (await self.m.accel(boot_files)).accel
+                accel = (await self.launcher.accel(boot_files)).accel
             except FerryError as err:
                 raise MigrationRefused(f"{where}: {err}") from err
-            record = self.m.new_record(cfg, accel, key=f"{cfg.name}@{migration_id[:8]}")
+            key = f"{cfg.name}@{migration_id[:8]}"
+            record = self.launcher.new_record(cfg, accel, key, self.table.next_domid())
             record.migration_id = migration_id
             record.state = next_state(cfg.name, record.state, Event.MIGRATE_IN)
-            dom = await self.m.launch(record, boot_files, incoming=True)
-            dom.record.save(self.m.layout.record_file(record.key))
+            # On disk before QEMU starts: a restart finds the migration either
+            # way, and the outcome is never "unknown" for an id we prepared.
+            self.table.outcomes.begin(migration_id)
+            try:
+                dom = await self.launcher.launch(record, boot_files, incoming=True)
+            except FerryError:
+                self.table.decide(migration_id, Outcome.ABORTED)
+                raise
             token = secrets.token_hex(16)
-            self.m.incoming[migration_id] = Incoming(migration_id, dom, token, peer)
-            dom.watcher = asyncio.create_task(self.m.watch(dom))
+            self.table.add_incoming(Incoming(migration_id, dom, token, peer))
+            self.watcher.start(dom)
         try:
             await dom.monitor.execute(
                 "migrate-set-capabilities",
@@ -122,15 +147,17 @@ class IncomingMigrations:
                     )
 
     def _check_same_boot(self, cfg: DomainConfig, boot: Mapping[str, Any]) -> None:
-        files = self.m.boot_files(cfg)
-        if boot.get("kernel_sha256") != self.m.file_digest(files.kernel):
+        files = self.launcher.boot_files(cfg)
+        if boot.get("kernel_sha256") != self.launcher.file_digest(files.kernel):
             raise ImageError(f"kernel {files.kernel} differs from the source's")
         want = boot.get("initrd_sha256")
-        if want is not None and (files.initrd is None or want != self.m.file_digest(files.initrd)):
+        if want is not None and (
+            files.initrd is None or want != self.launcher.file_digest(files.initrd)
+        ):
             raise ImageError(f"initrd {files.initrd} differs from the source's")
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None:
-        arriving = self.m.incoming.get(migration_id)
+        arriving = self.table.incoming(migration_id)
         if arriving is None or not secrets.compare_digest(arriving.token, token):
             raise MigrationRefused("no migration of that id and token is expected here")
         if arriving.streaming:
@@ -142,68 +169,105 @@ class IncomingMigrations:
         await monitor.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
 
     async def commit_incoming(self, migration_id: str, resume: bool) -> dict[str, Any]:
-        """The source has stopped and sent everything: run the domain here."""
-        arriving = self.m.incoming.get(migration_id)
+        """The source has stopped and sent everything: the domain is this host's now.
+
+        Raises (and the caller aborts) only before the commit point; after it,
+        whatever fails leaves the domain here, paused at worst, and is logged.
+        """
+        arriving = self.table.incoming(migration_id)
         if arriving is None:
             raise MigrationError(f"migration {migration_id[:8]} is not pending here")
         dom = arriving.dom
-        await self._wait_incoming_complete(dom)
-        resume_ts: float | None = None
-        with dom.monitor.listener(("RESUME",)) as events:
-            if resume:
-                await dom.monitor.execute("cont")
-                event: Any = await asyncio.wait_for(events.get(), 10)
-                stamp = event["timestamp"]
-                resume_ts = stamp["seconds"] + stamp["microseconds"] / 1e6
-        self.m.outcomes[migration_id] = "committed"
-        del self.m.incoming[migration_id]
+        await self._wait_stream_complete(dom)
+        dom.record.migration_was_running = resume
+        self.table.save(dom)
+        # The commit point: from here on this host owns the domain.
+        self.table.decide(migration_id, Outcome.COMMITTED)
+        self.table.commit_incoming(migration_id)
         loaded_ts = _event_time(arriving.events, "completed")
         if arriving.events is not None:
             dom.monitor.unwatch(arriving.events)
-        commit = Event.MIGRATE_IN_COMMIT if resume else Event.MIGRATE_IN_COMMIT_PAUSED
-        dom.record.state = next_state(dom.name, dom.record.state, commit)
         dom.record.started_at = time.time()
         dom.record.leases = [d.path for d in dom.record.config.disks if d.writable and not d.is_url]
-        self.m.set_state(dom, dom.record.state)
-        for path in dom.record.leases:
-            held = lease.read_lease(path)
-            lease.write_lease(path, self.m.host.name, dom.name, held.token if held else None)
-        self.m.domains[dom.name] = dom
+        self._take_leases(dom)
+        resume_ts = await self._resume(dom) if resume else None
+        self.table.transition(
+            dom,
+            Event.MIGRATE_IN_COMMIT if resume_ts is not None else Event.MIGRATE_IN_COMMIT_PAUSED,
+        )
         with contextlib.suppress(QmpError):
             # Switches and clients learn at once where the VM's MAC lives now.
             await dom.monitor.execute("announce-self", _ANNOUNCE)
         log.info("committed incoming %s (migration %s)", dom.name, migration_id[:8])
         return {"resume_ts": resume_ts, "loaded_ts": loaded_ts}
 
-    async def _wait_incoming_complete(self, dom: RunningDomain, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+    def _take_leases(self, dom: RunningDomain) -> None:
+        for path in dom.record.leases:
+            try:
+                held = lease.read_lease(path)
+                lease.write_lease(path, self.host.name, dom.name, held.token if held else None)
+            except StorageError as err:
+                log.error("domain %s runs here but its disk lease was not moved: %s", dom.name, err)
+
+    async def _resume(self, dom: RunningDomain) -> float | None:
+        """``cont``, and the time QEMU says the VM resumed; None if it stays paused."""
+        with dom.monitor.listener(("RESUME",)) as events:
+            try:
+                await dom.monitor.execute("cont")
+            except QmpError as err:
+                log.error(
+                    "committed domain %s could not resume; it stays paused: %s", dom.name, err
+                )
+                return None
+            try:
+                event: Any = await asyncio.wait_for(events.get(), RESUME_EVENT_TIMEOUT)
+            except TimeoutError:
+                log.warning("domain %s resumed but QEMU sent no RESUME event", dom.name)
+                return time.time()
+        stamp = event["timestamp"]
+        return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
+
+    async def _wait_stream_complete(self, dom: RunningDomain) -> None:
+        async def completed() -> bool:
             info = await dom.monitor.execute("query-migrate")
             status = info.get("status") if isinstance(info, dict) else None
-            if status == "completed":
-                return
             if status in ("failed", "cancelled"):
                 raise MigrationError(f"the incoming stream of '{dom.name}' {status} here")
-            if time.monotonic() > deadline:
-                raise MigrationError(
-                    f"the incoming stream of '{dom.name}' did not complete within {timeout:.0f} s"
-                )
-            await asyncio.sleep(0.005)
+            return status == "completed"
+
+        try:
+            await wait_until(
+                completed,
+                timeout=STREAM_COMPLETE_TIMEOUT,
+                interval=0.005,
+                what=f"the incoming stream of '{dom.name}' to complete",
+            )
+        except FerryError as err:
+            raise MigrationError(str(err)) from err
 
     async def abort_incoming(self, migration_id: str, reason: str) -> None:
-        arriving = self.m.incoming.pop(migration_id, None)
-        self.m.outcomes.setdefault(migration_id, "aborted")
+        arriving = self.table.drop_incoming(migration_id)
         if arriving is None:
+            if self.table.outcomes.get(migration_id) is Outcome.PENDING:
+                self.table.decide(migration_id, Outcome.ABORTED)
             return
         dom = arriving.dom
         log.info("aborting incoming %s (migration %s): %s", dom.name, migration_id[:8], reason)
         dom.handed_over = True  # the leases were never ours
-        await self.m.end_qemu(dom)
+        await self.launcher.end_qemu(dom)
+        # Only once its QEMU has ended: "aborted" tells the source it may resume.
+        self.table.decide(migration_id, Outcome.ABORTED)
 
     def migration_outcome(self, migration_id: str) -> str:
-        if migration_id in self.m.incoming:
-            return "pending"
-        return self.m.outcomes.get(migration_id, "aborted")
+        if self.table.incoming(migration_id) is not None:
+            return Outcome.PENDING.value
+        outcome = self.table.outcomes.get(migration_id)
+        return outcome.value if outcome is not None else UNKNOWN
+
+    async def close(self) -> None:
+        """ferryd is stopping: nobody will be left here to commit arriving domains."""
+        for mid in self.table.incoming_ids():
+            await self.abort_incoming(mid, "ferryd is stopping")
 
 
 def _event_time(events: EventListener | None, status: str) -> float | None:
@@ -214,9 +278,6 @@ def _event_time(events: EventListener | None, status: str) -> float | None:
             stamp = event["timestamp"]
             return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
     return None
-
-
-_ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
 async def _url_virtual_size(url: str) -> int:

@@ -1,0 +1,147 @@
+"""The lifecycle requests of the control API: create, list, pause, shut down, destroy.
+
+Every request on a domain holds that domain's lock, so two requests never
+interleave on one QEMU; every state change goes through the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ferry.domain.config import DomainConfig
+from ferry.domain.state import DomainState, Event, next_state
+from ferry.errors import DomainExists, FerryError, HypervisorError
+from ferry.host.launcher import Launcher
+from ferry.host.table import DomainTable
+from ferry.host.watcher import DomainWatcher
+from ferry.hypervisor import process
+from ferry.network import tap
+from ferry.storage.disks import check_disks
+
+log = logging.getLogger("ferryd")
+
+
+class Lifecycle:
+    def __init__(self, table: DomainTable, launcher: Launcher, watcher: DomainWatcher) -> None:
+        self.table = table
+        self.launcher = launcher
+        self.watcher = watcher
+        self.host = launcher.host
+
+    # -- queries ---------------------------------------------------------------
+
+    def list_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for dom in self.table.everyone():
+            rec = dom.record
+            rows.append(
+                {
+                    "name": rec.config.name,
+                    "id": rec.domid,
+                    "mem": rec.config.memory,
+                    "vcpus": rec.config.vcpus,
+                    "state": rec.state.value,
+                    "flags": rec.state.xm_flags,
+                    "time": round(process.cpu_seconds(rec.pid), 1) if rec.pid else 0.0,
+                    "uptime": round(time.time() - rec.started_at, 1),
+                    "pid": rec.pid,
+                    "accel": rec.accel,
+                    "taps": list(rec.taps),
+                }
+            )
+        return rows
+
+    def info(self, name: str) -> dict[str, Any]:
+        dom = self.table.get(name)
+        return {
+            "config": dom.record.config.to_mapping(),
+            "console_socket": str(dom.paths.console_socket),
+            "console_log": str(dom.paths.console_log),
+            "qemu_log": str(dom.paths.qemu_log),
+            **next(r for r in self.list_rows() if r["id"] == dom.record.domid),
+        }
+
+    def console_socket(self, name: str) -> str:
+        return str(self.table.get(name).paths.console_socket)
+
+    # -- create ----------------------------------------------------------------
+
+    async def create(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = DomainConfig.from_mapping(mapping, "domain config")
+        async with self.table.claim_lock:
+            if self.table.find(cfg.name) or self.table.arriving(cfg.name):
+                raise DomainExists(
+                    f"cannot create domain '{cfg.name}': a domain of that name is already "
+                    f"running on host {self.host.name}"
+                )
+            try:
+                check_disks(
+                    cfg, self.host.storage_roots, self.table.disks_in_use(self.host.storage_roots)
+                )
+                await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
+                self.launcher.check_memory(cfg)
+                boot = self.launcher.boot_files(cfg)
+                accel = (await self.launcher.accel(boot)).accel
+                leases = self.launcher.acquire_leases(cfg)
+            except FerryError as err:
+                raise type(err)(f"cannot create domain '{cfg.name}': {err}") from err
+            record = self.launcher.new_record(cfg, accel, cfg.name, self.table.next_domid())
+            record.leases = leases
+            try:
+                dom = await self.launcher.launch(record, boot)
+            except FerryError:
+                self.launcher.release_leases(record)
+                raise
+            self.table.transition(dom, Event.START)
+            self.table.add(dom)
+            self.watcher.start(dom)
+        log.info("created domain %s (id %d, pid %s, %s)", cfg.name, record.domid, record.pid, accel)
+        return {"name": cfg.name, "id": record.domid, "accel": accel, "ignored": list(cfg.ignored)}
+
+    # -- requests on a running domain -----------------------------------------
+
+    async def pause(self, name: str) -> None:
+        dom = self.table.get(name)
+        async with dom.lock:
+            next_state(name, dom.record.state, Event.PAUSE)
+            await dom.monitor.execute("stop")
+            self.table.transition(dom, Event.PAUSE)
+
+    async def unpause(self, name: str) -> None:
+        dom = self.table.get(name)
+        async with dom.lock:
+            next_state(name, dom.record.state, Event.UNPAUSE)
+            await dom.monitor.execute("cont")
+            self.table.transition(dom, Event.UNPAUSE)
+
+    async def shutdown(self, name: str, wait: bool, timeout: float) -> dict[str, Any]:
+        """ACPI power button; with ``wait``, until the guest has powered off."""
+        dom = self.table.get(name)
+        async with dom.lock:
+            next_state(name, dom.record.state, Event.SHUTDOWN)
+            if dom.record.state is DomainState.PAUSED:
+                raise FerryError(
+                    f"cannot shut down domain '{name}': it is paused and cannot see the "
+                    "power button; unpause it or use destroy"
+                )
+            await dom.monitor.execute("system_powerdown")
+        if not wait:
+            return {"ended": False}
+        if not await process.wait_exit(dom.pid, timeout):
+            raise HypervisorError(
+                f"domain '{name}' did not power off within {timeout:.0f} s of the ACPI "
+                "power button; it is still running (use destroy to force it off)"
+            )
+        if dom.watcher is not None:
+            await asyncio.shield(dom.watcher)
+        return {"ended": True}
+
+    async def destroy(self, name: str) -> None:
+        dom = self.table.get(name)
+        async with dom.lock:
+            next_state(name, dom.record.state, Event.SHUTDOWN)
+            await self.launcher.end_qemu(dom)

@@ -1,0 +1,139 @@
+"""Finding the QEMUs again after ferryd restarts, and settling what it left half done.
+
+QEMU outlives ferryd. On start, every record in the state directory is
+matched with its QEMU (by PID and QMP socket, so a recycled PID is not taken
+for it). What the old ferryd was doing decides the rest:
+
+- an arriving domain is kept only if its commit was written (then it runs, or
+  stays paused if it was paused on the source); otherwise no commit can come
+  any more, its QEMU is ended and the migration is ``aborted``;
+- a departing domain whose stream had completed is in doubt: held paused
+  while the target is asked; one whose stream had not completed is ours again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ferry.domain.migration_state import Outcome
+from ferry.domain.state import DomainState, Event
+from ferry.errors import FerryError, QmpError
+from ferry.host.launcher import QMP_TIMEOUT, Launcher
+from ferry.host.record import DomainRecord, load_record
+from ferry.host.running import Incoming, RunningDomain
+from ferry.host.table import DomainTable, event_for_qemu_status
+from ferry.host.watcher import DomainWatcher
+from ferry.hypervisor import process
+from ferry.hypervisor.monitor import Monitor
+from ferry.migration.indoubt import SourceEnd
+from ferry.migration.outgoing import OutgoingMigrations
+from ferry.migration.source import wait_migration_settled
+
+log = logging.getLogger("ferryd")
+
+
+class Reattach:
+    def __init__(
+        self,
+        table: DomainTable,
+        launcher: Launcher,
+        watcher: DomainWatcher,
+        outgoing: OutgoingMigrations,
+        end: SourceEnd,
+    ) -> None:
+        self.table = table
+        self.launcher = launcher
+        self.watcher = watcher
+        self.outgoing = outgoing
+        self.end = end
+
+    async def all(self) -> None:
+        domains_dir = self.table.layout.domains_dir
+        if domains_dir.exists():
+            for directory in sorted(domains_dir.iterdir()):
+                record_file = directory / "record.json"
+                if not record_file.exists():
+                    continue
+                try:
+                    await self._one(load_record(record_file))
+                except FerryError as err:
+                    log.error("cannot re-attach %s: %s", directory.name, err)
+        # Prepared here, but no QEMU or record left to commit: it never will be.
+        for mid in self.table.outcomes.pending():
+            if self.table.incoming(mid) is None:
+                self.table.decide(mid, Outcome.ABORTED)
+
+    async def _one(self, record: DomainRecord) -> None:
+        name = record.config.name
+        paths = self.table.layout.machine_paths(record.key)
+        pid = process.read_pidfile(paths.pidfile) or record.pid
+        if pid is None or not process.is_our_qemu(pid, paths.qmp_socket):
+            log.info("domain %s ended while ferryd was away; cleaning up", name)
+            if record.migration_id and record.state is DomainState.MIGRATING_IN:
+                outcome = self.table.outcomes.get(record.migration_id)
+                if outcome is None or outcome is Outcome.PENDING:
+                    self.table.decide(record.migration_id, Outcome.ABORTED)
+            await asyncio.to_thread(self.launcher.cleanup_files, record, paths)
+            return
+        record.pid = pid
+        monitor = Monitor(name)
+        await monitor.connect(paths.qmp_socket, QMP_TIMEOUT)
+        dom = RunningDomain(record=record, paths=paths, monitor=monitor)
+        if record.state is DomainState.MIGRATING_IN:
+            if not await self._arriving(dom):
+                return
+        elif record.state is DomainState.MIGRATING_OUT:
+            await self._departing(dom)
+        else:
+            status = await monitor.execute("query-status")
+            change = event_for_qemu_status(record.state, status)
+            if change is not None:
+                self.table.transition(dom, change)
+        self.table.save(dom)
+        if self.table.find(name) is None:
+            self.table.add(dom)
+        self.watcher.start(dom)
+        log.info("re-attached domain %s (pid %d, %s)", name, pid, record.state.value)
+
+    async def _arriving(self, dom: RunningDomain) -> bool:
+        """Keep an arriving domain if its commit was written; else end it."""
+        mid = str(dom.record.migration_id)
+        outcome = self.table.outcomes.get(mid)
+        if outcome is Outcome.COMMITTED:
+            resumed = False
+            if dom.record.migration_was_running:
+                try:
+                    await dom.monitor.execute("cont")
+                    resumed = True
+                except QmpError as err:
+                    log.error("committed domain %s could not resume: %s", dom.name, err)
+            else:
+                status = await dom.monitor.execute("query-status")
+                resumed = bool(status.get("running"))
+            event = Event.MIGRATE_IN_COMMIT if resumed else Event.MIGRATE_IN_COMMIT_PAUSED
+            self.table.transition(dom, event)
+            return True
+        # Its migration session died with the old ferryd: no commit can come
+        # any more, so this copy must never run.
+        log.info("incoming domain %s was never committed; removing it", dom.name)
+        self.table.add_incoming(Incoming(mid, dom, token="", peer="(before restart)"))
+        dom.handed_over = True
+        self.watcher.start(dom)
+        await self.launcher.end_qemu(dom)
+        self.table.decide(mid, Outcome.ABORTED)
+        return False
+
+    async def _departing(self, dom: RunningDomain) -> None:
+        """ferryd died while migrating this domain out: finish or undo it safely."""
+        info: Any = await dom.monitor.execute("query-migrate")
+        qemu_state = info.get("status") if isinstance(info, dict) else None
+        if qemu_state == "completed" and dom.record.migration_id:
+            # The target may have resumed it: only the target can say.
+            self.outgoing.resume_in_doubt(dom)
+            return
+        if qemu_state not in (None, "none", "failed", "cancelled"):
+            await dom.monitor.execute("migrate_cancel")
+            await wait_migration_settled(dom.monitor)
+        await self.end.keep(dom)

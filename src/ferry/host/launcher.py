@@ -1,0 +1,187 @@
+"""Starting and ending QEMU for a domain, and what goes with it: taps, run files, leases.
+
+The launcher owns the machine-level resources of a domain; the table owns
+its state. A launch that fails halfway undoes what it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from ferry.config.host import HostConfig
+from ferry.domain.config import DomainConfig
+from ferry.domain.state import DomainState
+from ferry.errors import FerryError, HypervisorError, QmpError, StorageError
+from ferry.host.layout import HostLayout
+from ferry.host.record import DomainRecord
+from ferry.host.running import BootFilesProvider, RunningDomain
+from ferry.hypervisor import process
+from ferry.hypervisor.accel import ProbeResult, resolve_accel
+from ferry.hypervisor.cmdline import BootFiles, MachinePaths, build_qemu_args
+from ferry.hypervisor.monitor import Monitor
+from ferry.network import tap
+from ferry.storage import lease
+
+log = logging.getLogger("ferryd")
+
+LAUNCH_TIMEOUT = 60.0
+QMP_TIMEOUT = 10.0
+DESTROY_GRACE = 5.0
+
+
+class Launcher:
+    def __init__(
+        self,
+        host: HostConfig,
+        layout: HostLayout,
+        boot_files: BootFilesProvider,
+        accel_cache: Path | None = None,
+    ) -> None:
+        self.host = host
+        self.layout = layout
+        self.boot_files = boot_files
+        # The probe's verdict is a property of the machine, not of one daemon's
+        # state: shared by every ferryd on it, it costs one probe per machine.
+        self.accel_cache = accel_cache or layout.state_dir / "accel-probe.json"
+        self._accel: ProbeResult | None = None
+        self._digests: dict[tuple[str, int], str] = {}
+
+    async def accel(self, boot: BootFiles) -> ProbeResult:
+        if self._accel is None:
+            assert boot.initrd is not None or self.host.accel != "auto"
+            self._accel = await resolve_accel(
+                self.host.accel,
+                self.host.qemu_binary,
+                boot.kernel,
+                boot.initrd or boot.kernel,
+                self.accel_cache,
+            )
+            log.info("accelerator: %s (%s)", self._accel.accel, self._accel.reason)
+        return self._accel
+
+    def check_memory(self, cfg: DomainConfig) -> None:
+        available = _mem_available_mib()
+        needed = cfg.memory + self.host.dom0_min_mem
+        if available is not None and needed > available:
+            raise HypervisorError(
+                f"{cfg.memory} MiB of memory requested but only {available} MiB is available "
+                f"({self.host.dom0_min_mem} MiB kept for the host)"
+            )
+
+    def file_digest(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._digests[key]
+
+    def new_record(self, cfg: DomainConfig, accel: str, key: str, domid: int) -> DomainRecord:
+        return DomainRecord(
+            config=cfg,
+            domid=domid,
+            state=DomainState.SHUTOFF,
+            started_at=time.time(),
+            taps=[tap.tap_name(domid, i) for i in range(len(cfg.vifs))],
+            accel=accel,
+            key=key,
+        )
+
+    # -- leases ----------------------------------------------------------------
+
+    def acquire_leases(self, cfg: DomainConfig) -> list[str]:
+        taken: list[str] = []
+        try:
+            for disk in cfg.disks:
+                if disk.writable and not disk.is_url:
+                    lease.acquire(disk.path, self.host.name, cfg.name)
+                    taken.append(disk.path)
+        except StorageError:
+            for path in taken:
+                lease.release(path, self.host.name)
+            raise
+        return taken
+
+    def release_leases(self, record: DomainRecord) -> None:
+        for path in record.leases:
+            try:
+                lease.release(path, self.host.name)
+            except StorageError as err:
+                log.error("%s", err)
+
+    # -- QEMU ------------------------------------------------------------------
+
+    async def launch(
+        self, record: DomainRecord, boot: BootFiles, incoming: bool = False
+    ) -> RunningDomain:
+        """Start QEMU for ``record``; undo everything on failure."""
+        cfg = record.config
+        paths = self.layout.machine_paths(record.key)
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        paths.log_dir.mkdir(parents=True, exist_ok=True)
+        monitor = Monitor(cfg.name)
+        verb = "receive" if incoming else "create"
+        try:
+            for name, vif in zip(record.taps, cfg.vifs, strict=True):
+                await asyncio.to_thread(tap.create_tap, name, vif.bridge)
+            args = build_qemu_args(
+                cfg,
+                qemu_binary=self.host.qemu_binary,
+                accel=record.accel,
+                boot=boot,
+                paths=paths,
+                taps=record.taps,
+                incoming=incoming,
+            )
+            log.debug("launching %s", args)
+            record.pid = await process.launch_detached(
+                args, paths.qemu_log, paths.pidfile, LAUNCH_TIMEOUT
+            )
+            record.save(self.layout.record_file(record.key))
+            await monitor.connect(paths.qmp_socket, QMP_TIMEOUT)
+        except (FerryError, OSError) as err:
+            await monitor.close()
+            if record.pid is not None:
+                await process.terminate(record.pid, 0)
+            await asyncio.to_thread(self.cleanup_files, record, paths)
+            if isinstance(err, FerryError):
+                raise type(err)(f"cannot {verb} domain '{cfg.name}': {err}") from err
+            raise HypervisorError(f"cannot {verb} domain '{cfg.name}': {err}") from err
+        return RunningDomain(record=record, paths=paths, monitor=monitor)
+
+    async def end_qemu(self, dom: RunningDomain) -> None:
+        """Soft (QMP quit) then hard; returns once the domain is cleaned up."""
+        dom.ending = True
+        with contextlib.suppress(QmpError):
+            await dom.monitor.execute("quit", timeout=DESTROY_GRACE)
+        if not await process.wait_exit(dom.pid, DESTROY_GRACE):
+            await process.terminate(dom.pid, DESTROY_GRACE)
+        if dom.watcher is not None:
+            await asyncio.shield(dom.watcher)
+
+    def cleanup_files(self, record: DomainRecord, paths: MachinePaths) -> None:
+        """Remove the taps, run files and record of a domain whose QEMU has ended.
+
+        Blocking (netlink): call it in a thread from the event loop.
+        """
+        for name in record.taps:
+            try:
+                tap.delete_tap(name)
+            except FerryError as err:
+                log.error("%s", err)
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.record_file(record.key).unlink()
+
+
+def _mem_available_mib() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return None

@@ -1,0 +1,122 @@
+"""How a migration ends on the source: handed over, kept, or held in doubt until the target says.
+
+Once the commit has been sent, only the target knows whether it resumed the
+domain. A source that lost the answer (connection cut, target restarting,
+its own ferryd restarting) holds its copy paused and asks the target's
+relocation server, again and again, until the answer is a decision:
+``committed`` (end our copy) or ``aborted`` (the domain is ours again, and runs
+again only if it ran before the migration). ``pending`` and ``unknown`` are
+not decisions; nor is silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from ferry.domain.migration_state import UNKNOWN, Outcome
+from ferry.domain.state import Event
+from ferry.errors import MigrationError, QmpError
+from ferry.host.launcher import Launcher
+from ferry.host.running import RunningDomain
+from ferry.host.table import DomainTable
+from ferry.migration.channel import Channel
+
+log = logging.getLogger("ferryd")
+
+ASK_TIMEOUT = 10.0
+FIRST_RETRY_S = 1.0
+MAX_RETRY_S = 10.0
+
+Ask = Callable[[str, int, str, str], Awaitable[str]]
+
+
+async def ask_outcome(host: str, port: int, migration_id: str, local_host: str) -> str:
+    """``committed``, ``aborted``, ``pending`` or ``unknown``, as the target says."""
+    channel = await Channel.connect(host, port, ASK_TIMEOUT)
+    try:
+        await channel.send({"type": "status", "migration_id": migration_id, "host": local_host})
+        reply = await channel.recv(ASK_TIMEOUT, "status")
+    finally:
+        await channel.close()
+    outcome = reply.get("outcome")
+    if outcome not in (*Outcome, UNKNOWN):
+        raise MigrationError(f"{host} gave no usable outcome for migration {migration_id[:8]}")
+    return str(outcome)
+
+
+class SourceEnd:
+    """The end of an outgoing migration, for the domain's copy on this host."""
+
+    def __init__(self, table: DomainTable, launcher: Launcher, ask: Ask = ask_outcome) -> None:
+        self.table = table
+        self.launcher = launcher
+        self.ask = ask
+        self.retry_s = FIRST_RETRY_S
+
+    async def hand_over(self, dom: RunningDomain) -> None:
+        """The target runs the domain now: end our copy; its disks' leases are theirs."""
+        dom.handed_over = True
+        self.table.transition(dom, Event.MIGRATE_OUT_DONE)
+        await self.launcher.end_qemu(dom)
+
+    async def keep(self, dom: RunningDomain) -> None:
+        """The migration failed before its commit: the domain is ours, as it was.
+
+        It runs again only if it ran when the migration began.
+        """
+        was_running = dom.record.migration_was_running
+        dom.record.migration_id = None
+        dom.record.migration_target = None
+        running = False
+        try:
+            status = await dom.monitor.execute("query-status")
+            running = bool(status.get("running"))
+            if was_running and not running:
+                # After a completed stream the images are inactive; cont takes
+                # them back (QEMU re-activates them) and runs the guest here.
+                await dom.monitor.execute("cont")
+                running = True
+        except QmpError as err:
+            log.error("cannot restore domain %s after its migration: %s", dom.name, err)
+        event = Event.MIGRATE_OUT_ABORT_RUNNING if running else Event.MIGRATE_OUT_ABORT_PAUSED
+        self.table.transition(dom, event)
+
+    async def resolve_in_doubt(self, dom: RunningDomain) -> None:
+        """Ask the target, until it decides, whether it resumed the domain."""
+        target = dom.record.migration_target or ""
+        host, _, port = target.rpartition(":")
+        mid = str(dom.record.migration_id)
+        delay = self.retry_s
+        while True:
+            try:
+                outcome = await self.ask(host, int(port), mid, self.table.host_name)
+            except (MigrationError, ValueError) as err:
+                log.warning("migration %s of %s still in doubt: %s", mid[:8], dom.name, err)
+                outcome = Outcome.PENDING
+            if outcome == Outcome.COMMITTED:
+                log.info("target %s confirms it runs %s; ending our copy", host, dom.name)
+                await self.hand_over(dom)
+                return
+            if outcome == Outcome.ABORTED:
+                log.info("target %s never resumed %s; it is ours again", host, dom.name)
+                await self.keep(dom)
+                return
+            if outcome == UNKNOWN:
+                log.error(
+                    "target %s does not know migration %s of %s (its state was lost?); "
+                    "holding the domain paused here until it answers",
+                    host, mid[:8], dom.name,
+                )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_S)
+
+
+async def stop_quietly(dom: RunningDomain) -> None:
+    """Pause ``dom`` if it runs; a domain in doubt must never run here."""
+    with contextlib.suppress(QmpError):
+        status = await dom.monitor.execute("query-status")
+        if status.get("running"):
+            await dom.monitor.execute("stop")

@@ -1,0 +1,142 @@
+"""The source driver: from ``ferry migrate`` to handing the domain over, or keeping it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from ferry.domain.config import DomainConfig
+from ferry.domain.migration_state import Phase
+from ferry.domain.state import DomainState, Event
+from ferry.errors import InvalidTransition, MigrationInDoubt, StorageError
+from ferry.host.launcher import Launcher
+from ferry.host.running import OutgoingControl, RunningDomain
+from ferry.host.table import DomainTable
+from ferry.migration.indoubt import SourceEnd
+from ferry.migration.params import MigrationParams
+from ferry.migration.source import OutgoingMigration, ProgressCallback
+from ferry.storage import lease
+from ferry.util.tasks import Background
+
+log = logging.getLogger("ferryd")
+
+
+class OutgoingMigrations:
+    def __init__(
+        self, table: DomainTable, launcher: Launcher, end: SourceEnd, background: Background
+    ) -> None:
+        self.table = table
+        self.launcher = launcher
+        self.end = end
+        self.background = background
+
+    async def migrate(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        params: MigrationParams,
+        on_progress: ProgressCallback,
+    ) -> dict[str, Any]:
+        dom = self.table.get(name)
+        control = OutgoingControl(migration_id=_new_migration_id())
+        async with dom.lock:
+            was_running = dom.record.state is DomainState.RUNNING
+            dom.record.migration_was_running = was_running
+            dom.record.migration_id = control.migration_id
+            dom.record.migration_target = f"{host}:{port}"
+            self.table.transition(dom, Event.MIGRATE_OUT)
+            dom.outgoing = control
+        try:
+            facts = await self._disk_facts(dom)
+            boot = self._boot_facts(dom.record.config)
+            out = OutgoingMigration(
+                name=name,
+                monitor=dom.monitor,
+                config=dom.record.config.to_mapping(),
+                host=host,
+                port=port,
+                params=params,
+                local_host=self.table.host_name,
+                disks=facts,
+                boot=boot,
+                on_progress=on_progress,
+                resume=was_running,
+                control=control,
+            )
+            result = await out.run()
+        except MigrationInDoubt:
+            self.background.start(
+                self._in_doubt(dom), f"in-doubt {control.migration_id[:8]} of {name}"
+            )
+            raise
+        except BaseException:
+            dom.outgoing = None
+            await self.end.keep(dom)
+            raise
+        dom.outgoing = None
+        await self.end.hand_over(dom)
+        log.info("domain %s migrated to %s: %s", name, host, result.to_wire())
+        return result.to_wire()
+
+    async def _in_doubt(self, dom: RunningDomain) -> None:
+        try:
+            await self.end.resolve_in_doubt(dom)
+        finally:
+            dom.outgoing = None
+
+    def resume_in_doubt(self, dom: RunningDomain) -> None:
+        """After a restart of ferryd: a domain whose commit was sent before it went down."""
+        # The commit may have reached the target: the phase is in-doubt already.
+        dom.outgoing = OutgoingControl(str(dom.record.migration_id), phase=Phase.IN_DOUBT)
+        self.background.start(
+            self._in_doubt(dom), f"in-doubt {str(dom.record.migration_id)[:8]} of {dom.name}"
+        )
+
+    async def abort_migration(self, name: str) -> None:
+        dom = self.table.get(name)
+        control = dom.outgoing
+        if control is None:
+            raise InvalidTransition(f"cannot abort: domain '{name}' is not migrating out")
+        if not control.phase.abortable:
+            raise InvalidTransition(
+                f"cannot abort the migration of '{name}': it is already {control.phase.value}"
+            )
+        control.abort_requested.set()
+
+    async def _disk_facts(self, dom: RunningDomain) -> list[dict[str, Any]]:
+        """What the target needs to prove it sees the very same disks."""
+        sizes: dict[str, int] = {}
+        blocks = await dom.monitor.execute("query-block")
+        for block in blocks if isinstance(blocks, list) else []:
+            image = block.get("inserted", {}).get("image", {})
+            qdev = str(block.get("qdev", ""))
+            if "virtual-size" in image:
+                sizes[qdev] = int(image["virtual-size"])
+        facts = []
+        for disk in dom.record.config.disks:
+            index = ord(disk.target[-1]) - ord("a")
+            size = next((v for k, v in sizes.items() if k.endswith(f"vd{index}")), None)
+            fact: dict[str, Any] = {"path": disk.path, "size": size}
+            if not disk.is_url and disk.writable:
+                held = lease.read_lease(disk.path)
+                if held is None or held.host != self.table.host_name:
+                    raise StorageError(
+                        f"cannot migrate '{dom.name}': this host does not hold the lease of "
+                        f"disk {disk.path}"
+                    )
+                fact["lease_token"] = held.token
+            facts.append(fact)
+        return facts
+
+    def _boot_facts(self, cfg: DomainConfig) -> dict[str, Any]:
+        boot = self.launcher.boot_files(cfg)
+        return {
+            "kernel_sha256": self.launcher.file_digest(boot.kernel),
+            "initrd_sha256": self.launcher.file_digest(boot.initrd) if boot.initrd else None,
+        }
+
+
+def _new_migration_id() -> str:
+    return uuid.uuid4().hex
