@@ -46,6 +46,12 @@ class RelocationServer:
             raise FerryError(f"cannot listen for relocations on {where}: {err.strerror}") from err
         log.info("relocation server on %s:%d", self.config.address or "*", self.config.port)
 
+    @property
+    def port(self) -> int:
+        """The port it listens on (the configured one, or the one given for port 0)."""
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

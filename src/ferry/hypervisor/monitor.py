@@ -82,4 +82,6 @@ class Monitor:
         # The peer may be gone already, which is what closing wants anyway.
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
-        self._client.remove_listener(self.events)
+        # Closing twice (a watcher, then ferryd leaving) is harmless.
+        with contextlib.suppress(ValueError):
+            self._client.remove_listener(self.events)

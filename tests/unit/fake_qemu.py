@@ -1,0 +1,363 @@
+"""A fake ``qemu-system-x86_64`` for the protocol's unit tests: a real process, no guest.
+
+It takes the command line ferry builds, daemonizes as QEMU does (the caller
+returns once the machine is ready; the middle process is left for the caller's
+subreaper), writes its pidfile and serves QMP on the ``-qmp`` socket, file
+descriptors passed with ``getfd`` included. Its "RAM" is a buffer that a
+"guest" thread keeps writing to while the VM runs (a counter at offset 0), so
+a test can tell through QMP whether, and where, the VM ran.
+
+Migration moves real bytes: ``migrate fd:NAME`` writes a header, the RAM and
+a trailer with the RAM's sha256 to the passed socket; ``migrate-incoming``
+reads and checks them. A plan (JSON file named by ``$FAKE_QEMU_PLAN``, read
+when a migration starts, one part per side: ``{"source": {}, "target": {}}``)
+injects faults: ``rate`` (bytes/s); ``hold_at`` (bytes after which the
+source waits until the file ``<plan>.release`` exists); ``hold_complete``
+(the target, having read everything, waits as long before it completes);
+``cancel_fails``; ``exit_on_commit`` (the target ends when told ``cont``).
+
+Custom commands: ``x-fake-ram`` returns ``{"counter", "sha256"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RAM_BYTES = 1 << 20
+CHUNK = 16 * 1024
+MAGIC = b"FAKEQEMU"
+
+
+class Machine:
+    def __init__(self, name: str, paused: bool, incoming: bool) -> None:
+        self.name = name
+        self.lock = threading.RLock()
+        self.ram = bytearray(os.urandom(RAM_BYTES))
+        self.status = "inmigrate" if incoming else ("prelaunch" if paused else "running")
+        self.incoming = incoming
+        self.mig: dict[str, Any] = {"status": "none"}
+        self.fds: dict[str, int] = {}
+        self.clients: list[socket.socket] = []
+        self.caps: dict[str, bool] = {}
+        self.params: dict[str, Any] = {}
+        self.cancel = threading.Event()
+        self.plan: dict[str, Any] = {}
+        self.disks: dict[str, str] = {}  # qdev id -> file
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    def counter(self) -> int:
+        return int(struct.unpack_from("<Q", self.ram, 0)[0])
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        message = {
+            "event": event,
+            "data": data or {},
+            "timestamp": {"seconds": int(now), "microseconds": int((now % 1) * 1e6)},
+        }
+        line = json.dumps(message).encode() + b"\r\n"
+        for client in list(self.clients):
+            try:
+                client.sendall(line)
+            except OSError:
+                self.clients.remove(client)
+
+    def set_status(self, status: str) -> None:
+        event = {"running": "RESUME"}.get(status, "STOP")
+        was = self.running
+        self.status = status
+        if self.running != was:
+            self.emit(event)
+
+    def set_mig(self, status: str) -> None:
+        self.mig["status"] = status
+        self.emit("MIGRATION", {"status": status})
+
+
+def guest(machine: Machine) -> None:
+    """The guest: while it runs it counts, and dirties a page now and then."""
+    while True:
+        time.sleep(0.002)
+        with machine.lock:
+            if machine.running:
+                value = machine.counter() + 1
+                struct.pack_into("<Q", machine.ram, 0, value)
+                page = (value * 4096) % RAM_BYTES
+                machine.ram[page : page + 8] = struct.pack("<Q", value)
+
+
+def load_plan(role: str) -> dict[str, Any]:
+    """This side's part (``source`` or ``target``) of the test's plan."""
+    path = os.environ.get("FAKE_QEMU_PLAN")
+    if not path or not Path(path).exists():
+        return {}
+    data = json.loads(Path(path).read_text()).get(role, {})
+    return data if isinstance(data, dict) else {}
+
+
+def released() -> bool:
+    path = os.environ.get("FAKE_QEMU_PLAN", "")
+    return Path(path + ".release").exists()
+
+
+def send_stream(machine: Machine, fd: int) -> None:
+    plan = machine.plan
+    rate = float(plan.get("rate", 0))
+    hold_at = plan.get("hold_at")
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    started = time.monotonic()
+    machine.mig.update({"transferred": 0, "remaining": RAM_BYTES, "start": started})
+    try:
+        with machine.lock:
+            machine.set_mig("active")
+            image = bytes(machine.ram)
+        sock.sendall(MAGIC + struct.pack("<Q", len(image)))
+        sent = 0
+        while sent < len(image):
+            if machine.cancel.is_set():
+                raise InterruptedError
+            if hold_at is not None and sent >= int(hold_at) and not released():
+                time.sleep(0.01)
+                continue
+            piece = image[sent : sent + CHUNK]
+            sock.sendall(piece)
+            sent += len(piece)
+            machine.mig.update({"transferred": sent, "remaining": len(image) - sent})
+            if rate:
+                time.sleep(len(piece) / rate)
+        # The final copy: the VM stops, its last state goes out.
+        stop_at = time.monotonic()
+        with machine.lock:
+            machine.set_status("finish-migrate")
+            final = bytes(machine.ram)
+        sock.sendall(MAGIC + struct.pack("<Q", len(final)) + final)
+        sock.sendall(hashlib.sha256(final).digest())
+        sock.shutdown(socket.SHUT_WR)
+        with machine.lock:
+            machine.status = "postmigrate"
+            machine.mig["downtime"] = int((time.monotonic() - stop_at) * 1000)
+            machine.mig["transferred"] = sent + len(final)
+            machine.mig["remaining"] = 0
+            machine.set_mig("completed")
+    except (OSError, InterruptedError) as err:
+        with machine.lock:
+            machine.mig["error-desc"] = str(err) or "cancelled"
+            if machine.status == "finish-migrate":
+                machine.set_status("running")
+            machine.set_mig("cancelled" if machine.cancel.is_set() else "failed")
+    finally:
+        sock.close()
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 1 << 16))
+        if not chunk:
+            raise EOFError(f"stream ended after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def receive_stream(machine: Machine, fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    machine.mig.update({"transferred": 0, "remaining": RAM_BYTES})
+    try:
+        with machine.lock:
+            machine.set_mig("active")
+        for _ in range(2):  # the live copy, then the final one
+            head = recv_exact(sock, len(MAGIC) + 8)
+            if head[: len(MAGIC)] != MAGIC:
+                raise EOFError("bad stream header")
+            (size,) = struct.unpack("<Q", head[len(MAGIC) :])
+            image = recv_exact(sock, size)
+            machine.mig["transferred"] = machine.mig.get("transferred", 0) + size
+        if recv_exact(sock, 32) != hashlib.sha256(image).digest():
+            raise EOFError("stream checksum mismatch")
+        while machine.plan.get("hold_complete") and not released():
+            time.sleep(0.01)
+        with machine.lock:
+            machine.ram[:] = image
+            machine.status = "paused"
+            machine.set_mig("completed")
+    except (OSError, EOFError) as err:
+        # As QEMU does: a failed incoming migration ends the process.
+        with machine.lock:
+            machine.set_mig("failed")
+        print(f"fake-qemu: load of migration failed: {err}", file=sys.stderr, flush=True)
+        os._exit(1)
+    finally:
+        sock.close()
+
+
+def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
+    if command == "qmp_capabilities":
+        return {}
+    if command == "query-status":
+        return {"status": machine.status, "running": machine.running}
+    if command == "stop":
+        machine.set_status("paused")
+        return {}
+    if command == "cont":
+        if machine.incoming and machine.mig.get("status") != "completed":
+            raise ValueError("migration is not finished yet")
+        if machine.plan.get("exit_on_commit"):
+            os._exit(3)
+        machine.set_status("running")
+        return {}
+    if command in ("quit", "system_powerdown"):
+        threading.Timer(0.05, lambda: os._exit(0)).start()
+        return {}
+    if command == "query-block":
+        return [
+            {"qdev": qdev, "inserted": {"image": {"virtual-size": os.path.getsize(path)}}}
+            for qdev, path in machine.disks.items()
+        ]
+    if command == "migrate-set-capabilities":
+        machine.caps.update({c["capability"]: c["state"] for c in args["capabilities"]})
+        return {}
+    if command == "migrate-set-parameters":
+        machine.params.update(args)
+        return {}
+    if command == "getfd":
+        raise ValueError("no file descriptor supplied via SCM_RIGHTS")
+    if command in ("migrate", "migrate-incoming"):
+        name = str(args["uri"]).removeprefix("fd:")
+        fd = machine.fds.pop(name)
+        machine.plan = load_plan("target" if machine.incoming else "source")
+        machine.cancel.clear()
+        work = send_stream if command == "migrate" else receive_stream
+        threading.Thread(target=work, args=(machine, fd), daemon=True).start()
+        return {}
+    if command == "migrate_cancel":
+        if machine.plan.get("cancel_fails"):
+            raise ValueError("injected: cancel failed")
+        machine.cancel.set()
+        return {}
+    if command == "query-migrate":
+        info = dict(machine.mig)
+        start = info.pop("start", None)
+        if info["status"] == "none":
+            return {}
+        info["total-time"] = int((time.monotonic() - start) * 1000) if start else 0
+        info["ram"] = {
+            "transferred": info.pop("transferred", 0),
+            "remaining": info.pop("remaining", 0),
+            "total": RAM_BYTES,
+            "mbps": 100.0,
+            "dirty-sync-count": 1,
+        }
+        return info
+    if command == "announce-self":
+        return {}
+    if command == "x-fake-ram":
+        with machine.lock:
+            return {"counter": machine.counter(), "sha256": hashlib.sha256(machine.ram).hexdigest()}
+    raise KeyError(command)
+
+
+def serve_client(machine: Machine, client: socket.socket) -> None:
+    greeting = {
+        "QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}
+    }
+    client.sendall(json.dumps(greeting).encode() + b"\r\n")
+    machine.clients.append(client)
+    decoder = json.JSONDecoder()
+    buffer = ""
+    pending_fds: list[int] = []
+    while True:
+        data, ancdata, _flags, _addr = client.recvmsg(65536, socket.CMSG_LEN(16 * 4))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                pending_fds += list(struct.unpack(f"{len(payload) // 4}i", payload))
+        if not data:
+            break
+        buffer += data.decode()
+        while True:
+            stripped = buffer.lstrip()
+            if not stripped:
+                buffer = ""
+                break
+            try:
+                request, end = decoder.raw_decode(stripped)
+            except ValueError:
+                break
+            buffer = stripped[end:]
+            command = request.get("execute", "")
+            args = request.get("arguments") or {}
+            with machine.lock:
+                try:
+                    if command == "getfd" and pending_fds:
+                        machine.fds[args["fdname"]] = pending_fds.pop(0)
+                        reply: dict[str, Any] = {"return": {}}
+                    else:
+                        reply = {"return": execute(machine, command, args)}
+                except KeyError:
+                    reply = {"error": {"class": "CommandNotFound", "desc": f"{command} unknown"}}
+                except ValueError as err:
+                    reply = {"error": {"class": "GenericError", "desc": str(err)}}
+            if "id" in request:
+                reply["id"] = request["id"]
+            client.sendall(json.dumps(reply).encode() + b"\r\n")
+    if client in machine.clients:
+        machine.clients.remove(client)
+    client.close()
+
+
+def option(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def main(argv: list[str]) -> None:
+    name = (option(argv, "-name") or "guest=vm").split(",")[0].removeprefix("guest=")
+    qmp = (option(argv, "-qmp") or "").removeprefix("unix:").split(",")[0]
+    pidfile = option(argv, "-pidfile")
+    machine = Machine(name, paused="-S" in argv, incoming=option(argv, "-incoming") == "defer")
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-drive":
+            opts = dict(o.split("=", 1) for o in argv[i + 1].split(",") if "=" in o)
+            machine.disks["vd" + opts["id"].removeprefix("disk")] = opts["file"]
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if "-daemonize" in argv:
+        ready_r, ready_w = os.pipe()
+        if os.fork() > 0:
+            os.close(ready_w)
+            ok = os.read(ready_r, 1)
+            os._exit(0 if ok == b"1" else 1)
+        os.close(ready_r)
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)  # the middle process: the caller's subreaper adopts it
+    with __import__("contextlib").suppress(FileNotFoundError):
+        os.unlink(qmp)
+    server.bind(qmp)
+    server.listen(4)
+    if pidfile:
+        Path(pidfile).write_text(f"{os.getpid()}\n")
+    threading.Thread(target=guest, args=(machine,), daemon=True).start()
+    if "-daemonize" in argv:
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+    while True:
+        client, _ = server.accept()
+        threading.Thread(target=serve_client, args=(machine, client), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
