@@ -1,0 +1,170 @@
+"""Every check the target makes at prepare, driven by a fake source speaking the protocol.
+
+Each refusal is answered with the reason, and leaves nothing behind: no QEMU,
+no arriving domain, no pending outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.errors import MigrationRefused
+from ferry.migration.channel import PROTOCOL_VERSION, Channel
+from ferry.storage import lease
+
+from .migration_harness import Cluster, FakeHost
+
+
+@pytest.fixture
+async def target(tmp_path: Path) -> AsyncIterator[tuple[Cluster, FakeHost]]:
+    c = Cluster(tmp_path)
+    h2 = c.hosts[1]
+    await h2.start()
+    try:
+        yield c, h2
+    finally:
+        await h2.crash()
+        c.kill_all()
+
+
+def prepare_message(c: Cluster, h: FakeHost, **changes: Any) -> dict[str, Any]:
+    config = c.domain()
+    disk = config["disk"][0]["path"]
+    held = lease.acquire(disk, "h1", "vm")
+    kernel = h.boot.kernel
+    message = {
+        "type": "prepare",
+        "migration_id": uuid.uuid4().hex,
+        "config": config,
+        "params": {},
+        "disks": [{"path": disk, "size": Path(disk).stat().st_size, "lease_token": held.token}],
+        "boot": {"kernel_sha256": hashlib.sha256(kernel.read_bytes()).hexdigest()},
+    }
+    message.update(changes)
+    return message
+
+
+async def open_session(h: FakeHost, message: dict[str, Any]) -> tuple[Channel, dict[str, Any]]:
+    channel = await Channel.connect("127.0.0.1", h.port, 5)
+    try:
+        await channel.send({"type": "hello", "version": PROTOCOL_VERSION, "host": "h1"})
+        await channel.recv(5, "hello")
+        await channel.send(message)
+        return channel, await channel.recv(30, "prepared")
+    except BaseException:
+        await channel.close()
+        raise
+
+
+async def prepare(h: FakeHost, message: dict[str, Any]) -> dict[str, Any]:
+    channel, reply = await open_session(h, message)
+    await channel.close()
+    return reply
+
+
+def assert_nothing_left(c: Cluster, h: FakeHost) -> None:
+    assert c.qemus() == {}
+    assert h.s.table.everyone() == []
+    assert h.s.table.outcomes.pending() == []
+
+
+async def test_a_valid_prepare_starts_a_paused_qemu(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    reply = await prepare(h, prepare_message(c, h))
+    assert len(reply["token"]) == 32
+    # The source went away without a commit: the target drops its copy.
+    await h.s.incoming.close()
+    assert_nothing_left(c, h)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"migration_id": "../../x" + "0" * 30}, "migration id"),
+        ({"boot": {"kernel_sha256": "0" * 64}}, "kernel .* differs"),
+        ({"disks": []}, "different number of disks"),
+        ({"disks": "size"}, "different number of disks|malformed"),
+    ],
+    ids=["bad-id", "kernel", "disk-count", "disk-malformed"],
+)
+async def test_refusals(
+    target: tuple[Cluster, FakeHost], change: dict[str, Any], reason: str
+) -> None:
+    c, h = target
+    with pytest.raises(MigrationRefused, match=reason):
+        await prepare(h, prepare_message(c, h, **change))
+    assert_nothing_left(c, h)
+
+
+async def test_disk_of_another_size_is_refused(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    message = prepare_message(c, h)
+    message["disks"][0]["size"] += 512
+    with pytest.raises(MigrationRefused, match="not the same image"):
+        await prepare(h, message)
+    assert_nothing_left(c, h)
+
+
+async def test_disk_with_another_lease_is_refused(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    message = prepare_message(c, h)
+    message["disks"][0]["lease_token"] = "f" * 32
+    with pytest.raises(MigrationRefused, match="lease differs"):
+        await prepare(h, message)
+    assert_nothing_left(c, h)
+
+
+async def test_too_much_memory_is_refused(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    message = prepare_message(c, h)
+    message["config"]["memory"] = 1 << 30
+    with pytest.raises(MigrationRefused, match="memory"):
+        await prepare(h, message)
+    assert_nothing_left(c, h)
+
+
+async def test_a_name_already_running_is_refused(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    local = c.domain("other")
+    local["name"] = "vm"
+    await h.s.lifecycle.create(local)
+    message = prepare_message(c, h)
+    with pytest.raises(MigrationRefused, match="already runs"):
+        await prepare(h, message)
+    assert len(c.qemus()) == 1
+
+
+async def test_a_migration_id_is_used_once(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    message = prepare_message(c, h)
+    await prepare(h, message)
+    await h.s.incoming.close()
+    with pytest.raises(MigrationRefused, match="seen before"):
+        await prepare(h, message)
+    assert_nothing_left(c, h)
+
+
+async def test_the_data_connection_needs_the_token(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    message = prepare_message(c, h)
+    session, reply = await open_session(h, message)
+    for token in ("0" * 32, reply["token"] + "0"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        header = {"type": "data", "migration_id": message["migration_id"], "token": token}
+        writer.write(json.dumps(header).encode() + b"\n")
+        answer = (await asyncio.wait_for(reader.readline(), 5)).decode()
+        writer.close()
+        assert answer.startswith("refused: no migration of that id and token"), answer
+    arriving = h.s.table.incoming(message["migration_id"])
+    assert arriving is not None and not arriving.streaming
+    await session.close()
+    await h.s.incoming.close()
+    assert_nothing_left(c, h)
