@@ -21,10 +21,12 @@ from typing import Any
 import pytest
 
 from ferry.guest.image import GuestImage
+from ferry.hypervisor import process
 from ferry.lab import lab as lab_mod
 from ferry.lab import netns
 from ferry.lab.lab import Lab
 from ferry.lab.witness import check_ledger
+from ferry.util.wait import wait_until_sync
 
 from .lab_fixtures import keep_logs
 
@@ -113,13 +115,43 @@ class Scenario:
         return len(written)
 
     def runs_only_on(self, host: str, before: dict[str, Any]) -> None:
+        """Exactly one QEMU of the VM in the lab, on ``host``, and it is the same guest.
+
+        Judged by the QEMU processes themselves, not by what the daemons list.
+        """
         other = "xen_host_2" if host == "xen_host_1" else "xen_host_1"
+        wait_until_sync(
+            lambda: not vm_qemus(other), timeout=30, what=f"no QEMU of {VM} left on {other}"
+        )
+        assert len(vm_qemus(host)) == 1, vm_qemus(host)
         here = self.listed(host)
         assert here[VM]["state"] == "running", here
+        assert here[VM]["pid"] == vm_qemus(host)[0]
         assert VM not in self.listed(other), f"{VM} is still listed on {other}"
         now = self.status()
         assert now["boot_id"] == before["boot_id"], "the VM was rebooted"
         assert now["counter"] > before["counter"]
+
+
+def vm_qemus(host: str) -> list[int]:
+    """The live QEMU processes of the VM whose run files are ``host``'s."""
+    marker = str(lab_mod.RUN_ROOT / host).encode() + b"/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            argv.startswith(b"qemu-system")
+            and f"guest={VM},".encode() in argv
+            and marker in argv
+            and process.is_alive(int(entry.name))
+        ):
+            found.append(int(entry.name))
+    return found
 
 
 def watch(lab: Lab, url: str, output: Path) -> subprocess.Popen[str]:
@@ -285,10 +317,30 @@ def wait_for_transfer(s: Scenario, proc: subprocess.Popen[str]) -> None:
         row = s.listed("xen_host_1").get(VM, {})
         incoming = s.listed("xen_host_2").get(VM, {})
         if row.get("state") == "migrating-out" and incoming.get("state") == "migrating-in":
-            time.sleep(2)  # well into the memory stream on a 100 Mbit link
-            return
+            break
         time.sleep(0.1)
-    raise AssertionError("the migration never got under way")
+    else:
+        raise AssertionError("the migration never got under way")
+    # Midway means bytes really moving: the target has taken in a good part
+    # of the guest's memory (its LAN interface's received bytes, live).
+    start = received_bytes(s.lab, "xen_host_2")
+    wait_until_sync(
+        lambda: proc.poll() is None and received_bytes(s.lab, "xen_host_2") - start > 16 << 20,
+        timeout=60,
+        what="16 MiB of the memory stream to reach xen_host_2",
+    )
+    assert proc.poll() is None, f"the migration ended early: {proc.communicate()}"
+
+
+def received_bytes(lab: Lab, node: str) -> int:
+    """Bytes received on all of a lab node's interfaces but loopback."""
+    result = lab.run(node, ["cat", "/proc/net/dev"])
+    total = 0
+    for line in result.stdout.splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        if name.strip() != "lo":
+            total += int(counters.split()[0])
+    return total
 
 
 def assert_failed_back_to_source(

@@ -303,3 +303,18 @@ async def test_target_crashing_after_resume_keeps_it_there(
     await h2.start()
     await created.assert_runs_once("h2")
     assert h2.s.table.get("vm").record.state is DomainState.RUNNING
+
+
+async def test_a_failure_after_the_commit_point_still_hands_over(
+    created: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the commit point the target owns the domain whatever fails: never two copies."""
+    h1, h2 = hosts(created)
+
+    async def broken(self: Any, dom: Any) -> None:
+        raise RuntimeError("injected: fails after the commit point")
+
+    monkeypatch.setattr(incoming_mod.IncomingMigrations, "_resume", broken)
+    await h1.migrate("vm", h2)
+    await created.assert_runs_once("h2", running=False)
+    assert h1.s.table.find("vm") is None

@@ -1,0 +1,119 @@
+"""Planted bugs in the migration, commit, lease and restart paths: each must turn a test red.
+
+A mutant is one textual change to one source file. ``run_mutants.py`` applies
+each in a copy of the tree and runs the protocol's unit tests; a mutant that
+leaves them green is a guarantee nothing proves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # under src/ferry/
+    old: str
+    new: str
+
+
+MUTANTS = [
+    Mutant(
+        "source resumes when the commit answer is lost",
+        "migration/source.py",
+        "            raise MigrationInDoubt(",
+        "            raise MigrationError(",
+    ),
+    Mutant(
+        "target takes a heartbeat for the commit",
+        "migration/target.py",
+        'if message["type"] == "ping":\n                continue',
+        'if message["type"] == "ping":\n                break',
+    ),
+    Mutant(
+        "abort leaves the target's QEMU running",
+        "migration/incoming.py",
+        "        await self.launcher.end_qemu(dom)\n        # Only once",
+        "        # Only once",
+    ),
+    Mutant(
+        "the lease check at prepare is skipped",
+        "migration/incoming.py",
+        "if held is None or held.token != token:",
+        "if False:",
+    ),
+    Mutant(
+        "the in-doubt resolver takes pending for aborted",
+        "migration/indoubt.py",
+        "if outcome == Outcome.ABORTED:",
+        "if outcome in (Outcome.ABORTED, Outcome.PENDING):",
+    ),
+    Mutant(
+        "outcomes are kept in memory only",
+        "host/outcomes.py",
+        "        self._entries[migration_id] = (outcome, time.time())\n        self._save()",
+        "        self._entries[migration_id] = (outcome, time.time())",
+    ),
+    Mutant(
+        "an unknown migration is answered as aborted",
+        "migration/incoming.py",
+        "else UNKNOWN",
+        'else "aborted"',
+    ),
+    Mutant(
+        "a rollback resumes a domain that was paused",
+        "migration/indoubt.py",
+        "if was_running and not running:",
+        "if not running:",
+    ),
+    Mutant(
+        "the target resumes without writing the commit",
+        "migration/incoming.py",
+        "        self.table.decide(migration_id, Outcome.COMMITTED)\n",
+        "",
+    ),
+    Mutant(
+        "the source keeps its QEMU after handing over",
+        "migration/indoubt.py",
+        "        self.table.transition(dom, Event.MIGRATE_OUT_DONE)\n"
+        "        await self.launcher.end_qemu(dom)",
+        "        self.table.transition(dom, Event.MIGRATE_OUT_DONE)",
+    ),
+    Mutant(
+        "a restarted target keeps an uncommitted arrival",
+        "daemon/reattach.py",
+        "if outcome is Outcome.COMMITTED:",
+        "if outcome is not Outcome.ABORTED:",
+    ),
+    Mutant(
+        "a failure after the commit point is answered as an error",
+        "migration/target.py",
+        "if host.migration_outcome(migration_id) == Outcome.COMMITTED:",
+        "if False:",
+    ),
+    Mutant(
+        "a restarted source resumes a domain whose stream had completed",
+        "daemon/reattach.py",
+        'if qemu_state == "completed" and dom.record.migration_id:',
+        "if False:",
+    ),
+    Mutant(
+        "a rollback does not cancel QEMU's stream",
+        "migration/source.py",
+        '                await self.monitor.execute("migrate_cancel")\n',
+        "",
+    ),
+    Mutant(
+        "the data connection takes any token",
+        "migration/incoming.py",
+        "if arriving is None or not secrets.compare_digest(arriving.token, token):",
+        "if arriving is None:",
+    ),
+    Mutant(
+        "a migration id of any shape is taken",
+        "migration/target.py",
+        "if not MIGRATION_ID_RE.fullmatch(migration_id):",
+        "if not migration_id:",
+    ),
+]
