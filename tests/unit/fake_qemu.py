@@ -14,7 +14,8 @@ when a migration starts, one part per side: ``{"source": {}, "target": {}}``)
 injects faults: ``rate`` (bytes/s); ``hold_at`` (bytes after which the
 source waits until the file ``<plan>.release`` exists); ``hold_complete``
 (the target, having read everything, waits as long before it completes);
-``cancel_fails``; ``exit_on_commit`` (the target ends when told ``cont``).
+``cancel_fails``; ``exit_on_commit`` (the target ends when told ``cont``);
+``silent_resume`` (``cont`` sends no RESUME event).
 
 Custom commands: ``x-fake-ram`` returns ``{"counter", "sha256"}``.
 """
@@ -217,7 +218,10 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
             raise ValueError("migration is not finished yet")
         if machine.plan.get("exit_on_commit"):
             os._exit(3)
-        machine.set_status("running")
+        if machine.plan.get("silent_resume"):
+            machine.status = "running"  # and no RESUME event
+        else:
+            machine.set_status("running")
         return {}
     if command in ("quit", "system_powerdown"):
         threading.Timer(0.05, lambda: os._exit(0)).start()

@@ -318,3 +318,68 @@ async def test_a_failure_after_the_commit_point_still_hands_over(
     await h1.migrate("vm", h2)
     await created.assert_runs_once("h2", running=False)
     assert h1.s.table.find("vm") is None
+
+
+async def test_no_resume_event_still_commits(created: Cluster) -> None:
+    """A RESUME event that never comes is no reason to leave the source in doubt."""
+    h1, h2 = hosts(created)
+    created.plan(target={"silent_resume": True})
+    result = await h1.migrate("vm", h2)
+    assert result["resumed"] is True
+    await created.assert_runs_once("h2")
+    assert h2.s.incoming.migration_outcome(result["migration_id"]) == "committed"
+
+
+# -- either daemon going down at each phase ----------------------------------------
+
+
+def crash_on_message(monkeypatch: pytest.MonkeyPatch, kind: str, host: FakeHost) -> None:
+    """``host``'s ferryd dies just as a ``kind`` message is about to go out."""
+    real_send = Channel.send
+
+    async def send(self: Channel, message: dict[str, Any]) -> None:
+        if message.get("type") == kind and host.services is not None:
+            await host.crash()
+            self.writer.transport.abort()
+            raise MigrationError("injected: the daemon died")
+        await real_send(self, message)
+
+    monkeypatch.setattr(Channel, "send", send)
+
+
+async def test_source_ferryd_dying_at_prepare(
+    created: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h1, h2 = hosts(created)
+    crash_on_message(monkeypatch, "prepare", h1)
+    with pytest.raises(BaseException):  # noqa: B017
+        await h1.migrate("vm", h2)
+    await h1.start()
+    await created.assert_runs_once("h1")
+    assert h1.s.table.get("vm").record.state is DomainState.RUNNING
+    assert h2.s.table.everyone() == []
+
+
+async def test_target_ferryd_dying_once_prepared(
+    created: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h1, h2 = hosts(created)
+    crash_on_message(monkeypatch, "prepared", h2)
+    with pytest.raises(MigrationError):
+        await h1.migrate("vm", h2)
+    await h2.start()
+    await created.assert_runs_once("h1")
+    assert h2.s.table.everyone() == [] and h2.s.table.outcomes.pending() == []
+
+
+async def test_target_ferryd_stopping_midway(created: Cluster) -> None:
+    """ferryd on SIGTERM aborts what arrives: nobody would be left to commit it."""
+    h1, h2 = hosts(created)
+    task = await start_migration(created)
+    await h2.stop()
+    with pytest.raises(MigrationError):
+        await task
+    created.release()
+    await created.assert_runs_once("h1")
+    await h2.start()
+    assert h2.s.table.everyone() == [] and h2.s.table.outcomes.pending() == []

@@ -214,7 +214,9 @@ class OutgoingMigration:
         last_bytes, last_change = -1, time.monotonic()
         last_beat = 0.0
         next_raise = time.monotonic() + self.params.converge_after_s
-        peer = asyncio.create_task(channel.recv(timeout=1e9))
+        peer = asyncio.create_task(
+            channel.recv(timeout=1e9), name=f"target's word on {self.migration_id[:8]}"
+        )
         try:
             while True:
                 info = await self.monitor.execute("query-migrate")
