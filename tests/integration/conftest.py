@@ -1,7 +1,10 @@
 """Fixtures that start real things (namespaces, ferryd, QEMU) and clean all of it up.
 
 The ladder: ``host`` (a namespace with bridge xenbr0 and a ferryd) ->
-``booted`` (virt_server created there and answering on its IP). A failed
+``booted`` (virt_server created there and answering on its IP) ->
+``migrated`` (virt_server just live-migrated, to the same host, and answering
+again). ``vm`` runs a test against both rungs: a VM that has booted, and one
+that has just been migrated. A failed
 test's logs are copied to ``test-logs/<test>/`` in the repository.
 """
 
@@ -177,4 +180,23 @@ def booted(host: LabHost) -> LabHost:
     code, _out, err = host.ferry("create", str(host.domain_config()))
     assert code == 0, err
     wait_for(lambda: host.ping("10.99.0.10"), 180, "virt_server to answer ping")
+    return host
+
+
+@pytest.fixture
+def migrated(booted: LabHost) -> LabHost:
+    """virt_server just live-migrated (to its own host: the one-host ladder's peer)."""
+    before = booted.qemu_pids()
+    code, _out, err = booted.ferry("migrate", "-l", "virt_server", "localhost")
+    assert code == 0, err
+    wait_for(lambda: booted.qemu_pids() != before, 60, "the migrated QEMU to be the only one")
+    assert len(booted.qemu_pids()) == 1 and booted.qemu_pids() != before
+    wait_for(lambda: booted.ping("10.99.0.10"), 60, "virt_server to answer after migrating")
+    return booted
+
+
+@pytest.fixture(params=["booted", "migrated"])
+def vm(request: pytest.FixtureRequest) -> LabHost:
+    """virt_server as booted, then (second run) as just migrated."""
+    host: LabHost = request.getfixturevalue(request.param)
     return host

@@ -374,7 +374,7 @@ async def test_target_ferryd_dying_once_prepared(
 
 async def test_target_ferryd_stopping_midway(created: Cluster) -> None:
     """ferryd on SIGTERM aborts what arrives: nobody would be left to commit it."""
-    h1, h2 = hosts(created)
+    _h1, h2 = hosts(created)
     task = await start_migration(created)
     await h2.stop()
     with pytest.raises(MigrationError):
