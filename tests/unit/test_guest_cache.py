@@ -78,7 +78,7 @@ def test_guest_file_content_reaches_the_digest(monkeypatch: pytest.MonkeyPatch) 
     )
     files = image.guest_files()
     assert set(files) == {*image.GUEST_FILES, "ferry-media-server", "media-recipe"}
-    for name in ("ferry-init", "ferry-media-server", "media-recipe"):
+    for name in ("ferry-init", "ferry_ledger.py", "ferry-media-server", "media-recipe"):
         changed = dict(files, **{name: files[name] + b"\n# changed\n"})
         assert image.collect_inputs(files).digest() != image.collect_inputs(changed).digest()
 

@@ -21,7 +21,7 @@ from ferry.errors import ImageError
 from ferry.guest import cache, initramfs, kernel, rootfs
 from ferry.stream import media
 
-GUEST_FILES = ("init", "ferry-init", "ferry-poweroff", "ferry-ledger", "media-service")
+GUEST_FILES = ("init", "ferry-init", "ferry-poweroff", "ferry_ledger.py", "media-service")
 MOVIE_SECONDS = 90
 # A short clip beside the movie: tests play it to the end, checksum and all.
 CLIP_SECONDS = 30
