@@ -21,7 +21,21 @@ from ferry.errors import ImageError
 from ferry.guest import cache, initramfs, kernel, rootfs
 from ferry.stream import media
 
-GUEST_FILES = ("init", "ferry-init", "ferry-poweroff", "ferry-ledger", "media-service")
+# Package data under ferry/guest/files; ferry_init/... becomes the zipapp /sbin/ferry-init.
+GUEST_FILES = (
+    "init",
+    "ferry_init/__init__.py",
+    "ferry_init/__main__.py",
+    "ferry_init/console.py",
+    "ferry_init/network.py",
+    "ferry_init/power_button.py",
+    "ferry_init/services.py",
+    "ferry_init/supervisor.py",
+    "ferry_init/system.py",
+    "ferry-poweroff",
+    "ferry_ledger.py",
+    "media-service",
+)
 MOVIE_SECONDS = 90
 # A short clip beside the movie: tests play it to the end, checksum and all.
 CLIP_SECONDS = 30
@@ -62,12 +76,14 @@ def collect_inputs(files: dict[str, bytes]) -> cache.BuildInputs:
         raise ImageError(
             f"reading {initramfs.BUSYBOX}: {err.strerror} (install busybox-static)"
         ) from err
+    # The zipapp as well as its sources: a new interpreter line or entry point rebuilds too.
+    hashed = {**files, rootfs.INIT_PATH: rootfs.init_zipapp(files)}
     return cache.BuildInputs(
         kernel_package=pkg.name,
         kernel_version=pkg.version,
         suite=rootfs.SUITE,
         packages=rootfs.PACKAGES,
-        guest_files={name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        guest_files={name: hashlib.sha256(data).hexdigest() for name, data in hashed.items()},
         busybox_sha256=busybox,
     )
 

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from ferry.errors import ImageError
+from ferry.guest import zipapp
 from ferry.guest.cache import TMP_PREFIX, remove_tree
 from ferry.guest.kernel import run
 
@@ -20,12 +22,22 @@ BASE_FORMAT = 1
 
 # Where each guest file lands in the root tree, with its mode.
 GUEST_FILE_PLACES: Mapping[str, tuple[str, int]] = {
-    "ferry-init": ("sbin/ferry-init", 0o755),
     "ferry-poweroff": ("usr/local/sbin/ferry-poweroff", 0o755),
-    "ferry-ledger": ("etc/ferry/services.d/50-ledger", 0o755),
+    "ferry_ledger.py": ("etc/ferry/services.d/50-ledger", 0o755),
     "ferry-media-server": ("usr/local/bin/ferry-media-server", 0o755),
     "media-service": ("etc/ferry/services.d/40-media", 0o755),
 }
+
+# PID 1 is a package (guest files named ferry_init/...), shipped as one zipapp so that the
+# initramfs still execs a single file. -I: the kernel hands its unknown command-line
+# words to init as environment, and no PYTHON* variable may steer PID 1.
+INIT_PACKAGE = "ferry_init"
+INIT_PATH = "sbin/ferry-init"
+INIT_INTERPRETER = "/usr/bin/python3 -I"
+# The zipapp's entry: run the package as `python3 -m ferry_init` would.
+_INIT_BOOT = (
+    f"import runpy\n\nrunpy.run_module({INIT_PACKAGE!r}, run_name='__main__', alter_sys=True)\n"
+).encode()
 
 # Space the image never needs: package caches and indexes, docs, translations.
 _TRIM = ("var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info")
@@ -123,12 +135,22 @@ def install_guest_files(root: Path, files: Mapping[str, bytes]) -> None:
     """Put ferry's guest side into a (copied) root tree."""
     for name, (rel, mode) in GUEST_FILE_PLACES.items():
         _write(root / rel, files[name], mode)
+    _write(root / INIT_PATH, init_zipapp(files), 0o755)
     (root / "usr/local/sbin/poweroff").symlink_to("ferry-poweroff")
     for rel in ("etc/ferry/services.d", "var/log/ferry"):
         (root / rel).mkdir(parents=True, exist_ok=True)
     _write(root / "etc/hostname", b"ferry-guest\n", 0o644)
     # The disk is shared by the hosts of a migration, never by two running guests.
     _write(root / "etc/fstab", b"/dev/vda / ext4 rw,errors=remount-ro 0 1\n", 0o644)
+
+
+def init_zipapp(files: Mapping[str, bytes]) -> bytes:
+    """/sbin/ferry-init: the ferry_init/... guest files and a __main__ that runs them."""
+    prefix = f"{INIT_PACKAGE}/"
+    entries = {name: data for name, data in files.items() if name.startswith(prefix)}
+    if f"{prefix}__main__.py" not in entries:
+        raise ImageError(f"guest files hold no {prefix}__main__.py: {sorted(files)}")
+    return zipapp.build({**entries, "__main__.py": _INIT_BOOT}, INIT_INTERPRETER)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
