@@ -25,7 +25,7 @@ from ferry.migration import target as target_mod
 from ferry.migration.channel import Channel
 from ferry.storage import lease
 
-from .migration_harness import Cluster, FakeHost, until
+from .migration_harness import Cluster, FakeHost, qmp_call, until
 
 HOLD_AT = 256 * 1024
 
@@ -129,6 +129,9 @@ async def test_abort_midway_leaves_the_domain_as_it_was(created: Cluster, paused
     await h1.s.outgoing.abort_migration("vm")
     with pytest.raises(MigrationAborted):
         await task
+    # The stream stopped at once: QEMU cancelled it (it was held, not failed).
+    ((_pid, qmp),) = [q for q in created.qemus().items() if "/h1/" in q[1]]
+    assert qmp_call(qmp, "query-migrate")["status"] == "cancelled"
     created.release()
     await created.assert_runs_once("h1", running=not paused)
     state = h1.s.table.get("vm").record.state
