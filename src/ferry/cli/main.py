@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ferry.cli.client import DaemonClient, default_socket
+from ferry.client.daemon_client import DaemonClient, default_socket
 from ferry.errors import FerryError
 
 Command = Callable[[argparse.Namespace], int]
@@ -87,7 +87,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from ferry.cli.migrate_view import MigrationView, summary
+    from ferry.client.migrate_view import MigrationView, summary
 
     client = _client(args)
     if args.abort:

@@ -19,8 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ferry.cli.client import DaemonClient
-from ferry.cli.migrate_view import MigrationView, summary
+from ferry.client.daemon_client import DaemonClient
+from ferry.client.migrate_view import MigrationView, summary
 from ferry.errors import FerryError
 from ferry.guest.image import build_image
 from ferry.lab import lab as lab_mod

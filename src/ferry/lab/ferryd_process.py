@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.cli.client import DaemonClient
+from ferry.client.daemon_client import DaemonClient
 from ferry.errors import DaemonUnreachable, FerryError
 from ferry.lab import netns
 
