@@ -25,9 +25,9 @@ from ferry.errors import FerryError
 from ferry.guest.image import build_image
 from ferry.lab import lab as lab_mod
 from ferry.lab import topology
-from ferry.lab.lab import Lab
 from ferry.lab.player import LabPlayer
 from ferry.lab.report import write_report
+from ferry.lab.state import Lab
 
 VM = "virt_server"
 MOVIE = "http://virt_server:8888/movie.ogg"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import FerryError
-from ferry.lab.lab import Lab
+from ferry.lab.state import Lab
 
 
 class LabPlayer:
