@@ -15,6 +15,7 @@ from ferry.config.loader import load_domain_file
 from ferry.hypervisor.cmdline import MachinePaths
 from ferry.lab import topology
 from ferry.lab.lab import Lab
+from ferry.util.wait import wait_until
 from migbench.bare_rig import BareQemu, BareRig, boot_files_from, compare_cmdline
 from migbench.guest import Player, guest_survived, wait_guest
 from migbench.report import brief
@@ -69,13 +70,18 @@ async def bare_migrate(
     await src.qmp.execute("migrate", {"uri": uri})
     stop = await next_event(src.events, "STOP", 600)
     resume = await next_event(dst.events, "RESUME", 120)
-    while True:
-        info: Any = await src.qmp.execute("query-migrate")
-        if info.get("status") == "completed":
-            break
+
+    async def completed() -> dict[str, Any] | None:
+        reply: Any = await src.qmp.execute("query-migrate")
+        info: dict[str, Any] = reply
         if info.get("status") in ("failed", "cancelled"):
             raise RuntimeError(f"bare migration {info.get('status')}: {info.get('error-desc')}")
-        await asyncio.sleep(0.05)
+        return info if info.get("status") == "completed" else None
+
+    # The target has resumed: the source only has to notice that the stream is done.
+    info: dict[str, Any] = await wait_until(
+        completed, timeout=60, what="the bare migration to complete"
+    )
     ram = info.get("ram", {})
     qemu_total_s = float(info.get("total-time", 0)) / 1000
     run: dict[str, Any] = {

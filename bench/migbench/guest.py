@@ -12,6 +12,7 @@ from typing import Any
 from ferry.errors import FerryError
 from ferry.lab.lab import Lab
 from ferry.lab.player import LabPlayer
+from ferry.util.wait import wait_until_sync
 from migbench.settings import CLIP, CLIP_S, VM
 
 
@@ -29,13 +30,10 @@ def witness_status(lab: Lab, timeout: float = 20.0) -> dict[str, Any] | None:
 
 
 def wait_guest(lab: Lab, timeout: float = 180.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = witness_status(lab)
-        if status is not None:
-            return status
-        time.sleep(0.5)
-    raise RuntimeError(f"{VM}'s witness service did not answer within {timeout:.0f} s")
+    """The witness service's status, once it answers (WaitTimeout if it does not)."""
+    return wait_until_sync(
+        lambda: witness_status(lab), timeout=timeout, what=f"{VM}'s witness service", interval=0.5
+    )
 
 
 def guest_survived(lab: Lab, before: dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ferry.hypervisor import process
 from ferry.lab import netns, topology
+from ferry.lab.storage import wait_gone
 
 
 def _lab_netns_ids() -> set[tuple[int, int]]:
@@ -44,12 +45,9 @@ def kill_namespace_processes(timeout: float = 10.0) -> list[str]:
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout  # one grace period for all of them
     for pid in victims:
-        while process.is_alive(pid) and time.monotonic() < deadline:
-            process.reap(pid)
-            time.sleep(0.05)
-        if process.is_alive(pid):
+        if not wait_gone(pid, deadline - time.monotonic()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         process.reap(pid)
