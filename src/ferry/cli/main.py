@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ferry.cli.client import DaemonClient, default_socket
-from ferry.errors import FerryError
+from ferry.client.daemon_client import DaemonClient, default_socket
+from ferry.errors import FerryError, WaitTimeout
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -87,7 +87,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from ferry.cli.migrate_view import MigrationView, summary
+    from ferry.client.migrate_view import MigrationView, summary
 
     client = _client(args)
     if args.abort:
@@ -117,22 +117,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _abort_after_interrupt(client: DaemonClient, name: str) -> int:
     """Ctrl-C: cancel cleanly and wait until the domain is settled on the source."""
-    import time
+    from ferry.util.wait import wait_until_sync
 
     _note(f"interrupted: aborting the migration of {name} ...")
     try:
         client.call("migrate_abort", name=name)
     except FerryError as err:
         _note(f"ferry migrate: {err}")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    def settled() -> str | None:
+        """The domain's state once it has left migrating-out ("gone" if it has no row)."""
         rows = {r["name"]: r for r in client.call("list")}
         state = rows.get(name, {}).get("state")
-        if state != "migrating-out":
-            _note(f"migration aborted; {name} is {state or 'gone'} here")
-            return 130
-        time.sleep(0.2)
-    _note(f"{name} is still migrating out after 120 s; see `ferry list`")
+        return None if state == "migrating-out" else str(state or "gone")
+
+    try:
+        state = wait_until_sync(
+            settled, timeout=120, what=f"{name} to leave migrating-out", interval=0.2
+        )
+    except WaitTimeout:
+        _note(f"{name} is still migrating out after 120 s; see `ferry list`")
+        return 130
+    _note(f"migration aborted; {name} is {state} here")
     return 130
 
 

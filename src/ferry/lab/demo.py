@@ -19,15 +19,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ferry.cli.client import DaemonClient
-from ferry.cli.migrate_view import MigrationView, summary
-from ferry.errors import FerryError
+from ferry.client.daemon_client import DaemonClient
+from ferry.client.migrate_view import MigrationView, summary
+from ferry.errors import FerryError, WaitTimeout
 from ferry.guest.image import build_image
 from ferry.lab import lab as lab_mod
 from ferry.lab import topology
-from ferry.lab.lab import Lab
 from ferry.lab.player import LabPlayer
 from ferry.lab.report import write_report
+from ferry.lab.state import Lab
+from ferry.util.wait import wait_until_sync
 
 VM = "virt_server"
 MOVIE = "http://virt_server:8888/movie.ogg"
@@ -127,12 +128,16 @@ class Demo:
         if result.returncode != 0:
             raise FerryError(f"ferry create failed: {result.stderr.strip()}")
         start = time.monotonic()
-        while lab.run(
-            "client_2", ["python3", "-m", "ferry.lab.witness", "status", VM], timeout=30
-        ).returncode:
-            if time.monotonic() - start > 180:
-                raise FerryError("virt_server's services did not come up within 180 s")
-            time.sleep(0.3)
+        witness = ["python3", "-m", "ferry.lab.witness", "status", VM]
+        try:
+            wait_until_sync(
+                lambda: lab.run("client_2", witness, timeout=30).returncode == 0,
+                timeout=180,
+                what="virt_server's services",
+                interval=0.3,
+            )
+        except WaitTimeout as err:
+            raise FerryError("virt_server's services did not come up within 180 s") from err
         self.say(
             f"virt_server is up and serving {MOVIE} ({time.monotonic() - start:.1f} s after create)"
         )

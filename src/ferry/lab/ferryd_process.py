@@ -6,14 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.cli.client import DaemonClient
-from ferry.errors import DaemonUnreachable, FerryError
+from ferry.client.daemon_client import DaemonClient
+from ferry.errors import DaemonUnreachable, FerryError, WaitTimeout
 from ferry.lab import netns
+from ferry.util.wait import wait_until_sync
 
 
 @dataclass
@@ -60,9 +60,9 @@ class FerrydProcess:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while True:
+        """Until ferryd answers a ping; FerryError if it exits or stays silent."""
+
+        def answers() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise FerryError(
                     f"ferryd for {self.name} exited with status {self.proc.returncode}: "
@@ -70,15 +70,16 @@ class FerrydProcess:
                 )
             try:
                 self.client(timeout=5).call("ping")
-                return
             except DaemonUnreachable:
-                if time.monotonic() > deadline:
-                    raise FerryError(
-                        f"ferryd for {self.name} did not answer within {timeout:.0f} s "
-                        f"(log {self.log})"
-                    ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+                return False
+            return True
+
+        try:
+            wait_until_sync(answers, timeout=timeout, what=f"ferryd for {self.name}", interval=0.1)
+        except WaitTimeout as err:
+            raise FerryError(
+                f"ferryd for {self.name} did not answer within {timeout:.0f} s (log {self.log})"
+            ) from err
 
     def log_tail(self, lines: int = 20) -> str:
         try:

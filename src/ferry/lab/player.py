@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import FerryError
-from ferry.lab.lab import Lab
+from ferry.errors import FerryError, WaitTimeout
+from ferry.lab.state import Lab
+from ferry.util.wait import wait_until_sync
 
 
 class LabPlayer:
@@ -52,16 +53,23 @@ class LabPlayer:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def wait_for(self, what: str, check: Any, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_for(
+        self, what: str, check: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        """The player's status once ``check`` holds for it; FerryError if the player ends."""
+
+        def reached() -> dict[str, Any] | None:
             status = self.status()
             if status and check(status):
                 return status
             if self.proc.poll() is not None:
                 raise FerryError(f"the player ended while waiting for {what}")
-            time.sleep(0.05)
-        raise FerryError(f"the player did not reach {what} within {timeout:.0f} s")
+            return None
+
+        try:
+            return wait_until_sync(reached, timeout=timeout, what=f"the player to reach {what}")
+        except WaitTimeout as err:
+            raise FerryError(f"the player did not reach {what} within {timeout:.0f} s") from err
 
     def finish(self, timeout: float) -> dict[str, Any]:
         try:

@@ -19,15 +19,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import StorageError
+from ferry.errors import StorageError, WaitTimeout
 from ferry.hypervisor import process
 from ferry.lab import netns
 from ferry.lab.topology import STORAGE
+from ferry.util.wait import wait_until_sync
 
 KINDS = ("nfs", "nbd", "dir")
 NFS_EXPORT = "/xen"
@@ -79,9 +80,9 @@ class LabProcess:
             process.reap(self.pid)
             return False
         os.kill(self.pid, signal.SIGTERM)
-        if not _wait_gone(self.pid, timeout):
+        if not wait_gone(self.pid, timeout):
             os.kill(self.pid, signal.SIGKILL)
-            _wait_gone(self.pid, 5.0)
+            wait_gone(self.pid, 5.0)
         return True
 
 
@@ -93,15 +94,18 @@ def _starttime(pid: int) -> int | None:
     return int(fields[19])  # field 22 of stat, 20 after pid and name
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        process.reap(pid)
-        if not process.is_alive(pid):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has ended (reaping it if it is our child); False on timeout."""
+
+    def ended() -> bool:
+        process.reap(pid)  # a child of ours stays a zombie until reaped
+        return not process.is_alive(pid)
+
+    try:
+        wait_until_sync(ended, timeout=max(timeout, 0.0), what=f"process {pid} to end")
+    except WaitTimeout:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -256,22 +260,27 @@ def _listening(ns_name: str, port: int) -> bool:
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
-def _wait_for(check: Any, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    delay = 0.05
-    while not check():
+def _wait_for(
+    check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log: Path
+) -> None:
+    def ready() -> bool:
+        if check():
+            return True
         if proc.poll() is not None:
             raise StorageError(
                 f"{what} in {STORAGE.ns} exited with status {proc.returncode}: {_tail(log)}"
             )
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise StorageError(
-                f"{what} in {STORAGE.ns} not ready within {START_TIMEOUT:.0f} s (log {log})"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
+        return False
+
+    try:
+        # Some checks run a command in the namespace (ss, rpcinfo): not every 50 ms.
+        wait_until_sync(ready, timeout=START_TIMEOUT, what=f"{what} to be ready", interval=0.2)
+    except WaitTimeout as err:
+        proc.kill()
+        proc.wait()
+        raise StorageError(
+            f"{what} in {STORAGE.ns} not ready within {START_TIMEOUT:.0f} s (log {log})"
+        ) from err
 
 
 def _tail(log: Path) -> str:

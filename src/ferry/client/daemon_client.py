@@ -1,4 +1,4 @@
-"""A synchronous client of ferryd's control API."""
+"""A synchronous client of ferryd's control API (for the CLI, the lab and tests)."""
 
 from __future__ import annotations
 

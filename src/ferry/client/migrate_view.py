@@ -1,4 +1,4 @@
-"""How ``ferry migrate`` shows a migration: a live progress bar, then one summary line."""
+"""How a migration is shown (`ferry migrate`, `ferry demo`): a live bar, then a summary line."""
 
 from __future__ import annotations
 

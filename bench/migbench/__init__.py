@@ -1,0 +1,1 @@
+"""The migration benchmark (``bench/migration_bench.py``), one job per module."""

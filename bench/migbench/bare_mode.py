@@ -1,0 +1,154 @@
+"""Bare migrations: QEMU to QEMU, driven directly over QMP with the parameters ferry sets."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from ferry.config.loader import load_domain_file
+from ferry.hypervisor.cmdline import MachinePaths
+from ferry.lab import topology
+from ferry.lab.lab import Lab
+from ferry.util.wait import wait_until
+from migbench.bare_rig import BareQemu, BareRig, boot_files_from, compare_cmdline
+from migbench.guest import Player, guest_survived, wait_guest
+from migbench.report import brief
+from migbench.settings import (
+    BARE_PORT,
+    DOWNTIME_LIMIT_MS,
+    HOSTS,
+    MAX_BANDWIDTH,
+    PLAYER_LEAD_S,
+    VM,
+    log,
+)
+
+
+def event_ts(event: dict[str, Any]) -> float:
+    stamp = event["timestamp"]
+    return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+
+
+async def next_event(events: EventListener, name: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no {name} event within {timeout:.0f} s")
+        event = await asyncio.wait_for(events.get(), remaining)
+        if event["event"] == name:
+            return dict(event)
+
+
+async def bare_migrate(
+    rig: BareRig, src: BareQemu, dst_host: str
+) -> tuple[dict[str, Any], BareQemu]:
+    """One bare live migration from ``src`` to a new QEMU on ``dst_host``."""
+    launch_start = time.time()
+    dst = await rig.launch(dst_host, incoming=True)
+    address = topology.node(dst_host).address
+    uri = f"tcp:{address}:{BARE_PORT}"
+    dst.events.clear()
+    src.events.clear()
+    await dst.qmp.execute("migrate-incoming", {"uri": uri})
+    caps = {"auto-converge": True, "xbzrle": False, "events": True}
+    await src.qmp.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+    )
+    await src.qmp.execute(
+        "migrate-set-parameters",
+        {"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH},
+    )
+    start = time.time()
+    await src.qmp.execute("migrate", {"uri": uri})
+    stop = await next_event(src.events, "STOP", 600)
+    resume = await next_event(dst.events, "RESUME", 120)
+
+    async def completed() -> dict[str, Any] | None:
+        reply: Any = await src.qmp.execute("query-migrate")
+        info: dict[str, Any] = reply
+        if info.get("status") in ("failed", "cancelled"):
+            raise RuntimeError(f"bare migration {info.get('status')}: {info.get('error-desc')}")
+        return info if info.get("status") == "completed" else None
+
+    # The target has resumed: the source only has to notice that the stream is done.
+    info: dict[str, Any] = await wait_until(
+        completed, timeout=60, what="the bare migration to complete"
+    )
+    ram = info.get("ram", {})
+    qemu_total_s = float(info.get("total-time", 0)) / 1000
+    run: dict[str, Any] = {
+        "mode": "bare", "src": src.host, "dst": dst_host,
+        # migrate command -> target RESUME: the engine's own end-to-end time.
+        "wall_s": round(event_ts(resume) - start, 3),
+        "wall_with_target_launch_s": round(event_ts(resume) - launch_start, 3),
+        "qemu_time_s": round(qemu_total_s, 3),
+        "downtime_ms": round((event_ts(resume) - event_ts(stop)) * 1000, 1),
+        "qemu_downtime_ms": info.get("downtime"),
+        "commit_ms": None,
+        "bytes_sent": int(ram.get("transferred", 0)),
+        "passes": int(ram.get("dirty-sync-count", 0)),
+        "overhead_s": round(event_ts(resume) - start - qemu_total_s, 3),
+        "raw": info,
+    }  # fmt: skip
+    await rig.end(src)
+    return run, dst
+
+
+async def run_bare_async(
+    lab: Lab, scenario: str, reps: int, with_player: bool, ferry_cmdlines: dict[str, list[str]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    cfg = load_domain_file(lab.domain_config)
+    boot = boot_files_from(ferry_cmdlines["created"])
+    base = Path(tempfile.mkdtemp(prefix="bare-", dir=lab.workdir))
+    rig = BareRig(lab, cfg, boot, base)
+    runs: list[dict[str, Any]] = []
+    try:
+        for host in HOSTS:
+            rig.make_tap(host)
+        # Ours against ferry's own: identical but for per-instance paths and tap
+        # names, and (on a target) the "-S" that ferry's commit step needs.
+        paths = MachinePaths(base, base)
+        check = {
+            "created": compare_cmdline(
+                rig.args("xen_host_1", paths, False), ferry_cmdlines["created"]
+            )
+        }
+        if "arrived" in ferry_cmdlines:
+            check["arrived"] = compare_cmdline(
+                rig.args("xen_host_1", paths, True), ferry_cmdlines["arrived"]
+            )
+        log(f"[{scenario}] bare: start {VM} on xen_host_1 (command line vs ferry's: {check})")
+        src = await rig.launch("xen_host_1", incoming=False)
+        before = await asyncio.to_thread(wait_guest, lab)
+        await asyncio.sleep(3)
+        for rep in range(reps):
+            dst_host = HOSTS[(rep + 1) % 2]
+            player = None
+            if with_player:
+                player = Player.start(lab, lab.workdir / f"watch-bare-{rep}.json")
+                await asyncio.sleep(PLAYER_LEAD_S)
+            try:
+                run, src = await bare_migrate(rig, src, dst_host)
+            except BaseException:
+                if player:
+                    player.stop()
+                raise
+            run["rep"] = rep
+            if player:
+                run["migration_end_in_clip_s"] = round(time.monotonic() - player.started, 1)
+                run["player"] = await asyncio.to_thread(player.finish)
+            run["guest_ok"] = await asyncio.to_thread(guest_survived, lab, before)
+            log(f"[{scenario}] bare {run['src']} -> {run['dst']}: {brief(run)}")
+            runs.append(run)
+    finally:
+        await rig.close()
+        shutil.rmtree(base, ignore_errors=True)
+    return runs, check

@@ -1,0 +1,105 @@
+"""Medians and ranges over the runs, and the verdict on each target."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from migbench.settings import (
+    DOWNTIME_EXTRA_MAX_MS,
+    LINK_RATIO_MAX,
+    PLAYER_GAP_MAX_MS,
+    WALL_RATIO_MAX,
+)
+
+
+def stats(values: list[float | None]) -> dict[str, float | None]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {
+        "median": round(statistics.median(vals), 3),
+        "min": round(min(vals), 3),
+        "max": round(max(vals), 3),
+        "n": len(vals),
+    }
+
+
+METRICS = (
+    "wall_s", "wall_with_target_launch_s", "qemu_time_s", "downtime_ms",
+    "qemu_downtime_ms", "commit_ms", "bytes_sent", "overhead_s", "passes",
+)  # fmt: skip
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {m: stats([r.get(m) for r in runs]) for m in METRICS}
+    players = [r["player"] for r in runs if "player" in r]
+    if players:
+        out["player_longest_gap_ms"] = stats([p.get("longest_gap_ms") for p in players])
+        out["player_stalls_total"] = sum(int(p.get("stalls") or 0) for p in players)
+        out["player_reconnects_total"] = sum(int(p.get("reconnects") or 0) for p in players)
+    out["guest_ok"] = all(r.get("guest_ok") for r in runs)
+    return out
+
+
+def rate_bytes_per_s(rate: str | None) -> float | None:
+    if rate is None:
+        return None
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}
+    num = rate.removesuffix("bit")
+    return float(num[:-1]) * scale[num[-1]] / 8 if num[-1] in scale else float(num) / 8
+
+
+def verdicts(
+    scenario: str, rate: str | None, ferry_s: dict[str, Any], bare_s: dict[str, Any]
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float | None, unit: str) -> None:
+        if value is None or limit is None:
+            out.append({"scenario": scenario, "target": name, "met": None, "detail": "no data"})
+            return
+        met = value <= limit
+        margin = limit - value
+        word = "under" if met else "over"
+        out.append({
+            "scenario": scenario, "target": name, "met": met,
+            "value": round(value, 3), "limit": round(limit, 3), "unit": unit,
+            "detail": f"{value:.3g} {unit} vs limit {limit:.3g} {unit}: "
+                      f"{abs(margin):.3g} {unit} {word}",
+        })  # fmt: skip
+
+    fw, bw = ferry_s["wall_s"]["median"], bare_s["wall_s"]["median"]
+    add(
+        f"ferry wall time <= {WALL_RATIO_MAX} x bare (median)",
+        fw,
+        bw * WALL_RATIO_MAX if bw else None,
+        "s",
+    )
+    fd, bd = ferry_s["downtime_ms"]["median"], bare_s["downtime_ms"]["median"]
+    add(
+        f"ferry downtime <= bare + {DOWNTIME_EXTRA_MAX_MS:.0f} ms (median)",
+        fd,
+        bd + DOWNTIME_EXTRA_MAX_MS if bd is not None else None,
+        "ms",
+    )
+    bps = rate_bytes_per_s(rate)
+    if bps is not None:
+        for mode, s in (("ferry", ferry_s), ("bare", bare_s)):
+            nbytes = s["bytes_sent"]["median"]
+            wire = nbytes / bps if nbytes else None
+            add(
+                f"{mode} wall time <= {LINK_RATIO_MAX} x bytes/link rate (median)",
+                s["wall_s"]["median"],
+                wire * LINK_RATIO_MAX if wire else None,
+                "s",
+            )
+    if "player_longest_gap_ms" in ferry_s:
+        add(
+            f"player's largest gap < {PLAYER_GAP_MAX_MS:.0f} ms (worst ferry run)",
+            ferry_s["player_longest_gap_ms"]["max"],
+            PLAYER_GAP_MAX_MS,
+            "ms",
+        )
+        add("player stalls == 0 (all ferry runs)", ferry_s["player_stalls_total"], 0, "stalls")
+    return out

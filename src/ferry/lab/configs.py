@@ -1,0 +1,53 @@
+"""The config files a lab writes: the VM's classic xm config and each host's ferryd.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ferry.lab import topology
+from ferry.lab.storage import StorageSpec
+from ferry.lab.topology import VM_ADDRESS, VM_MAC
+
+RELOCATION_PORT = 8002
+HOSTS_ALLOW = (r"^10\.42\.0\.", "^xen_host_", "^localhost")
+
+
+def vm_config_text(storage_kind: str, export_dir: Path, name: str, memory: int) -> str:
+    """The lab VM's config in the classic xm format, with the lab's disk and address."""
+    disk = StorageSpec(storage_kind, export_dir).disk(name)
+    if storage_kind == "dir":
+        disk = f"tap:aio:{disk}"  # as the classic config named its file on NFS
+    return f"""\
+# Like the classic /etc/xen/virt_server, on the lab's {storage_kind} storage.
+name = "{name}"
+uuid = "6f2a8c1e-3b1d-4c2e-9a57-1d2e3f4a5b6c"
+maxmem = {memory}
+memory = {memory}
+vcpus = 1
+bootloader = "/usr/bin/pygrub"
+on_poweroff = "destroy"
+on_reboot = "restart"
+on_crash = "restart"
+sdl = 1
+disk = [ "{disk},xvda,w" ]
+vif = [ "mac={VM_MAC},bridge={topology.HOST_BRIDGE}" ]
+ip = "{VM_ADDRESS}"
+netmask = "255.255.255.0"
+"""
+
+
+def host_config_text(host: str, state_dir: Path, run_dir: Path, export_dir: Path) -> str:
+    allow = ", ".join(f"'{p}'" for p in HOSTS_ALLOW)  # TOML literal strings: no escapes
+    return f"""\
+name = "{host}"
+accel = "tcg"
+state_dir = "{state_dir}"
+run_dir = "{run_dir}"
+storage_roots = ["{export_dir}"]
+
+[relocation]
+enabled = true
+port = {RELOCATION_PORT}
+address = ""
+hosts_allow = [{allow}]
+"""
