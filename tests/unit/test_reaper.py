@@ -48,7 +48,7 @@ def run(tmp_path: Path, reap: bool) -> tuple[int, int]:
     work.mkdir()
     out = subprocess.run(
         [sys.executable, "-c", PROGRAM, str(qemu), str(work), "1" if reap else "0"],
-        capture_output=True, text=True, timeout=240, check=True,
+        capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     zombies, reaped = out.stdout.split()
     return int(zombies), int(reaped)

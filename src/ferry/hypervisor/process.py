@@ -145,8 +145,10 @@ async def wait_exit(pid: int, timeout: float) -> bool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
+            # asyncio.timeout: in 3.11 wait_for can lose a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(done), remaining)
+                async with asyncio.timeout(remaining):
+                    await asyncio.shield(done)
             if done.done():
                 reap(pid)
                 # A process not our child stays a zombie until its parent

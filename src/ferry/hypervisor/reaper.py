@@ -69,8 +69,12 @@ class ChildReaper:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: in 3.11 wait_for loses a
+            # cancellation that comes as the event is set (seen here: close()
+            # hung for ever when a SIGCHLD and the cancel met).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.every_s)
+                async with asyncio.timeout(self.every_s):
+                    await self._wake.wait()
             self._wake.clear()
             # A new zombie needs a second look after the grace period.
             while self.sweep():

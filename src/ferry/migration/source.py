@@ -248,7 +248,8 @@ class OutgoingMigration:
                 # Woken by QEMU's MIGRATION event, the end of the stream is
                 # seen at once: every millisecond here is downtime.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(events.get(), POLL_INTERVAL)
+                    async with asyncio.timeout(POLL_INTERVAL):
+                        await events.get()
         finally:
             peer.cancel()
             with contextlib.suppress(asyncio.CancelledError, MigrationError):

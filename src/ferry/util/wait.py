@@ -70,8 +70,10 @@ async def wait_until(
         if wake is None:
             await asyncio.sleep(pause)
         else:
+            # asyncio.timeout: wait_for can lose a cancellation in 3.11.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await wake.wait()
             wake.clear()
 
 
