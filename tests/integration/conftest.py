@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from ferry.errors import FerryError
+from ferry.errors import FerryError, WaitTimeout
 from ferry.guest.image import GuestImage, build_image, default_cache_dir, make_domain_disk
 from ferry.hypervisor import process
 from ferry.lab import netns
 from ferry.lab.ferryd_process import FerrydProcess
+from ferry.util.wait import wait_until_sync
 
 REPO = Path(__file__).resolve().parents[2]
 KEPT_LOGS = REPO / "test-logs"
@@ -134,9 +135,8 @@ def _cleanup_host(host: LabHost, known_pids: list[int]) -> None:
         if process.is_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while process.is_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(WaitTimeout):
+            wait_until_sync(lambda p=pid: not process.is_alive(p), timeout=10, what=f"{pid} to end")
         process.reap(pid)
     netns.remove(host.ns)
     shutil.rmtree(host.ferryd.run_dir, ignore_errors=True)
@@ -166,11 +166,9 @@ def host(workdir: Path, guest_image: GuestImage) -> Iterator[LabHost]:
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait on a state (never a fixed sleep); the seconds it took."""
     start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
+    wait_until_sync(check, timeout=timeout, interval=0.1, what=what)
     return time.monotonic() - start
 
 

@@ -80,10 +80,12 @@ class Scenario:
     def create(self, host: str = "xen_host_1", config: Path | None = None) -> dict[str, Any]:
         result = self.ferry(host, "create", str(config or self.lab.domain_config))
         assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 120
-        while self.witness("status", VM, timeout=30).returncode != 0:
-            assert time.monotonic() < deadline, "the VM's witness service never answered"
-            time.sleep(0.5)
+        wait_until_sync(
+            lambda: self.witness("status", VM, timeout=30).returncode == 0,
+            timeout=120,
+            interval=0.5,
+            what="the VM's witness service to answer",
+        )
         return self.status()
 
     def migrate(self, src: str, dst: str, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -408,7 +410,9 @@ def test_link_cut_during_transfer(slow_lab: Lab) -> None:
     assert s.listed("xen_host_2").get(VM, {}).get("state") in (None, "migrating-in")
     s.check_writes(writer)
     # The target, cut off from the source, must have given up its copy too.
-    deadline = time.monotonic() + 60
-    while VM in s.listed("xen_host_2"):
-        assert time.monotonic() < deadline, "the target kept its incoming copy"
-        time.sleep(0.5)
+    wait_until_sync(
+        lambda: VM not in s.listed("xen_host_2"),
+        timeout=60,
+        interval=0.5,
+        what="the target to give up its incoming copy",
+    )

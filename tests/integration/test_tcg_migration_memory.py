@@ -9,9 +9,9 @@ passes) for the bug to show.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
@@ -19,6 +19,7 @@ from qemu.qmp import QMPClient
 from ferry.domain.config import DomainConfig
 from ferry.guest.image import GuestImage, make_domain_disk
 from ferry.hypervisor.cmdline import memory_size
+from ferry.util.wait import wait_until
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024
@@ -43,13 +44,16 @@ def qemu(
 
 async def connect(path: Path) -> QMPClient:
     client = QMPClient(path.name)
-    for _ in range(100):
+
+    async def connected() -> bool:
         try:
             await client.connect(str(path))
-            return client
         except Exception:
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"no QMP socket at {path}")
+            return False
+        return True
+
+    await wait_until(connected, timeout=10, interval=0.1, what=f"a QMP socket at {path}")
+    return client
 
 
 async def test_migrated_ram_is_identical(guest_image: GuestImage, tmp_path: Path) -> None:
@@ -60,12 +64,12 @@ async def test_migrated_ram_is_identical(guest_image: GuestImage, tmp_path: Path
     try:
         src = await connect(tmp_path / "src.sock")
         log = tmp_path / "src.log"
-        for _ in range(600):
-            if "userspace reached" in log.read_text(errors="replace"):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the guest did not boot")
+        await wait_until(
+            lambda: "userspace reached" in log.read_text(errors="replace"),
+            timeout=60,
+            interval=0.1,
+            what="the guest to boot",
+        )
         procs.append(
             qemu(guest_image, disk, tmp_path, "dst", memory, "-S", "-incoming", "tcp:127.0.0.1:0")
         )
@@ -73,17 +77,19 @@ async def test_migrated_ram_is_identical(guest_image: GuestImage, tmp_path: Path
         port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]  # type: ignore[index]
         await src.execute("migrate-set-parameters", {"max-bandwidth": 12_500_000})
         await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        for _ in range(1200):
+
+        async def ended() -> Any:
             info = await src.execute("query-migrate")
-            if info["status"] in ("completed", "failed"):  # type: ignore[index]
-                break
-            await asyncio.sleep(0.1)
-        assert info["status"] == "completed", info  # type: ignore[index]
+            return info if info["status"] in ("completed", "failed") else None  # type: ignore[index]
+
+        info = await wait_until(ended, timeout=120, interval=0.1, what="the migration to end")
+        assert info["status"] == "completed", info
         assert info["ram"]["dirty-sync-count"] >= 3, "too fast to exercise the dirty passes"  # type: ignore[index]
-        for _ in range(100):
-            if (await dst.execute("query-migrate"))["status"] == "completed":  # type: ignore[index]
-                break
-            await asyncio.sleep(0.05)
+
+        async def loaded() -> bool:
+            return (await dst.execute("query-migrate"))["status"] == "completed"  # type: ignore[index,no-any-return]
+
+        await wait_until(loaded, timeout=5, what="the target to load the stream")
         await src.execute(
             "pmemsave", {"val": 0, "size": 256 * MIB, "filename": str(tmp_path / "a")}
         )
