@@ -83,6 +83,9 @@ class ControlServer:
             self.socket_path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            task.set_name("control connection")
         try:
             uid = _peer_uid(writer)
             if uid not in (0, os.getuid()):

@@ -67,6 +67,7 @@ class RelocationServer:
         self._tasks.add(task)
         try:
             address = str(writer.get_extra_info("peername")[0])
+            task.set_name(f"relocation connection from {address}")
             channel = Channel(reader, writer, address)
             names = await asyncio.to_thread(peer_names, address)
             if not hosts_allow_matches(self.config.hosts_allow, address, names):
