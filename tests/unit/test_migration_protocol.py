@@ -216,19 +216,27 @@ async def test_source_ferryd_crashing_midway_then_restarting(created: Cluster) -
 # -- the commit and its lost answer ------------------------------------------------
 
 
-def lose_committed_answer(monkeypatch: pytest.MonkeyPatch, then: Any = None) -> None:
-    """The target commits, but its answer never reaches the source."""
+def drop_message(monkeypatch: pytest.MonkeyPatch, kind: str, then: Any = None) -> None:
+    """The first ``kind`` message never leaves: its connection is cut (after ``then()``)."""
     real_send = Channel.send
+    dropped = False
 
     async def send(self: Channel, message: dict[str, Any]) -> None:
-        if message.get("type") == "committed":
+        nonlocal dropped
+        if message.get("type") == kind and not dropped:
+            dropped = True
             if then is not None:
                 await then()
             self.writer.transport.abort()
-            raise MigrationError("injected: answer lost")
+            raise MigrationError(f"injected: '{kind}' lost")
         await real_send(self, message)
 
     monkeypatch.setattr(Channel, "send", send)
+
+
+def lose_committed_answer(monkeypatch: pytest.MonkeyPatch, then: Any = None) -> None:
+    """The target commits, but its answer never reaches the source."""
+    drop_message(monkeypatch, "committed", then)
 
 
 async def test_lost_commit_answer_resolved_as_committed(
@@ -344,16 +352,7 @@ async def test_no_resume_event_still_commits(created: Cluster) -> None:
 
 def crash_on_message(monkeypatch: pytest.MonkeyPatch, kind: str, host: FakeHost) -> None:
     """``host``'s ferryd dies just as a ``kind`` message is about to go out."""
-    real_send = Channel.send
-
-    async def send(self: Channel, message: dict[str, Any]) -> None:
-        if message.get("type") == kind and host.services is not None:
-            await host.crash()
-            self.writer.transport.abort()
-            raise MigrationError("injected: the daemon died")
-        await real_send(self, message)
-
-    monkeypatch.setattr(Channel, "send", send)
+    drop_message(monkeypatch, kind, then=host.crash)
 
 
 async def test_source_ferryd_dying_at_prepare(
