@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from ferry.stream import player as pl
-from ferry.stream.player import Playback, Status, watch
+from ferry.stream.player import Playback, PlayState, Status, watch
 from ferry.stream.watch_cli import add_watch_arguments, format_status, run_watch
 
 STALL_TOLERANCE_S = 0.1
@@ -170,20 +170,20 @@ MEDIA = os.urandom(100_000)
 def test_playback_model_stalls_exactly_when_the_buffer_empties() -> None:
     pb = Playback(seconds_per_byte=0.001, prebuffer=0.5, resume=0.2, t0=100.0)
     pb.add(100.0, 400, complete=False)  # 0.4 s: still prebuffering
-    assert pb.state == "prebuffering"
+    assert pb.state is PlayState.PREBUFFERING
     pb.add(100.1, 600, complete=False)  # 1.0 s buffered: playback starts
-    assert pb.state == "playing" and pb.started_at == 100.1
+    assert pb.state is PlayState.PLAYING and pb.started_at == 100.1
     pb.advance(101.5)  # 1.4 s later the buffer ran dry at 101.1
-    assert pb.state == "stalled" and pb.stall_start == pytest.approx(101.1)
+    assert pb.state is PlayState.STALLED and pb.stall_start == pytest.approx(101.1)
     pb.add(102.0, 100, complete=False)  # 0.1 s < resume threshold
-    assert pb.state == "stalled"
+    assert pb.state is PlayState.STALLED
     pb.add(102.3, 200, complete=False)
-    assert pb.state == "playing"
+    assert pb.state is PlayState.PLAYING
     assert pb.stalls[0].start_s == pytest.approx(1.1)
     assert pb.stalls[0].duration_s == pytest.approx(1.2)
     pb.add(102.3, 100, complete=True)
     pb.advance(110.0)  # draining the rest at the end is no stall
-    assert pb.state == "finished" and pb.finished_at == pytest.approx(102.7)
+    assert pb.state is PlayState.FINISHED and pb.finished_at == pytest.approx(102.7)
     assert len(pb.stalls) == 1 and pb.played == pytest.approx(1.4)
 
 

@@ -30,9 +30,10 @@ manifest's size or sha256, ``EXIT_INCOMPLETE`` (32) the player gave up before
 the end of the media. 1 is left for errors that stop a watch from starting and
 2 for usage errors.
 
-Layout: :mod:`.report` (the report and live status), :mod:`.playback` (the
-buffer model), :mod:`.connection` (one HTTP request), :mod:`.session` (reading
-and resuming the stream), :mod:`.runner` (a watch from start to report).
+Layout: :mod:`.report` (the report and live status), :mod:`.state`
+(playback states and their transitions), :mod:`.playback` (the buffer model),
+:mod:`.connection` (one HTTP request), :mod:`.session` (reading and resuming
+the stream), :mod:`.runner` (a watch from start to report).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .report import (
     WatchReport,
 )
 from .runner import DEFAULT_ASSUME_KBPS, watch, watch_async
+from .state import RECONNECTING, PlayerStateError, PlayEvent, PlayState
 
 __all__ = [
     "DEFAULT_ASSUME_KBPS",
@@ -63,9 +65,13 @@ __all__ = [
     "EXIT_OK",
     "EXIT_RECONNECTED",
     "EXIT_STALLED",
+    "RECONNECTING",
     "USER_AGENT",
     "Outage",
+    "PlayEvent",
+    "PlayState",
     "Playback",
+    "PlayerStateError",
     "Reconnect",
     "Stall",
     "Status",

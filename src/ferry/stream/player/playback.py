@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .report import Stall
+from .state import PlayEvent, PlayState, next_state
 
 
 class Playback:
@@ -19,7 +20,7 @@ class Playback:
         self.received = 0
         self.complete = False
         self.played = 0.0
-        self.state = "prebuffering"  # playing | stalled | finished
+        self.state = PlayState.PREBUFFERING
         self.t_last = t0
         self.t0 = t0
         self.started_at: float | None = None
@@ -34,18 +35,21 @@ class Playback:
     def level(self) -> float:
         return max(0.0, self.received_s - self.played)
 
+    def _go(self, event: PlayEvent) -> None:
+        self.state = next_state(self.state, event)
+
     def advance(self, now: float) -> None:
-        if self.state == "playing" and now > self.t_last:
+        if self.state == PlayState.PLAYING and now > self.t_last:
             available = self.received_s - self.played
             elapsed = now - self.t_last
             if elapsed >= available:
                 self.played += max(0.0, available)
                 empty_at = self.t_last + max(0.0, available)
                 if self.complete:
-                    self.state = "finished"
+                    self._go(PlayEvent.END)
                     self.finished_at = empty_at
                 else:
-                    self.state = "stalled"
+                    self._go(PlayEvent.RUN_DRY)
                     self.stall_start = empty_at
             else:
                 self.played += elapsed
@@ -64,22 +68,22 @@ class Playback:
 
     def _maybe_play(self, now: float) -> None:
         level = self.level()
-        if self.state == "prebuffering" and (level >= self.prebuffer or self.complete):
-            self.state = "playing"
+        if self.state == PlayState.PREBUFFERING and (level >= self.prebuffer or self.complete):
+            self._go(PlayEvent.START)
             self.started_at = now
-        elif self.state == "stalled" and (level >= self.resume or self.complete):
+        elif self.state == PlayState.STALLED and (level >= self.resume or self.complete):
             assert self.stall_start is not None
             self.stalls.append(Stall(self.stall_start - self.t0, now - self.stall_start))
             self.stall_start = None
-            self.state = "playing"
-        if self.state == "playing" and self.complete and level <= 0:
-            self.state = "finished"
+            self._go(PlayEvent.RESUME)
+        if self.state == PlayState.PLAYING and self.complete and level <= 0:
+            self._go(PlayEvent.END)
             self.finished_at = now
 
     def close(self, now: float) -> None:
         """End of the watch: a stall still going on is recorded up to ``now``."""
         self.advance(now)
-        if self.state == "stalled" and self.stall_start is not None:
+        if self.state == PlayState.STALLED and self.stall_start is not None:
             self.stalls.append(
                 Stall(self.stall_start - self.t0, now - self.stall_start, ongoing=True)
             )

@@ -48,7 +48,7 @@ class Status:
     """What the live status line shows; handed to ``on_status`` every sample."""
 
     t_s: float
-    state: str
+    state: str  # a PlayState's value, or "reconnecting" (state.RECONNECTING)
     buffer_s: float
     played_s: float
     duration_s: float | None

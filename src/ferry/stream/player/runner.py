@@ -13,6 +13,7 @@ from .errors import WatchError
 from .playback import Playback
 from .report import Stall, Status, WatchReport
 from .session import StreamSession
+from .state import RECONNECTING, PlayState
 
 DEFAULT_ASSUME_KBPS = 400.0
 
@@ -40,7 +41,8 @@ class _Watch:
     def status(self, now: float) -> Status:
         pb = self.playback
         s = self.session
-        state = "reconnecting" if s.reconnecting and pb.state != "finished" else pb.state
+        reconnecting = s.reconnecting and pb.state != PlayState.FINISHED
+        state = RECONNECTING if reconnecting else pb.state.value
         ongoing = now - pb.stall_start if pb.stall_start is not None else 0.0
         return Status(
             t_s=now - self.t0,
@@ -67,7 +69,7 @@ class _Watch:
             )
             if self.on_status is not None:
                 self.on_status(self.status(now))
-            if pb.state == "finished":
+            if pb.state == PlayState.FINISHED:
                 self.report.ended = "complete"
                 return
             if deadline is not None and now >= deadline:
@@ -77,7 +79,7 @@ class _Watch:
             delay = max(0.0, next_at - self.now())
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - self.now()))
-            if pb.state == "playing" and pb.complete:
+            if pb.state == PlayState.PLAYING and pb.complete:
                 # Wake when playback ends so that the watch does not outlive the media.
                 delay = min(delay, pb.level() + 0.001)
             with contextlib.suppress(TimeoutError):
@@ -105,7 +107,7 @@ class _Watch:
         pb = self.playback
         s = self.session
         now = self.now()
-        if pb.state != "finished":
+        if pb.state != PlayState.FINISHED:
             pb.close(now)
         gap = now - s.gap_from
         if not pb.complete and gap >= s.outage_min:

@@ -17,6 +17,7 @@ from .connection import READ_SIZE, Response, StreamBroken, parse_url, request
 from .errors import WatchError
 from .playback import Playback
 from .report import Outage, Reconnect, WatchReport
+from .state import PlayState
 
 
 class StreamSession:
@@ -181,7 +182,7 @@ class StreamSession:
         while True:
             pb.advance(self.now())
             excess = pb.level() - self.capacity
-            if excess < 0 or pb.state != "playing":
+            if excess < 0 or pb.state != PlayState.PLAYING:
                 break
             waited = True
             # The buffer drains at exactly one second per second, so this is when room opens.
