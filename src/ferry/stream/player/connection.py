@@ -60,7 +60,8 @@ async def request(
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(url.host, url.port, family=sock.family)
-        await asyncio.wait_for(loop.sock_connect(sock, infos[0][4]), timeout)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, infos[0][4])
         reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE * 2)
     except (OSError, TimeoutError) as err:
         sock.close()
@@ -77,7 +78,8 @@ async def request(
     try:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        async with asyncio.timeout(timeout):
+            head = await reader.readuntil(b"\r\n\r\n")
     except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as err:
         writer.close()
         raise StreamBroken(f"request to {url.authority}: {err or 'timed out'}") from err
@@ -107,7 +109,8 @@ async def fetch_manifest(url: str, timeout: float = CONNECT_TIMEOUT_S) -> dict[s
         length = int(resp.headers.get("content-length", "-1"))
         if resp.status != 200 or not 0 <= length <= 1 << 20:
             return None
-        body = await asyncio.wait_for(resp.reader.readexactly(length), timeout)
+        async with asyncio.timeout(timeout):
+            body = await resp.reader.readexactly(length)
         data = json.loads(body)
     except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
         return None

@@ -82,26 +82,41 @@ class _Watch:
             if pb.state == PlayState.PLAYING and pb.complete:
                 # Wake when playback ends so that the watch does not outlive the media.
                 delay = min(delay, pb.level() + 0.001)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.done.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self.done.wait()
 
-    async def run(self, deadline: float | None) -> None:
-        ticker = asyncio.create_task(self.tick(deadline))
-        fetcher = asyncio.create_task(self.session.fetch())
+    async def run(self, deadline: float | None, stop: asyncio.Event) -> None:
+        """Play until the media ends, the deadline passes, the stream is given up or
+        ``stop`` is set; a cancellation ends the tasks and goes on to the caller."""
+        url = self.report.url
+        ticker = asyncio.create_task(self.tick(deadline), name=f"watch ticker {url}")
+        fetcher = asyncio.create_task(self.session.fetch(), name=f"watch fetcher {url}")
+        stopper = asyncio.create_task(stop.wait(), name=f"watch stop {url}")
         try:
             done, _pending = await asyncio.wait(
-                {ticker, fetcher}, return_when=asyncio.FIRST_COMPLETED
+                {ticker, fetcher, stopper}, return_when=asyncio.FIRST_COMPLETED
             )
-            if fetcher in done:
+            if fetcher in done and stopper not in done:
                 fetcher.result()
                 if self.report.ended == "gave-up":
                     self.done.set()
-                await ticker
+                # The stream is in (or given up): play out the buffer, unless stopped.
+                done, _pending = await asyncio.wait(
+                    {ticker, stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+            if ticker in done:
+                ticker.result()
+            elif stopper in done:
+                self.report.ended = "stopped"
         finally:
-            for task in (ticker, fetcher):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(ticker, fetcher, return_exceptions=True)
+            tasks = (ticker, fetcher, stopper)
+            for task in tasks:
+                task.cancel()
+            # Only the children's own ends are collected here; this task's
+            # cancellation, if that is why we are here, goes on to the caller.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def finish(self) -> None:
         pb = self.playback
@@ -151,8 +166,14 @@ async def watch_async(
     sample_interval: float = 0.1,
     assume_kbps: float = DEFAULT_ASSUME_KBPS,
     recv_buffer: int = 16384,
+    stop: asyncio.Event | None = None,
 ) -> WatchReport:
-    """Play ``url`` in real time and report on its continuity (see the package doc)."""
+    """Play ``url`` in real time and report on its continuity (see the package doc).
+
+    Setting ``stop`` ends the watch early with its report (``ended`` is
+    "stopped"), as a viewer closing the player. Cancelling the task that runs
+    it cancels the watch: the CancelledError reaches the caller, with no report.
+    """
     if buffer_seconds <= 0 or prebuffer < 0 or prebuffer > buffer_seconds:
         raise WatchError(
             f"watch {url}: need 0 <= prebuffer ({prebuffer:g}) <= buffer ({buffer_seconds:g})"
@@ -193,11 +214,7 @@ async def watch_async(
     watcher = _Watch(session, sample_interval, on_status)
     deadline = None if timeout is None else t0 + timeout
     try:
-        await watcher.run(deadline)
-    except asyncio.CancelledError:
-        # Cancelling a watch means "stop playing now": the viewer closed the
-        # player, and the report covers what was played so far.
-        report.ended = "stopped"
+        await watcher.run(deadline, stop or asyncio.Event())
     finally:
         if report.duration_s is None and session.total is not None:
             report.duration_s = round(session.total * spb, 3)

@@ -134,7 +134,8 @@ class StreamSession:
             await self._wait_for_room()
             n = READ_SIZE if remaining is None else min(READ_SIZE, remaining)
             try:
-                data = await asyncio.wait_for(resp.reader.read(n), self.read_timeout)
+                async with asyncio.timeout(self.read_timeout):
+                    data = await resp.reader.read(n)
             except TimeoutError:
                 raise StreamBroken(f"no data for {self.read_timeout:g} s") from None
             except OSError as err:
