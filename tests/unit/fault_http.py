@@ -1,22 +1,34 @@
 """A loopback HTTP server that streams a body with injected faults, for the player's tests.
 
 Its pauses (``time.sleep``) are the faults themselves: pacing at a given rate
-and a source that stops for ``stall_s``; they do not wait for any state.
+and a source that stops for ``stall_s``; they do not wait for any state. The one
+state it waits for is the player's kernel acknowledging every byte before a
+reset, so that what the player received does not depend on how fast it reads.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import socket
 import socketserver
 import struct
+import termios
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from ferry.util.wait import wait_until_sync
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged (SIOCOUTQ)."""
+    queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return queued
 
 
 @dataclass
@@ -100,6 +112,15 @@ class FaultHandler(socketserver.BaseRequestHandler):
                 # Like a paused source that comes back: a fresh burst, then the same rate.
                 start, sent = time.monotonic(), 0
             if pos == f.reset_at and "reset" not in f.fired:
+                # A reset throws away what the kernel has not sent yet: how much
+                # would depend on how fast the player reads. Every byte up to
+                # reset_at reaches the player first.
+                wait_until_sync(
+                    lambda: unacknowledged(sock) == 0,
+                    timeout=10,
+                    what=f"the player to acknowledge {pos} bytes before the reset",
+                    interval=0.002,
+                )
                 f.fired.add("reset")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()

@@ -20,6 +20,7 @@ import pytest
 
 from ferry.stream import player as pl
 from ferry.stream.player import Playback, PlayState, Status, watch
+from ferry.stream.player.reconnect import ReconnectBudget
 from ferry.stream.watch_cli import add_watch_arguments, format_status, run_watch
 
 from .fault_http import Faults, fault_server
@@ -49,6 +50,25 @@ def test_playback_model_stalls_exactly_when_the_buffer_empties() -> None:
     pb.advance(110.0)  # draining the rest at the end is no stall
     assert pb.state is PlayState.FINISHED and pb.finished_at == pytest.approx(102.7)
     assert len(pb.stalls) == 1 and pb.played == pytest.approx(1.4)
+
+
+def test_reconnect_budget_backs_off_and_gives_up_after_its_window() -> None:
+    budget = ReconnectBudget(window=0.8)
+    assert not budget.broken
+    budget.broke(10.0)
+    # The first attempt follows the break at once; the pauses double.
+    assert budget.failed(10.0) == pytest.approx(0.2)
+    assert budget.failed(10.2) == pytest.approx(0.4)
+    assert budget.failed(10.6) == pytest.approx(0.8)
+    assert budget.failed(11.4) is None
+    budget.resumed()
+    assert not budget.broken
+    # A new break starts a new window and a new backoff, which tops out at 2 s.
+    budget = ReconnectBudget(window=30.0)
+    budget.broke(50.0)
+    pauses = [budget.failed(50.0 + t) for t in range(6)]
+    assert pauses == pytest.approx([0.2, 0.4, 0.8, 1.6, 2.0, 2.0])
+    assert budget.failed(80.0) is None
 
 
 # --------------------------------------------------------------------------- network
@@ -125,24 +145,39 @@ def test_reset_is_one_reconnect_resumed_with_a_range_request() -> None:
     with fault_server(MEDIA, 1.0, faults) as url:
         report = watch(url, buffer_seconds=2.0, prebuffer=0.2)
     assert report.reconnects == 1
+    # Every byte sent before the reset reached the player, which resumes right after it.
     ranged = [r for p, r in faults.requests if p.endswith(".ogg") and r]
-    resumed_at = report.reconnect_events[0].offset
-    assert ranged == [f"bytes={resumed_at}-"] and 0 < resumed_at <= 40_000
+    assert ranged == ["bytes=40000-"]
+    [event] = report.reconnect_events
+    assert event.offset == 40_000 and event.resumed
     assert report.checksum == "match" and report.bytes_received == len(MEDIA)
     assert report.exit_code == pl.EXIT_RECONNECTED
 
 
 def test_player_gives_up_when_the_resume_keeps_failing() -> None:
+    # 0.3 s of media before the reset, all of it received (the fault server waits
+    # for that): playback starts at 0.2 s buffered and runs dry 0.3 s later, long
+    # before the 0.8 s window for a resume is spent.
     faults = Faults(reset_at=30_000, refuse_after_reset=True)
     start = time.monotonic()
     with fault_server(MEDIA, 1.0, faults) as url:
         report = watch(url, buffer_seconds=2.0, prebuffer=0.2, reconnect_window=0.8)
     assert time.monotonic() - start < 5
     assert report.ended == "gave-up" and report.reconnects == 0
-    assert len(report.reconnect_events) >= 2
+    assert report.error and report.error.startswith("no resume within 0.8 s: ")
+    assert report.bytes_received == 30_000
+    # The break and failed attempts; their exact schedule is the budget's (tested
+    # with given times below), here the wall clock decides how many fit in 0.8 s.
+    events = report.reconnect_events
+    assert len(events) >= 2 and not any(e.resumed for e in events)
+    assert all(e.offset == 30_000 for e in events)
+    assert events[-1].t_s - events[0].t_s >= 0.8 - 0.002
     assert report.checksum == "unverified"
     assert report.exit_code & pl.EXIT_RECONNECTED and report.exit_code & pl.EXIT_INCOMPLETE
-    assert report.stalls and report.stalls[-1].ongoing
+    [stall] = report.stalls
+    assert stall.ongoing and report.playback_started_s is not None
+    assert stall.start_s == pytest.approx(report.playback_started_s + 0.3, abs=0.002)
+    assert report.played_s == pytest.approx(0.3, abs=0.002)
 
 
 @pytest.mark.parametrize("fault", ["truncate", "alter"])

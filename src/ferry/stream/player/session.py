@@ -16,6 +16,7 @@ import time
 from .connection import READ_SIZE, Response, StreamBroken, parse_url, request
 from .errors import WatchError
 from .playback import Playback
+from .reconnect import ReconnectBudget
 from .report import Outage, Reconnect, WatchReport
 from .state import PlayState
 
@@ -53,32 +54,29 @@ class StreamSession:
 
     async def fetch(self) -> None:
         offset = 0
-        broken_since: float | None = None
-        attempt = 0
+        budget = ReconnectBudget(self.reconnect_window)
         while True:
             try:
                 resp = await request(self.url, offset, self.recv_buffer)
                 self._check_response(resp, offset)
             except StreamBroken as err:
-                if offset == 0 and broken_since is None:
+                if offset == 0 and not budget.broken:
                     raise WatchError(f"watch {self.report.url}: {err}") from None
                 now = self.now()
-                broken_since = broken_since or now
+                pause = budget.failed(now)
                 self.report.reconnect_events.append(
                     Reconnect(round(now - self.t0, 3), offset, str(err), resumed=False)
                 )
-                if now - broken_since >= self.reconnect_window:
+                if pause is None:
                     self.report.ended = "gave-up"
                     self.report.error = f"no resume within {self.reconnect_window:g} s: {err}"
                     return
-                attempt += 1
-                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+                await asyncio.sleep(pause)
                 continue
-            if broken_since is not None:
+            if budget.broken:
                 self.report.reconnects += 1
                 self.report.reconnect_events[-1].resumed = True
-                broken_since = None
-                attempt = 0
+                budget.resumed()
             self.reconnecting = False
             try:
                 await self._read_body(resp)
@@ -86,21 +84,21 @@ class StreamSession:
             except StreamBroken as err:
                 now = self.now()
                 self.reconnecting = True
-                broken_since = now
+                budget.broke(now)
                 offset = self.playback.received
                 self.report.reconnect_events.append(
                     Reconnect(round(now - self.t0, 3), offset, str(err), resumed=False)
                 )
             finally:
-                resp.writer.close()
+                resp.close()
 
     def _check_response(self, resp: Response, offset: int) -> None:
         if "chunked" in resp.headers.get("transfer-encoding", "").lower():
-            resp.writer.close()
+            resp.close()
             raise WatchError(f"watch {self.report.url}: chunked transfer encoding not supported")
         if offset == 0:
             if resp.status != 200:
-                resp.writer.close()
+                resp.close()
                 raise WatchError(f"watch {self.report.url}: server answered {resp.status}")
             length = resp.headers.get("content-length")
             if length is not None and length.isdigit():
@@ -113,7 +111,7 @@ class StreamSession:
         expected = f"bytes {offset}-"
         content_range = resp.headers.get("content-range", "")
         if resp.status != 206 or not content_range.startswith(expected):
-            resp.writer.close()
+            resp.close()
             raise StreamBroken(
                 f"resume at byte {offset} refused: {resp.status} {content_range or '-'}"
             )
@@ -123,7 +121,7 @@ class StreamSession:
             and total_s.isdigit()
             and (int(total_s) != self.total or int(last_s or -1) != self.total - 1)
         ):
-            resp.writer.close()
+            resp.close()
             raise StreamBroken(f"resume at byte {offset}: unexpected range {content_range}")
 
     async def _read_body(self, resp: Response) -> None:
@@ -135,7 +133,7 @@ class StreamSession:
             n = READ_SIZE if remaining is None else min(READ_SIZE, remaining)
             try:
                 async with asyncio.timeout(self.read_timeout):
-                    data = await resp.reader.read(n)
+                    data = await resp.read(n)
             except TimeoutError:
                 raise StreamBroken(f"no data for {self.read_timeout:g} s") from None
             except OSError as err:
