@@ -339,6 +339,10 @@ def test_client_networks(root: Path) -> None:
     assert not srv.client_allowed(cfg, "192.168.1.1")
     assert srv.client_allowed(cfg, "::ffff:10.2.3.4")
     assert srv.client_allowed(Config(), "192.168.1.1")
+    with pytest.raises(ValueError, match="not a network in CIDR notation: nonsense"):
+        srv.parse_network("nonsense")
+    with pytest.raises(SystemExit):
+        srv.build_parser().parse_args(["--allow", "nonsense"])
     with running(root, deny=[srv.parse_network("127.0.0.0/8")]) as s:
         assert get(s, "/movie.ogg")[0].status == 403
     with running(root, allow=[srv.parse_network("10.0.0.0/8")]) as s:
@@ -390,6 +394,28 @@ def timed_get(port: int, path: str, headers: dict[str, str] | None = None) -> tu
         n += len(chunk)
     conn.close()
     return time.monotonic() - start, n
+
+
+def test_pacer_schedule_on_a_given_clock() -> None:
+    # 1000 bytes/s after a 500-byte burst, on a clock that moves only when slept on.
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    pacer = srv.Pacer(1000.0, 500.0, clock=lambda: now[0], sleep=sleep)
+    assert pacer.chunk_size() == 512  # rate / 20 writes a second, at least 512
+    for _ in range(4):
+        pacer.wait(250)
+        pacer.sent_bytes(250)
+    # The first 500 bytes go at once, then each 250 bytes waits a quarter second.
+    assert slept == [0.25, 0.25]
+    assert now[0] == pytest.approx(100.5)
+    unpaced = srv.Pacer(0.0, 0.0, clock=lambda: now[0], sleep=sleep)
+    unpaced.wait(10**6)
+    assert len(slept) == 2
 
 
 def test_pacing_follows_real_time_after_the_burst(tmp_path: Path) -> None:
