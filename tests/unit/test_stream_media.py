@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ferry.stream import media
+from ferry.stream.mediaserver import Config, MediaServer, ogg_duration
 from ferry.stream.player import watch
-from ferry.stream.server import Config, MediaServer, ogg_duration
 
 needs_ffmpeg = pytest.mark.skipif(
     shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,

@@ -10,157 +10,22 @@ full 1.0 s buffer is measured as 0.99 s of playback from the buffer.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import socket
-import socketserver
-import struct
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ferry.stream import player as pl
-from ferry.stream.player import Playback, Status, watch
+from ferry.stream.player import Playback, PlayState, Status, watch
+from ferry.stream.player.reconnect import ReconnectBudget
 from ferry.stream.watch_cli import add_watch_arguments, format_status, run_watch
 
+from .fault_http import Faults, fault_server
+
 STALL_TOLERANCE_S = 0.1
-
-
-@dataclass
-class Faults:
-    """What the fault server does to the stream; every fault fires once."""
-
-    rate: float = 0.0  # bytes per second after the burst; 0 sends as fast as it can
-    burst: int = 0
-    stall_at: int | None = None
-    stall_s: float = 0.0
-    reset_at: int | None = None
-    refuse_after_reset: bool = False
-    truncate: int = 0
-    alter_at: int | None = None
-    manifest: bool = True
-    requests: list[tuple[str, str | None]] = field(default_factory=list)
-    fired: set[str] = field(default_factory=set)
-    stall_began: float | None = None
-
-
-class FaultHandler(socketserver.BaseRequestHandler):
-    server: FaultServer
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.settimeout(10)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = sock.recv(4096)
-            if not data:
-                return
-            head += data
-        lines = head.decode("latin-1").split("\r\n")
-        path = lines[0].split(" ")[1]
-        headers = {
-            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)
-        }
-        f = self.server.faults
-        f.requests.append((path, headers.get("range")))
-        if path.endswith(".json"):
-            body = self.server.manifest if f.manifest else None
-            if body is None:
-                sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-            else:
-                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            return
-        if "reset" in f.fired and f.refuse_after_reset:
-            sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-            return
-        body = self.server.body
-        offset = 0
-        if headers.get("range"):
-            offset = int(headers["range"].removeprefix("bytes=").rstrip("-"))
-            status = (
-                f"206 Partial Content\r\nContent-Range: bytes {offset}-{len(body) - 1}/{len(body)}"
-            )
-        else:
-            status = "200 OK"
-        sock.sendall(f"HTTP/1.1 {status}\r\nContent-Length: {len(body) - offset}\r\n\r\n".encode())
-        self.send(sock, body, offset)
-
-    def send(self, sock: socket.socket, body: bytes, pos: int) -> None:
-        f = self.server.faults
-        start, sent = time.monotonic(), 0
-        while pos < len(body):
-            end = min(len(body), pos + 2048)
-            for name, at in (("stall", f.stall_at), ("reset", f.reset_at)):
-                if at is not None and name not in f.fired and pos < at < end:
-                    end = at
-            if f.rate:
-                delay = start + (sent + end - pos - f.burst) / f.rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            sock.sendall(body[pos:end])
-            sent += end - pos
-            pos = end
-            if pos == f.stall_at and "stall" not in f.fired:
-                f.fired.add("stall")
-                f.stall_began = time.monotonic()
-                time.sleep(f.stall_s)
-                # Like a paused source that comes back: a fresh burst, then the same rate.
-                start, sent = time.monotonic(), 0
-            if pos == f.reset_at and "reset" not in f.fired:
-                f.fired.add("reset")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-                return
-
-
-class FaultServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, media: bytes, duration: float, faults: Faults) -> None:
-        self.faults = faults
-        self.body = media
-        if faults.truncate:
-            self.body = media[: -faults.truncate]
-        if faults.alter_at is not None:
-            b = bytearray(media)
-            b[faults.alter_at] ^= 0xFF
-            self.body = bytes(b)
-        self.manifest = json.dumps(
-            {"duration": duration, "size": len(media), "sha256": hashlib.sha256(media).hexdigest()}
-        ).encode()
-        super().__init__(("127.0.0.1", 0), FaultHandler)
-
-    def process_request(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
-        assert isinstance(request, socket.socket)
-        # A small send buffer keeps the server's notion of "sent" close to the player's.
-        request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().process_request(request, client_address)
-
-
-@contextmanager
-def fault_server(media: bytes, duration: float, faults: Faults) -> Iterator[str]:
-    server = FaultServer(media, duration, faults)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/movie.ogg"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 MEDIA = os.urandom(100_000)
 
 
@@ -170,21 +35,40 @@ MEDIA = os.urandom(100_000)
 def test_playback_model_stalls_exactly_when_the_buffer_empties() -> None:
     pb = Playback(seconds_per_byte=0.001, prebuffer=0.5, resume=0.2, t0=100.0)
     pb.add(100.0, 400, complete=False)  # 0.4 s: still prebuffering
-    assert pb.state == "prebuffering"
+    assert pb.state is PlayState.PREBUFFERING
     pb.add(100.1, 600, complete=False)  # 1.0 s buffered: playback starts
-    assert pb.state == "playing" and pb.started_at == 100.1
+    assert pb.state is PlayState.PLAYING and pb.started_at == 100.1
     pb.advance(101.5)  # 1.4 s later the buffer ran dry at 101.1
-    assert pb.state == "stalled" and pb.stall_start == pytest.approx(101.1)
+    assert pb.state is PlayState.STALLED and pb.stall_start == pytest.approx(101.1)
     pb.add(102.0, 100, complete=False)  # 0.1 s < resume threshold
-    assert pb.state == "stalled"
+    assert pb.state is PlayState.STALLED
     pb.add(102.3, 200, complete=False)
-    assert pb.state == "playing"
+    assert pb.state is PlayState.PLAYING
     assert pb.stalls[0].start_s == pytest.approx(1.1)
     assert pb.stalls[0].duration_s == pytest.approx(1.2)
     pb.add(102.3, 100, complete=True)
     pb.advance(110.0)  # draining the rest at the end is no stall
-    assert pb.state == "finished" and pb.finished_at == pytest.approx(102.7)
+    assert pb.state is PlayState.FINISHED and pb.finished_at == pytest.approx(102.7)
     assert len(pb.stalls) == 1 and pb.played == pytest.approx(1.4)
+
+
+def test_reconnect_budget_backs_off_and_gives_up_after_its_window() -> None:
+    budget = ReconnectBudget(window=0.8)
+    assert not budget.broken
+    budget.broke(10.0)
+    # The first attempt follows the break at once; the pauses double.
+    assert budget.failed(10.0) == pytest.approx(0.2)
+    assert budget.failed(10.2) == pytest.approx(0.4)
+    assert budget.failed(10.6) == pytest.approx(0.8)
+    assert budget.failed(11.4) is None
+    budget.resumed()
+    assert not budget.broken
+    # A new break starts a new window and a new backoff, which tops out at 2 s.
+    budget = ReconnectBudget(window=30.0)
+    budget.broke(50.0)
+    pauses = [budget.failed(50.0 + t) for t in range(6)]
+    assert pauses == pytest.approx([0.2, 0.4, 0.8, 1.6, 2.0, 2.0])
+    assert budget.failed(80.0) is None
 
 
 # --------------------------------------------------------------------------- network
@@ -261,24 +145,39 @@ def test_reset_is_one_reconnect_resumed_with_a_range_request() -> None:
     with fault_server(MEDIA, 1.0, faults) as url:
         report = watch(url, buffer_seconds=2.0, prebuffer=0.2)
     assert report.reconnects == 1
+    # Every byte sent before the reset reached the player, which resumes right after it.
     ranged = [r for p, r in faults.requests if p.endswith(".ogg") and r]
-    resumed_at = report.reconnect_events[0].offset
-    assert ranged == [f"bytes={resumed_at}-"] and 0 < resumed_at <= 40_000
+    assert ranged == ["bytes=40000-"]
+    [event] = report.reconnect_events
+    assert event.offset == 40_000 and event.resumed
     assert report.checksum == "match" and report.bytes_received == len(MEDIA)
     assert report.exit_code == pl.EXIT_RECONNECTED
 
 
 def test_player_gives_up_when_the_resume_keeps_failing() -> None:
+    # 0.3 s of media before the reset, all of it received (the fault server waits
+    # for that): playback starts at 0.2 s buffered and runs dry 0.3 s later, long
+    # before the 0.8 s window for a resume is spent.
     faults = Faults(reset_at=30_000, refuse_after_reset=True)
     start = time.monotonic()
     with fault_server(MEDIA, 1.0, faults) as url:
         report = watch(url, buffer_seconds=2.0, prebuffer=0.2, reconnect_window=0.8)
     assert time.monotonic() - start < 5
     assert report.ended == "gave-up" and report.reconnects == 0
-    assert len(report.reconnect_events) >= 2
+    assert report.error and report.error.startswith("no resume within 0.8 s: ")
+    assert report.bytes_received == 30_000
+    # The break and failed attempts; their exact schedule is the budget's (tested
+    # with given times below), here the wall clock decides how many fit in 0.8 s.
+    events = report.reconnect_events
+    assert len(events) >= 2 and not any(e.resumed for e in events)
+    assert all(e.offset == 30_000 for e in events)
+    assert events[-1].t_s - events[0].t_s >= 0.8 - 0.002
     assert report.checksum == "unverified"
     assert report.exit_code & pl.EXIT_RECONNECTED and report.exit_code & pl.EXIT_INCOMPLETE
-    assert report.stalls and report.stalls[-1].ongoing
+    [stall] = report.stalls
+    assert stall.ongoing and report.playback_started_s is not None
+    assert stall.start_s == pytest.approx(report.playback_started_s + 0.3, abs=0.002)
+    assert report.played_s == pytest.approx(0.3, abs=0.002)
 
 
 @pytest.mark.parametrize("fault", ["truncate", "alter"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ferry.errors import ImageError
 from ferry.guest import cache, initramfs, kernel, rootfs
-from ferry.stream import media
+from ferry.stream import bundle, media
 
 # Package data under ferry/guest/files; ferry_init/... becomes the zipapp /sbin/ferry-init.
 GUEST_FILES = (
@@ -59,8 +59,8 @@ def guest_files() -> dict[str, bytes]:
     base = resources.files("ferry.guest").joinpath("files")
     try:
         files = {name: base.joinpath(name).read_bytes() for name in GUEST_FILES}
-        server = resources.files("ferry.stream").joinpath("server.py")
-        files["ferry-media-server"] = server.read_bytes()
+        # The media server is a package; the guest gets it as one file, a zipapp.
+        files["ferry-media-server"] = bundle.media_server_zipapp()
     except OSError as err:
         raise ImageError(f"reading ferry's guest files from {base}: {err}") from err
     # Not a file: the test movie's recipe, so that a new recipe rebuilds the image.

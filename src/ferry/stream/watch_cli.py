@@ -169,10 +169,10 @@ async def _watch_until_stopped(
     args: argparse.Namespace, on_status: Callable[[Status], None]
 ) -> WatchReport:
     """The watch, ended early (with its report) by SIGTERM, as a player window closing."""
-    task = asyncio.current_task()
-    assert task is not None
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    # A request to stop, not a cancellation: the watch ends and still reports.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
         return await watch_async(
             args.url,
@@ -183,6 +183,7 @@ async def _watch_until_stopped(
             resume=args.resume,
             outage_min=args.outage_min,
             reconnect_window=args.reconnect_window,
+            stop=stop,
         )
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
