@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.errors import ImageError
-from ferry.guest import zipapp
+from ferry.util import zipapp
 
 ENTRIES = {
     "__main__.py": b"from pkg import greet\n\ngreet()\n",
@@ -50,5 +49,5 @@ def test_python_runs_it_isolated(tmp_path: Path) -> None:
 
 
 def test_a_zipapp_needs_a_main() -> None:
-    with pytest.raises(ImageError, match=r"no __main__\.py"):
+    with pytest.raises(ValueError, match=r"no __main__\.py"):
         zipapp.build({"pkg/__init__.py": b""}, "/usr/bin/python3")

@@ -10,9 +10,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ferry.errors import ImageError
-from ferry.guest import zipapp
 from ferry.guest.cache import TMP_PREFIX, remove_tree
 from ferry.guest.kernel import run
+from ferry.util import zipapp
 
 SUITE = "bookworm"
 PACKAGES = ("python3", "iproute2", "iputils-ping", "procps")

@@ -1,4 +1,7 @@
-"""Deterministic zipapps: equal sources give equal bytes, so the image digest stays honest.
+"""Deterministic zipapps: equal sources give equal bytes, so the guest image digest stays honest.
+
+Used for every multi-file program ferry ships into the guest (its init, the
+media server).
 
 Python's own ``zipapp`` module stamps each entry with its file's mtime; here every
 entry gets the same fixed time and mode, entries are sorted, and nothing is
@@ -11,8 +14,6 @@ import io
 import zipfile
 from collections.abc import Mapping
 
-from ferry.errors import ImageError
-
 # The earliest time a zip entry can carry: any fixed value would do.
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _MODE = 0o100644  # a regular file, rw-r--r--, in the high 16 bits of external_attr
@@ -24,7 +25,7 @@ def build(entries: Mapping[str, bytes], interpreter: str) -> bytes:
     ``entries`` must hold ``__main__.py`` at the top: Python runs it when it runs the file.
     """
     if "__main__.py" not in entries:
-        raise ImageError(f"zipapp for {interpreter}: no __main__.py among {sorted(entries)}")
+        raise ValueError(f"zipapp for {interpreter}: no __main__.py among {sorted(entries)}")
     out = io.BytesIO()
     out.write(f"#!{interpreter}\n".encode())
     # Entries are located from the end of the archive, so the shebang in front is harmless.
