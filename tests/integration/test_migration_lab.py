@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,8 +156,25 @@ def vm_qemus(host: str) -> list[int]:
 
 
 def watch(lab: Lab, url: str, output: Path) -> subprocess.Popen[str]:
-    argv = ["ferry", "watch", "--json", "--output", str(output), "--buffer", "10", url]
+    argv = ["ferry", "watch", "--json", "--output", str(output), "--buffer", "10"]
+    argv += ["--status-file", str(output.with_suffix(".status")), url]
     return lab.popen("client_2", argv, stdout=subprocess.DEVNULL)
+
+
+def playing_with_buffer(output: Path, seconds: float) -> bool:
+    """The player (``watch``) plays, with at least ``seconds`` buffered."""
+    try:
+        status = json.loads(output.with_suffix(".status").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(status.get("state") == "playing" and status.get("buffer_s", 0) >= seconds)
+
+
+def acked_records(s: Scenario) -> int:
+    try:
+        return len((s.lab.workdir / "acked").read_text().splitlines())
+    except OSError:
+        return 0
 
 
 def finish_watch(player: subprocess.Popen[str], output: Path) -> dict[str, Any]:
@@ -187,7 +203,12 @@ def test_live_migration_there_and_back_while_streaming(
         before = s.create()
         player = watch(lab, CLIP, lab.workdir / "watch.json")
         writer = s.start_writes(seconds=25)
-        time.sleep(3)  # the player fills its buffer; the writes are flowing
+        wait_until_sync(
+            lambda: playing_with_buffer(lab.workdir / "watch.json", 2.0) and acked_records(s) > 0,
+            timeout=60,
+            interval=0.2,
+            what="the player to play from a buffer and the guest's writes to flow",
+        )
         for src, dst in (("xen_host_1", "xen_host_2"), ("xen_host_2", "xen_host_1")):
             result = s.migrate(src, dst, "-l")
             assert result.returncode == 0, result.stderr
@@ -312,17 +333,15 @@ def migrate_in_background(s: Scenario, *flags: str) -> subprocess.Popen[str]:
 
 def wait_for_transfer(s: Scenario, proc: subprocess.Popen[str]) -> None:
     """Until both hosts list the domain as moving, and then a while into the stream."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def moving() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"the migration ended early: {proc.communicate()}")
         row = s.listed("xen_host_1").get(VM, {})
         incoming = s.listed("xen_host_2").get(VM, {})
-        if row.get("state") == "migrating-out" and incoming.get("state") == "migrating-in":
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the migration never got under way")
+        return row.get("state") == "migrating-out" and incoming.get("state") == "migrating-in"
+
+    wait_until_sync(moving, timeout=60, interval=0.1, what="the migration to get under way")
     # Midway means bytes really moving: the target has taken in a good part
     # of the guest's memory (its LAN interface's received bytes, live).
     start = received_bytes(s.lab, "xen_host_2")

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ferry.lab import netns
+from ferry.util.wait import wait_until_sync
 
 from .conftest import LabHost
 
@@ -41,15 +42,17 @@ def ferry_watch(host: LabHost, url: str, output: str, *extra: str) -> subprocess
 
 
 def wait_for_server(host: LabHost) -> None:
-    deadline = time.monotonic() + 60
     probe = [
         sys.executable,
         "-c",
         f"import urllib.request as u; u.urlopen('{CLIP}.json', timeout=2)",
     ]
-    while netns.run(host.ns, probe).returncode != 0:
-        assert time.monotonic() < deadline, "the media server never answered"
-        time.sleep(0.5)
+    wait_until_sync(
+        lambda: netns.run(host.ns, probe).returncode == 0,
+        timeout=60,
+        interval=0.5,
+        what="the media server to answer",
+    )
 
 
 def test_clip_plays_to_the_end_in_ferry_watch_and_in_ffmpeg(booted: LabHost) -> None:
@@ -78,10 +81,25 @@ def test_a_pause_measures_the_players_buffer(booted: LabHost) -> None:
     """The classic step: pause the VM and watch the player run dry."""
     wait_for_server(booted)
     report_file = str(booted.workdir / "pause.json")
-    player = ferry_watch(booted, MOVIE, report_file, "--buffer", "10", "--max-time", "24")
-    time.sleep(8)  # the player has filled what the server lets it
+    status_file = booted.workdir / "pause.status"
+    player = ferry_watch(
+        booted, MOVIE, report_file, "--buffer", "10", "--max-time", "24",
+        "--status-file", str(status_file),
+    )  # fmt: skip
+
+    def buffered(seconds: float) -> bool:
+        try:
+            status = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(status.get("state") == "playing" and status.get("buffer_s", 0) >= seconds)
+
+    # The player has filled what the server lets it (it runs 4 s ahead).
+    wait_until_sync(lambda: buffered(3.0), timeout=30, interval=0.1, what="a 3 s buffer")
     assert booted.ferry("pause", "virt_server")[0] == 0
-    time.sleep(8)  # longer than any buffer the server allows (4 s ahead)
+    # The scenario's pause itself (not a wait on a state): longer than any
+    # buffer the server allows.
+    time.sleep(8)
     assert booted.ferry("unpause", "virt_server")[0] == 0
     player.communicate(timeout=60)
     report = json.loads((booted.workdir / "pause.json").read_text())
