@@ -63,7 +63,9 @@ class FakeHost:
     async def start(self) -> None:
         layout = HostLayout(self.config.state_dir, self.config.run_dir)
         layout.create()
-        self.services = Services.build(self.config, layout, lambda cfg: self.boot)
+        self.services = Services.build(
+            self.config, layout, lambda cfg: self.boot, boot_dirs=(self.boot.kernel.parent,)
+        )
         await self.services.reattach.all()
         # The same port again after a restart: a source in doubt asks there.
         relocation = replace(self.config.relocation, port=self.port)

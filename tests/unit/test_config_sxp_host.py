@@ -197,12 +197,35 @@ def test_hosts_allow_empty_allows_all() -> None:
     assert hosts_allow_matches([], "203.0.113.9", [])
 
 
-def test_hosts_allow_matches_address_or_any_name_anchored_at_start() -> None:
-    patterns = ["^xen_host_2$", r"192\.168\.1\."]
+def test_hosts_allow_matches_the_address_or_a_name_whole() -> None:
+    patterns = ["^xen_host_2$", r"192\.168\.1\.\d+"]
     assert hosts_allow_matches(patterns, "10.0.0.2", ["xen_host_2"])
     assert hosts_allow_matches(patterns, "192.168.1.20", [])
-    # re.match anchors at the start only: a prefix match is enough...
-    assert hosts_allow_matches(["xen_host"], "10.0.0.2", ["xen_host_2.lan"])
-    # ...but a match in the middle is not.
+    # xend's re.match let a prefix through; a whole-string match does not.
+    assert not hosts_allow_matches(["xen_host"], "10.0.0.2", ["xen_host_2.lan"])
+    assert not hosts_allow_matches([r"^192\.168\.1\.1"], "192.168.1.100", [])
+    assert hosts_allow_matches([r"^192\.168\.1\.1"], "192.168.1.1", [])
     assert not hosts_allow_matches(patterns, "10.192.168.1.5", ["evil.xen_host_2"])
     assert not hosts_allow_matches(patterns, "10.0.0.3", ["xen_host_3"])
+    assert not hosts_allow_matches(["^xen_host_2$"], "10.0.0.3", ["xen_host_2\n"])
+
+
+def test_peer_names_are_forward_confirmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PTR record naming xen_host_2 counts only if xen_host_2 resolves to the peer."""
+    import socket
+
+    from ferry.daemon import relocation
+
+    forward = {"xen_host_2": "10.0.0.2", "alias": "10.0.0.2", "liar": "10.0.0.99"}
+    monkeypatch.setattr(
+        socket, "gethostbyaddr", lambda address: ("liar", ["xen_host_2", "nowhere"], [address])
+    )
+
+    def getaddrinfo(name: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if name not in forward:
+            raise socket.gaierror("unknown")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (forward[name], 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert relocation.peer_names("10.0.0.2") == ["xen_host_2"]
+    assert relocation.peer_names("10.0.0.99") == ["liar"]

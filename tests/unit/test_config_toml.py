@@ -174,3 +174,47 @@ def test_find_does_not_search_with_path_like_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         find_domain_file("../secret", patterns)
     assert str(info.value) == "../secret: domain config not found: looked at ../secret"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("name", "."),
+        ("name", ".."),
+        ("name", ".hidden"),
+        ("name", "-x"),
+        ("name", "vm\n"),
+        ("name", "vm\x00"),
+        ("hostname", "web\n"),
+    ],
+)
+def test_identifiers_are_matched_whole(key: str, value: str) -> None:
+    """A trailing newline or NUL, or a name that is a path component, is refused."""
+    from ferry.domain.config import DomainConfig
+    from ferry.errors import ConfigError
+
+    mapping = {"name": "vm", key: value}
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        DomainConfig.from_mapping(mapping, "test")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("mac", "00:16:3e:00:00:01\n"), ("bridge", "xenbr0\n")],
+)
+def test_vif_fields_are_matched_whole(field: str, value: str) -> None:
+    from ferry.domain.config import DomainConfig
+    from ferry.errors import ConfigError
+
+    vif = {"mac": "00:16:3e:00:00:01", "bridge": "xenbr0", field: value}
+    with pytest.raises(ConfigError):
+        DomainConfig.from_mapping({"name": "vm", "vif": [vif]}, "test")
+
+
+def test_disk_target_is_matched_whole() -> None:
+    from ferry.domain.config import DomainConfig
+    from ferry.errors import ConfigError
+
+    disk = {"path": "/xen/vm.img", "target": "xvda\n", "mode": "w"}
+    with pytest.raises(ConfigError):
+        DomainConfig.from_mapping({"name": "vm", "disk": [disk]}, "test")

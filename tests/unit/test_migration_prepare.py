@@ -19,6 +19,7 @@ import pytest
 from ferry.errors import MigrationRefused
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.storage import lease
+from ferry.util.wait import wait_until
 
 from .migration_harness import Cluster, FakeHost
 
@@ -89,11 +90,12 @@ async def test_a_valid_prepare_starts_a_paused_qemu(target: tuple[Cluster, FakeH
     ("change", "reason"),
     [
         ({"migration_id": "../../x" + "0" * 30}, "migration id"),
-        ({"boot": {"kernel_sha256": "0" * 64}}, "kernel .* differs"),
+        ({"boot": {"kernel_sha256": "0" * 64}}, "no kernel identical to the source's"),
+        ({"boot": {}}, "no kernel identical to the source's"),
         ({"disks": []}, "different number of disks"),
         ({"disks": "size"}, "different number of disks|malformed"),
     ],
-    ids=["bad-id", "kernel", "disk-count", "disk-malformed"],
+    ids=["bad-id", "kernel", "no-kernel-digest", "disk-count", "disk-malformed"],
 )
 async def test_refusals(
     target: tuple[Cluster, FakeHost], change: dict[str, Any], reason: str
@@ -168,3 +170,67 @@ async def test_the_data_connection_needs_the_token(target: tuple[Cluster, FakeHo
     await session.close()
     await h.s.incoming.close()
     assert_nothing_left(c, h)
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "missing"])
+async def test_boot_files_only_from_the_image_directory(
+    target: tuple[Cluster, FakeHost], where: str
+) -> None:
+    """A kernel the source names outside the image directory, with its very digest,
+    is refused, with the same answer as a missing one: no probing of this host's files."""
+    c, h = target
+    outside = c.tmp.parent / f"{c.tmp.name}-outside"
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_bytes(b"not a kernel")
+    path = secret if where == "elsewhere" else outside / "missing"
+    message = prepare_message(c, h)
+    message["config"]["kernel"] = str(path)
+    message["boot"] = {"kernel_sha256": hashlib.sha256(b"not a kernel").hexdigest()}
+    with pytest.raises(MigrationRefused) as refused:
+        await prepare(h, message)
+    assert str(refused.value).endswith(
+        "this host's image directory has no kernel identical to the source's"
+    )
+    assert_nothing_left(c, h)
+
+
+async def test_an_initrd_needs_its_digest(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    initrd = h.boot.kernel.parent / "initrd.img"
+    initrd.write_bytes(b"initrd")
+    message = prepare_message(c, h)
+    message["config"]["kernel"] = str(h.boot.kernel)
+    message["config"]["ramdisk"] = str(initrd)
+    with pytest.raises(MigrationRefused, match="no initrd identical to the source's"):
+        await prepare(h, message)
+    assert_nothing_left(c, h)
+
+
+async def test_connections_are_bounded_per_peer(target: tuple[Cluster, FakeHost]) -> None:
+    """A peer holding many idle connections gets a refusal, not the daemon's resources."""
+    from ferry.daemon import relocation
+
+    _c, h = target
+    idle = [
+        await asyncio.open_connection("127.0.0.1", h.port) for _ in range(relocation.MAX_PER_PEER)
+    ]
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+    answer = json.loads(await asyncio.wait_for(reader.readline(), 5))
+    assert answer["kind"] == "refused" and "too many" in answer["message"]
+    writer.close()
+    for _, w in idle:
+        w.close()
+
+    # Once they are gone, the peer is served again.
+    async def served() -> bool:
+        channel = await Channel.connect("127.0.0.1", h.port, 5)
+        try:
+            await channel.send({"type": "status", "migration_id": "0" * 32})
+            return (await channel.recv(5, "status"))["outcome"] == "unknown"
+        except MigrationRefused:
+            return False
+        finally:
+            await channel.close()
+
+    await wait_until(served, timeout=10, what="the peer to be served again")

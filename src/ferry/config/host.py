@@ -68,13 +68,18 @@ def load_host_config(path: Path | None) -> HostConfig:
 
 
 def hosts_allow_matches(patterns: Iterable[str], addr: str, names: Iterable[str] = ()) -> bool:
-    """xend's rule: no patterns allows all; else any pattern ``re.match``-es the
-    peer address or one of its names (anchored at the start only)."""
+    r"""No patterns allows all (xend's rule); else a pattern must match the peer's
+    address or one of its (forward-confirmed) names whole.
+
+    xend used ``re.match``, anchored at the start only: ``^192\.168\.1\.1``
+    also let 192.168.1.100 in. ferry matches the whole string (``fullmatch``);
+    xend's usual ``^name$`` patterns mean the same under both.
+    """
     compiled = [re.compile(p) for p in patterns]
     if not compiled:
         return True
     candidates = [addr, *names]
-    return any(p.match(c) for p in compiled for c in candidates)
+    return any(p.fullmatch(c) for p in compiled for c in candidates)
 
 
 def split_hosts_allow(text: str) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ def find_domain_file(name_or_path: str | Path, patterns: Sequence[str] = SEARCH_
     tried = [str(given)]
     name = str(name_or_path)
     # Only a plain domain name is looked up, so '../x' cannot reach outside the dirs.
-    if NAME_RE.match(name) and name not in (".", ".."):
+    if NAME_RE.fullmatch(name):
         for pattern in patterns:
             candidate = Path(pattern.format(name=name))
             tried.append(str(candidate))

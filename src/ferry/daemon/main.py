@@ -68,6 +68,7 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
         layout,
         guest_boot_files(lambda: load_image(image_cache)),
         accel_cache=image_cache.parent / "accel-probe.json",
+        boot_dirs=(image_cache,),
     )
     await services.reattach.all()
     server = ControlServer(services, layout.control_socket)

@@ -7,6 +7,7 @@ part holds the whole daemon.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +48,11 @@ class Services:
         boot_files: BootFilesProvider,
         accel_cache: Path | None = None,
         ask: Ask = ask_outcome,
+        boot_dirs: Sequence[Path] = (),
     ) -> Services:
         defaults = MigrationParams.from_wire(host.migration, f"host {host.name}: [migration]")
         table = DomainTable(host.name, layout)
-        launcher = Launcher(host, layout, boot_files, accel_cache)
+        launcher = Launcher(host, layout, boot_files, accel_cache, boot_dirs)
         watcher = DomainWatcher(table, launcher)
         background = Background()
         end = SourceEnd(table, launcher, ask)

@@ -37,10 +37,13 @@ from typing import Any
 
 from ferry.errors import ConfigError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}$")
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-TARGET_RE = re.compile(r"^(xvd|vd|sd|hd)[a-z]$")
+# Matched whole (fullmatch): "$" alone would let a trailing newline through.
+# A name becomes a directory name: it may not start with a dot ("." and "..").
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+BRIDGE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+TARGET_RE = re.compile(r"(xvd|vd|sd|hd)[a-z]")
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
 URL_SCHEMES = ("nbd://", "nbd+unix://", "nfs://", "iscsi://")
 LIFECYCLE_ACTIONS = ("destroy", "restart", "preserve")
 
@@ -178,9 +181,11 @@ class _Validator:
         if "name" not in data:
             raise ConfigError(f"{self.source}: 'name' is required")
         name = self.string(data, "name")
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise self.fail(
-                "name", f"{name!r} is not a valid domain name (letters, digits, '_.-', 1-64)"
+                "name",
+                f"{name!r} is not a valid domain name "
+                "(1-64 letters, digits and '_.-', not starting with '.' or '-')",
             )
         disks = self.disks(data.get("disk", []))
         return DomainConfig(
@@ -255,7 +260,7 @@ class _Validator:
 
     def hostname(self, data: Mapping[str, Any]) -> str | None:
         text = self.optional_string(data, "hostname")
-        if text is not None and not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$", text):
+        if text is not None and not HOSTNAME_RE.fullmatch(text):
             raise self.fail("hostname", f"{text!r} is not a valid host name")
         return text
 
@@ -314,7 +319,7 @@ class _Validator:
             if "," in path or "\n" in path:
                 raise self.fail(f"{where}.path", f"{path!r} must not contain ',' or newlines")
             target = item.get("target", "xvd" + "abcdefghijklmnopqrstuvwxyz"[index])
-            if not isinstance(target, str) or not TARGET_RE.match(target):
+            if not isinstance(target, str) or not TARGET_RE.fullmatch(target):
                 raise self.fail(
                     f"{where}.target", f"{target!r} is not a disk name like xvda or vdb"
                 )
@@ -341,14 +346,14 @@ class _Validator:
             mac = item.get("mac")
             if mac is None:
                 mac = random_mac()
-            if not isinstance(mac, str) or not MAC_RE.match(mac.lower()):
+            if not isinstance(mac, str) or not MAC_RE.fullmatch(mac.lower()):
                 raise self.fail(
                     f"{where}.mac", f"{mac!r} is not a MAC address like 00:16:3e:12:34:56"
                 )
             if int(mac[:2], 16) & 1:
                 raise self.fail(f"{where}.mac", f"{mac} is a multicast address")
             bridge = item.get("bridge", "xenbr0")
-            if not isinstance(bridge, str) or not BRIDGE_RE.match(bridge):
+            if not isinstance(bridge, str) or not BRIDGE_RE.fullmatch(bridge):
                 raise self.fail(f"{where}.bridge", f"{bridge!r} is not a bridge name")
             vifs.append(VifSpec(mac=mac.lower(), bridge=bridge))
         if len({v.mac for v in vifs}) != len(vifs):

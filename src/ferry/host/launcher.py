@@ -10,14 +10,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ferry.config.host import HostConfig
 from ferry.domain.config import DomainConfig
 from ferry.domain.state import DomainState
-from ferry.errors import FerryError, HypervisorError, QmpError, StorageError
+from ferry.errors import FerryError, HypervisorError, ImageError, QmpError, StorageError
 from ferry.host.layout import HostLayout
 from ferry.host.record import DomainRecord
 from ferry.host.running import BootFilesProvider, RunningDomain
@@ -31,6 +33,8 @@ from ferry.storage import lease
 log = logging.getLogger("ferryd")
 
 LAUNCH_TIMEOUT = 60.0
+# Kernels and initrds are tens of MiB; anything far larger is not one.
+MAX_BOOT_FILE = 512 << 20
 QMP_TIMEOUT = 10.0
 DESTROY_GRACE = 5.0
 
@@ -42,10 +46,14 @@ class Launcher:
         layout: HostLayout,
         boot_files: BootFilesProvider,
         accel_cache: Path | None = None,
+        boot_dirs: Sequence[Path] = (),
     ) -> None:
         self.host = host
         self.layout = layout
         self.boot_files = boot_files
+        # Where a kernel or initrd named by a migration's source may come from:
+        # ferry's own image directory, never a path a peer chose.
+        self.boot_dirs = tuple(Path(os.path.realpath(d)) for d in boot_dirs)
         # The probe's verdict is a property of the machine, not of one daemon's
         # state: shared by every ferryd on it, it costs one probe per machine.
         self.accel_cache = accel_cache or layout.state_dir / "accel-probe.json"
@@ -74,12 +82,21 @@ class Launcher:
                 f"({self.host.dom0_min_mem} MiB kept for the host)"
             )
 
-    def file_digest(self, path: Path) -> str:
+    async def file_digest(self, path: Path) -> str:
+        """sha256 of a boot file, hashed in a thread (never in the event loop), cached."""
         stat = path.stat()
+        if stat.st_size > MAX_BOOT_FILE:
+            raise ImageError(
+                f"{path} is larger than a boot file may be ({MAX_BOOT_FILE >> 20} MiB)"
+            )
         key = (str(path), stat.st_mtime_ns)
         if key not in self._digests:
-            self._digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+            self._digests[key] = await asyncio.to_thread(_sha256, path)
         return self._digests[key]
+
+    def in_boot_dirs(self, path: Path) -> bool:
+        real = Path(os.path.realpath(path))
+        return any(real.is_relative_to(d) for d in self.boot_dirs)
 
     def new_record(self, cfg: DomainConfig, accel: str, key: str, domid: int) -> DomainRecord:
         return DomainRecord(
@@ -177,6 +194,14 @@ class Launcher:
         shutil.rmtree(paths.run_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self.layout.record_file(record.key).unlink()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _mem_available_mib() -> int | None:

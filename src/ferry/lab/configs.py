@@ -9,7 +9,8 @@ from ferry.lab.storage import StorageSpec
 from ferry.lab.topology import VM_ADDRESS, VM_MAC
 
 RELOCATION_PORT = 8002
-HOSTS_ALLOW = (r"^10\.42\.0\.", "^xen_host_", "^localhost")
+# Matched whole: the lab's LAN, its hosts, and a host migrating to itself.
+HOSTS_ALLOW = (r"10\.42\.0\.\d+", r"xen_host_\d+", "localhost")
 
 
 def vm_config_text(storage_kind: str, export_dir: Path, name: str, memory: int) -> str:

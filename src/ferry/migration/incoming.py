@@ -85,7 +85,7 @@ class IncomingMigrations:
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self.launcher.check_memory(cfg)
                 boot_files = self.launcher.boot_files(cfg)
-                self._check_same_boot(cfg, boot)
+                await self._check_same_boot(cfg, boot)
                 accel = (await self.launcher.accel(boot_files)).accel
             except FerryError as err:
                 raise MigrationRefused(f"{where}: {err}") from err
@@ -146,15 +146,30 @@ class IncomingMigrations:
                         "is the storage really shared?"
                     )
 
-    def _check_same_boot(self, cfg: DomainConfig, boot: Mapping[str, Any]) -> None:
-        files = self.launcher.boot_files(cfg)
-        if boot.get("kernel_sha256") != self.launcher.file_digest(files.kernel):
-            raise ImageError(f"kernel {files.kernel} differs from the source's")
-        want = boot.get("initrd_sha256")
-        if want is not None and (
-            files.initrd is None or want != self.launcher.file_digest(files.initrd)
-        ):
-            raise ImageError(f"initrd {files.initrd} differs from the source's")
+    async def _check_same_boot(self, cfg: DomainConfig, boot: Mapping[str, Any]) -> None:
+        """The very boot files of the source, found in this host's image directory.
+
+        One answer whether a file is missing, elsewhere or different, so that a
+        peer learns nothing about the files of this host.
+        """
+        try:
+            files = self.launcher.boot_files(cfg)
+        except ImageError:
+            files = None
+        wanted = [("kernel", files.kernel if files else None, boot.get("kernel_sha256"))]
+        if cfg.ramdisk or boot.get("initrd_sha256") is not None or (files and files.initrd):
+            wanted.append(("initrd", files.initrd if files else None, boot.get("initrd_sha256")))
+        for role, path, digest in wanted:
+            if not (
+                isinstance(digest, str)
+                and path is not None
+                and self.launcher.in_boot_dirs(path)
+                and path.is_file()
+                and await self.launcher.file_digest(path) == digest
+            ):
+                raise ImageError(
+                    f"this host's image directory has no {role} identical to the source's"
+                )
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None:
         arriving = self.table.incoming(migration_id)

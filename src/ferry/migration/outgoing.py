@@ -50,7 +50,7 @@ class OutgoingMigrations:
             dom.outgoing = control
         try:
             facts = await self._disk_facts(dom)
-            boot = self._boot_facts(dom.record.config)
+            boot = await self._boot_facts(dom.record.config)
             out = OutgoingMigration(
                 name=name,
                 monitor=dom.monitor,
@@ -130,11 +130,12 @@ class OutgoingMigrations:
             facts.append(fact)
         return facts
 
-    def _boot_facts(self, cfg: DomainConfig) -> dict[str, Any]:
+    async def _boot_facts(self, cfg: DomainConfig) -> dict[str, Any]:
         boot = self.launcher.boot_files(cfg)
+        initrd = await self.launcher.file_digest(boot.initrd) if boot.initrd else None
         return {
-            "kernel_sha256": self.launcher.file_digest(boot.kernel),
-            "initrd_sha256": self.launcher.file_digest(boot.initrd) if boot.initrd else None,
+            "kernel_sha256": await self.launcher.file_digest(boot.kernel),
+            "initrd_sha256": initrd,
         }
 
 
