@@ -115,10 +115,13 @@ async def test_disk_of_another_size_is_refused(target: tuple[Cluster, FakeHost])
     assert_nothing_left(c, h)
 
 
-async def test_disk_with_another_lease_is_refused(target: tuple[Cluster, FakeHost]) -> None:
+@pytest.mark.parametrize("token", ["f" * 32, None], ids=["other", "none"])
+async def test_disk_without_the_sources_lease_is_refused(
+    target: tuple[Cluster, FakeHost], token: str | None
+) -> None:
     c, h = target
     message = prepare_message(c, h)
-    message["disks"][0]["lease_token"] = "f" * 32
+    message["disks"][0]["lease_token"] = token
     with pytest.raises(MigrationRefused, match="lease differs"):
         await prepare(h, message)
     assert_nothing_left(c, h)

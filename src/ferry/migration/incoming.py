@@ -137,10 +137,12 @@ class IncomingMigrations:
                     f"disk {disk.path} is {here} bytes here but {size} bytes on the source: "
                     "not the same image"
                 )
-            token = fact.get("lease_token")
-            if token is not None:
+            if disk.writable and not disk.is_url:
+                # Required: the token proves the source holds the disk and that
+                # this host sees that very file, not a copy at the same path.
+                token = fact.get("lease_token")
                 held = lease.read_lease(disk.path)
-                if held is None or held.token != token:
+                if not isinstance(token, str) or held is None or held.token != token:
                     raise StorageError(
                         f"disk {disk.path} here is not the source's disk (its lease differs): "
                         "is the storage really shared?"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,9 @@ class Lease:
 
 
 def lease_path(disk: str) -> Path:
-    return Path(disk + SUFFIX)
+    """Beside the disk's real file: a symlink or another spelling of the path is
+    the same disk, so it must find the same lease."""
+    return Path(os.path.realpath(disk) + SUFFIX)
 
 
 def read_lease(disk: str) -> Lease | None:
@@ -55,9 +56,10 @@ def read_lease(disk: str) -> Lease | None:
 def write_lease(disk: str, host: str, domain: str, token: str | None = None) -> Lease:
     lease = Lease(host, domain, token or secrets.token_hex(16), time.time())
     path = lease_path(disk)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
+    # Unpredictable and created exclusively: nobody can plant it beforehand.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
-        with tmp.open("w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(asdict(lease), f)
             f.flush()
             os.fsync(f.fileno())
@@ -68,14 +70,30 @@ def write_lease(disk: str, host: str, domain: str, token: str | None = None) -> 
 
 
 def acquire(disk: str, host: str, domain: str) -> Lease:
-    """Take the lease for a new domain; refuse one held by another host."""
-    held = read_lease(disk)
-    if held is not None and held.host != host:
-        raise StorageError(
-            f"disk {disk} is leased by domain '{held.domain}' on host {held.host}; if that "
-            f"host is gone for good, remove {lease_path(disk)}"
-        )
-    return write_lease(disk, host, domain)
+    """Take the lease for a new domain; refuse one held by another host.
+
+    The lease file is created with O_EXCL, so of two hosts racing for a free
+    disk exactly one wins; a lease this host already holds is taken over.
+    """
+    lease = Lease(host, domain, secrets.token_hex(16), time.time())
+    path = lease_path(disk)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        held = read_lease(disk)
+        if held is not None and held.host != host:
+            raise StorageError(
+                f"disk {disk} is leased by domain '{held.domain}' on host {held.host}; if that "
+                f"host is gone for good, remove {path}"
+            ) from None
+        return write_lease(disk, host, domain)
+    except OSError as err:
+        raise StorageError(f"cannot create disk lease {path}: {err.strerror}") from err
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(lease), f)
+        f.flush()
+        os.fsync(f.fileno())
+    return lease
 
 
 def release(disk: str, host: str) -> None:
