@@ -36,8 +36,8 @@ async def target(tmp_path: Path) -> AsyncIterator[tuple[Cluster, FakeHost]]:
         c.kill_all()
 
 
-def prepare_message(c: Cluster, h: FakeHost, **changes: Any) -> dict[str, Any]:
-    config = c.domain()
+def prepare_message(c: Cluster, h: FakeHost, name: str = "vm", **changes: Any) -> dict[str, Any]:
+    config = c.domain(name)
     disk = config["disk"][0]["path"]
     held = lease.acquire(disk, "h1", "vm")
     kernel = h.boot.kernel
@@ -237,3 +237,44 @@ async def test_connections_are_bounded_per_peer(target: tuple[Cluster, FakeHost]
             await channel.close()
 
     await wait_until(served, timeout=10, what="the peer to be served again")
+
+
+def free_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no MemAvailable")
+
+
+async def test_memory_promised_to_arriving_domains_counts(
+    target: tuple[Cluster, FakeHost],
+) -> None:
+    """Two arrivals that each fit alone, but not together: the second is refused."""
+    c, h = target
+    each = int(free_mib() * 0.6)
+    first = prepare_message(c, h, "vm1")
+    first["config"]["memory"] = each
+    session, _ = await open_session(h, first)
+    second = prepare_message(c, h, "vm2")
+    second["config"]["memory"] = each
+    with pytest.raises(MigrationRefused, match="promised to its domains"):
+        await prepare(h, second)
+    assert len(c.qemus()) == 1
+    await session.close()
+    await h.s.incoming.close()
+    assert_nothing_left(c, h)
+
+
+async def test_arrivals_at_once_are_bounded(
+    target: tuple[Cluster, FakeHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ferry.migration import incoming
+
+    monkeypatch.setattr(incoming, "MAX_PENDING", 1)
+    c, h = target
+    session, _ = await open_session(h, prepare_message(c, h, "vm1"))
+    with pytest.raises(MigrationRefused, match="1 migrations are arriving already"):
+        await prepare(h, prepare_message(c, h, "vm2"))
+    await session.close()
+    await h.s.incoming.close()
+    assert_nothing_left(c, h)

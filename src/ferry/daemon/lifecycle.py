@@ -83,7 +83,7 @@ class Lifecycle:
                     cfg, self.host.storage_roots, self.table.disks_in_use(self.host.storage_roots)
                 )
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
-                self.launcher.check_memory(cfg)
+                self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot = self.launcher.boot_files(cfg)
                 accel = (await self.launcher.accel(boot)).accel
                 leases = self.launcher.acquire_leases(cfg)

@@ -73,13 +73,15 @@ class Launcher:
             log.info("accelerator: %s (%s)", self._accel.accel, self._accel.reason)
         return self._accel
 
-    def check_memory(self, cfg: DomainConfig) -> None:
+    def check_memory(self, cfg: DomainConfig, promised_mib: int = 0) -> None:
+        """Refuse a domain the host cannot hold, counting what is already promised."""
         available = _mem_available_mib()
-        needed = cfg.memory + self.host.dom0_min_mem
+        needed = cfg.memory + self.host.dom0_min_mem + promised_mib
         if available is not None and needed > available:
             raise HypervisorError(
                 f"{cfg.memory} MiB of memory requested but only {available} MiB is available "
-                f"({self.host.dom0_min_mem} MiB kept for the host)"
+                f"({self.host.dom0_min_mem} MiB kept for the host, {promised_mib} MiB "
+                "promised to its domains)"
             )
 
     async def file_digest(self, path: Path) -> str:

@@ -21,6 +21,7 @@ from ferry.errors import DomainNotFound
 from ferry.host.layout import HostLayout
 from ferry.host.outcomes import OutcomeBook
 from ferry.host.running import Incoming, RunningDomain
+from ferry.hypervisor import process
 from ferry.storage.disks import resolve_disk
 
 log = logging.getLogger("ferryd")
@@ -76,6 +77,14 @@ class DomainTable:
             if d is not exclude
             for disk in d.record.config.disks
         ]
+
+    def promised_mib(self) -> int:
+        """Memory the domains here may still take: QEMU allocates a guest's RAM as
+        the guest touches it, and an arriving domain fills all of its RAM."""
+        return sum(
+            max(0, d.record.config.memory - (process.rss_mib(d.pid) if d.record.pid else 0))
+            for d in self.everyone()
+        )
 
     # -- changes ---------------------------------------------------------------
 

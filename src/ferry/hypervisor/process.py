@@ -106,6 +106,17 @@ def is_our_qemu(pid: int, marker: Path) -> bool:
     return str(marker).encode() in cmdline
 
 
+def rss_mib(pid: int) -> int:
+    """Resident memory of ``pid`` in MiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

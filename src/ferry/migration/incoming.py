@@ -45,6 +45,8 @@ from ferry.util.wait import wait_until
 log = logging.getLogger("ferryd")
 
 STREAM_COMPLETE_TIMEOUT = 30.0
+# Arriving domains at once: each holds a paused QEMU and its memory.
+MAX_PENDING = 4
 RESUME_EVENT_TIMEOUT = 10.0
 _ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
@@ -76,6 +78,8 @@ class IncomingMigrations:
                 raise MigrationRefused(f"{where}: a domain of that name already runs there")
             if self.table.arriving(cfg.name):
                 raise MigrationRefused(f"{where}: it is already arriving from another migration")
+            if len(self.table.incoming_ids()) >= MAX_PENDING:
+                raise MigrationRefused(f"{where}: {MAX_PENDING} migrations are arriving already")
             if self.table.outcomes.get(migration_id) is not None:
                 raise MigrationRefused(f"{where}: migration {migration_id[:8]} was seen before")
             roots = self.host.storage_roots
@@ -83,7 +87,7 @@ class IncomingMigrations:
                 check_disks(cfg, roots, self.table.disks_in_use(roots, exclude=local))
                 await self._check_same_disks(cfg, disks)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
-                self.launcher.check_memory(cfg)
+                self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot_files = self.launcher.boot_files(cfg)
                 await self._check_same_boot(cfg, boot)
                 accel = (await self.launcher.accel(boot_files)).accel
