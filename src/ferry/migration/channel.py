@@ -54,7 +54,7 @@ class Channel:
         kind = "refused" if isinstance(err, MigrationRefused) else "error"
         # A peer that is gone learns from the closed connection instead.
         with contextlib.suppress(MigrationError):
-            await self.send({"type": "error", "kind": kind, "message": str(err)})
+            await self.send({"type": "error", "kind": kind, "message": one_line(str(err))})
 
     async def recv(self, timeout: float, expect: str | None = None) -> dict[str, Any]:
         try:
@@ -66,8 +66,9 @@ class Channel:
         if not line:
             raise MigrationError(f"{self.peer} closed the connection")
         try:
-            message = json.loads(line)
-        except ValueError:
+            message = json.loads(line, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            # RecursionError: a deep nest of brackets, which json cannot parse.
             raise MigrationError(f"{self.peer} sent a malformed message") from None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise MigrationError(f"{self.peer} sent a message without a type")
@@ -77,7 +78,7 @@ class Channel:
                 raise MigrationRefused(text)
             raise MigrationError(text)
         if expect is not None and message["type"] != expect:
-            raise MigrationError(f"{self.peer} sent '{message['type']}' where '{expect}' was due")
+            raise MigrationError(f"{self.peer} sent {message['type']!r} where '{expect}' was due")
         return message
 
     def socket(self) -> socket.socket:
@@ -89,3 +90,17 @@ class Channel:
         self.writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await self.writer.wait_closed()
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: a peer that sends them sent garbage."""
+    raise ValueError(f"{name} is not allowed")
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """An error for a person: one line, control characters shown escaped, bounded.
+
+    Messages may quote what a peer sent; its newlines must not forge lines.
+    """
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."

@@ -63,9 +63,16 @@ async def serve_connection(channel: Channel, host: TargetHost, local_name: str) 
             outcome = host.migration_outcome(str(first.get("migration_id")))
             await channel.send({"type": "status", "outcome": outcome})
         else:
-            await channel.send_error(MigrationError(f"unknown relocation request '{kind}'"))
+            await channel.send_error(MigrationError(f"unknown relocation request {kind!r}"))
     except MigrationError as err:
         log.info("relocation connection from %s: %s", channel.peer, err)
+        # A peer still listening learns why (a closed one learns nothing more).
+        await channel.send_error(err)
+    except (FerryError, TypeError, ValueError, KeyError, AttributeError) as err:
+        # Whatever shape a peer's message takes, it gets one line back and
+        # changes nothing here.
+        log.warning("malformed relocation request from %s: %r", channel.peer, err)
+        await channel.send_error(MigrationRefused(f"malformed relocation request: {err}"))
     finally:
         # A data connection's socket lives on in QEMU, which holds its own copy.
         await channel.close()
@@ -89,17 +96,22 @@ async def _session(
         await channel.send_error(MigrationRefused("a migration id is 32 lowercase hex digits"))
         return
     try:
-        params = MigrationParams.from_wire(prepare.get("params") or {})
-        config = prepare.get("config")
+        config, params, disks, boot = (
+            prepare.get(k) for k in ("config", "params", "disks", "boot")
+        )
         if not isinstance(config, dict):
             raise MigrationRefused("the source sent no domain config")
+        if not isinstance(params, dict | None) or not isinstance(disks, list | None):
+            raise MigrationRefused("'params' must be an object and 'disks' a list")
+        if not isinstance(boot, dict | None):
+            raise MigrationRefused("'boot' must be an object")
         token = await host.prepare_incoming(
             migration_id,
             config,
-            params,
-            list(prepare.get("disks") or []),
-            dict(prepare.get("boot") or {}),
-            f"{hello.get('host')} ({channel.peer})",
+            MigrationParams.from_wire(params or {}),
+            list(disks or []),
+            dict(boot or {}),
+            f"{str(hello.get('host'))[:64]} ({channel.peer})",
         )
     except FerryError as err:
         refusal = err if isinstance(err, MigrationRefused) else MigrationRefused(str(err))
@@ -113,7 +125,7 @@ async def _session(
                 continue
             if message["type"] == "commit":
                 break
-            raise MigrationError(f"unexpected '{message['type']}' from the source")
+            raise MigrationError(f"unexpected {message['type']!r} from the source")
     except MigrationError as err:
         await host.abort_incoming(migration_id, str(err))
         return
