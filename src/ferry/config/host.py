@@ -47,6 +47,8 @@ class HostConfig:
     run_dir: Path = Path("/run/ferry")
     accel: str = "auto"
     storage_roots: tuple[Path, ...] = (Path("/xen"), Path("/var/lib/ferry/images"))
+    # The hosts that nfs://, nbd:// and iscsi:// disks may name (none: no URL disks).
+    storage_servers: tuple[str, ...] = ()
     qemu_binary: str = "qemu-system-x86_64"
     relocation: RelocationConfig = field(default_factory=RelocationConfig)
     dom0_min_mem: int = 0  # MiB kept for the host
@@ -93,6 +95,7 @@ def split_hosts_allow(text: str) -> tuple[str, ...]:
 
 _TOP_KEYS = frozenset(
     {"name", "state_dir", "run_dir", "accel", "storage_roots", "qemu_binary", "dom0_min_mem"}
+    | {"storage_servers"}
     | {"relocation", "migration"}
 )
 _RELOCATION_KEYS = frozenset({"enabled", "port", "address", "hosts_allow"})
@@ -122,6 +125,11 @@ class _TomlHost:
         roots = data.get("storage_roots", [str(p) for p in defaults.storage_roots])
         if not isinstance(roots, list):
             raise self.fail("storage_roots", f"expected a list of paths, got {roots!r}")
+        servers = data.get("storage_servers", [])
+        if not isinstance(servers, list) or not all(
+            isinstance(x, str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,253}", x) for x in servers
+        ):
+            raise self.fail("storage_servers", "expected a list of host names or addresses")
         patterns = relocation.get("hosts_allow", [])
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
             raise self.fail("relocation.hosts_allow", "expected a list of regex strings")
@@ -131,6 +139,7 @@ class _TomlHost:
             run_dir=self.path(data, "run_dir", defaults.run_dir),
             accel=self.accel(data),
             storage_roots=tuple(self.root(r) for r in roots),
+            storage_servers=tuple(x.lower() for x in servers),
             qemu_binary=self.text(data, "qemu_binary", defaults.qemu_binary),
             relocation=RelocationConfig(
                 enabled=self.flag(relocation, "enabled", "relocation.enabled"),

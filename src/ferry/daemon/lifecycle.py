@@ -79,9 +79,8 @@ class Lifecycle:
                     f"running on host {self.host.name}"
                 )
             try:
-                check_disks(
-                    cfg, self.host.storage_roots, self.table.disks_in_use(self.host.storage_roots)
-                )
+                roots = self.host.storage_roots
+                check_disks(cfg, roots, self.table.disks_in_use(roots), self.host.storage_servers)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot = self.launcher.boot_files(cfg)

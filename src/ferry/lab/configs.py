@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ferry.lab import topology
 from ferry.lab.storage import StorageSpec
-from ferry.lab.topology import VM_ADDRESS, VM_MAC
+from ferry.lab.topology import STORAGE, VM_ADDRESS, VM_MAC
 
 RELOCATION_PORT = 8002
 # Matched whole: the lab's LAN, its hosts, and a host migrating to itself.
@@ -45,6 +45,7 @@ accel = "tcg"
 state_dir = "{state_dir}"
 run_dir = "{run_dir}"
 storage_roots = ["{export_dir}"]
+storage_servers = ["{STORAGE.address}"]
 
 [relocation]
 enabled = true

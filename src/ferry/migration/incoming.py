@@ -84,7 +84,8 @@ class IncomingMigrations:
                 raise MigrationRefused(f"{where}: migration {migration_id[:8]} was seen before")
             roots = self.host.storage_roots
             try:
-                check_disks(cfg, roots, self.table.disks_in_use(roots, exclude=local))
+                in_use = self.table.disks_in_use(roots, exclude=local)
+                check_disks(cfg, roots, in_use, self.host.storage_servers)
                 await self._check_same_disks(cfg, disks)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self.launcher.check_memory(cfg, self.table.promised_mib())

@@ -6,6 +6,7 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ferry.domain.config import DiskSpec, DomainConfig
 from ferry.errors import StorageError
@@ -37,16 +38,43 @@ def _real_roots(roots: Sequence[Path]) -> list[Path]:
     return [Path(os.path.realpath(root)) for root in roots]
 
 
+def check_url(disk: DiskSpec, servers: Sequence[str]) -> None:
+    """A URL disk may only name a storage server the host config allows.
+
+    QEMU opens the URL itself, with ferryd's rights: a URL naming a unix
+    socket (``nbd+unix://...?socket=/run/ferry/ferryd.sock``) or any host the
+    operator did not list would let a config reach what it should not.
+    """
+    url = urlsplit(disk.path)
+    if url.scheme not in ("nfs", "nbd", "iscsi"):
+        raise StorageError(f"disk {disk.path}: {url.scheme}:// disks are not allowed")
+    if url.query and "socket" in url.query:
+        raise StorageError(f"disk {disk.path}: a URL may not name a socket")
+    host = (url.hostname or "").lower()
+    if host not in servers:
+        allowed = ", ".join(servers) or "none configured"
+        raise StorageError(
+            f"disk {disk.path}: {host or 'no host'} is not one of this host's storage servers "
+            f"(storage_servers: {allowed})"
+        )
+
+
 def check_disks(
-    cfg: DomainConfig, roots: Sequence[Path], in_use: Iterable[tuple[str, str]]
+    cfg: DomainConfig,
+    roots: Sequence[Path],
+    in_use: Iterable[tuple[str, str]],
+    servers: Sequence[str] = (),
 ) -> None:
-    """Refuse a config whose disks are missing, outside the roots or written by another domain.
+    """Refuse a config whose disks are missing, outside the roots or the allowed
+    storage servers, or written by another domain.
 
     ``in_use`` holds (domain name, canonical disk identity) for the writable
     disks of the domains already on this host.
     """
     users = dict((disk, name) for name, disk in in_use)
     for disk in cfg.disks:
+        if disk.is_url:
+            check_url(disk, servers)
         identity = resolve_disk(disk, roots)
         owner = users.get(identity)
         if owner is not None and owner != cfg.name:
