@@ -484,6 +484,53 @@ def test_idle_and_non_reading_clients_do_not_hold_up_others(tmp_path: Path, root
                 sock.close()
 
 
+def test_a_dribbled_request_head_is_cut_at_the_deadline(root: Path) -> None:
+    """Clients sending one header byte at a time cannot hold every slot."""
+    with running(root, idle_timeout=5.0, request_deadline=1.0, max_clients=4) as s:
+        port = port_of(s)
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        start = time.monotonic()
+        try:
+            for sock in slow:
+                sock.sendall(b"G")
+            # Each byte comes well within the idle timeout, never the whole head.
+            while time.monotonic() - start < 3.0:
+                cut = 0
+                for sock in slow:
+                    try:
+                        sock.sendall(b"E")
+                    except OSError:
+                        cut += 1
+                if cut == len(slow):
+                    break
+                time.sleep(0.2)
+            assert time.monotonic() - start < 3.0, "the slow clients were never cut"
+            resp, body = get(s, "/movie.ogg")
+            assert resp.status == 200 and body == BODY
+        finally:
+            for sock in slow:
+                sock.close()
+
+
+def test_one_address_gets_at_most_its_share(root: Path) -> None:
+    with running(root, idle_timeout=5.0, max_per_client=2) as s:
+        port = port_of(s)
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            extra = raw(s, b"GET /movie.ogg HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert extra.startswith(b"HTTP/1.1 503"), extra[:80]
+        finally:
+            for sock in held:
+                sock.close()
+
+        # Their slots come back once they are gone.
+        def served() -> bool:
+            request = b"GET /movie.ogg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            return raw(s, request).startswith(b"HTTP/1.1 200")
+
+        wait_until_sync(served, timeout=5, what="the address to be served again")
+
+
 def test_fifty_concurrent_paced_clients_each_get_the_paced_rate(tmp_path: Path) -> None:
     # 60 kB lasting 1 s, burst 0.25 s: each client should need 0.75 s.
     root = paced_root(tmp_path, 60_000, 1.0)
@@ -498,7 +545,8 @@ def test_fifty_concurrent_paced_clients_each_get_the_paced_rate(tmp_path: Path) 
         with lock:
             results.append(r)
 
-    with running(root, idle_timeout=5.0) as s:
+    # Fifty clients from one address: lift the per-client cap for this test.
+    with running(root, idle_timeout=5.0, max_per_client=64) as s:
         s.config.pace, s.config.burst = 1.0, 0.25
         port = port_of(s)
         idle = socket.create_connection(("127.0.0.1", port))  # a silent neighbour

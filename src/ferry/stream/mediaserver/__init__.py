@@ -37,9 +37,11 @@ written in chunks of at most 8 KiB, about 20 per second, so that a player's
 progress is fine-grained. ``--pace 0`` disables pacing.
 
 Concurrency. One thread per connection; a client that sends nothing is dropped
-after ``--idle-timeout`` seconds, one that reads nothing after
-``--send-timeout`` seconds, and neither holds up any other client. At most
-``--max-clients`` connections are served at once; more get a 503.
+after ``--idle-timeout`` seconds, one whose request head has not arrived whole
+within ``--request-deadline`` seconds (however it dribbles) is dropped, one
+that reads nothing after ``--send-timeout`` seconds too, and none holds up any
+other client. At most ``--max-clients`` connections are served at once, and
+``--max-per-client`` from one address; more get a 503.
 """
 
 from __future__ import annotations

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=20.0)
     p.add_argument("--send-timeout", type=float, default=60.0)
     p.add_argument("--max-clients", type=int, default=256)
+    p.add_argument("--max-per-client", type=int, default=16)
+    p.add_argument("--request-deadline", type=float, default=10.0)
     return p
 
 
@@ -83,6 +85,8 @@ def config_from_args(argv: Sequence[str] | None) -> Config:
         idle_timeout=args.idle_timeout,
         send_timeout=args.send_timeout,
         max_clients=args.max_clients,
+        max_per_client=args.max_per_client,
+        request_deadline=args.request_deadline,
     )
 
 

@@ -24,3 +24,7 @@ class Config:
     idle_timeout: float = 20.0
     send_timeout: float = 60.0
     max_clients: int = 256
+    # The whole request head (line and headers) must arrive within this: a
+    # per-read timeout alone lets a client dribble a byte a second for ever.
+    request_deadline: float = 10.0
+    max_per_client: int = 16

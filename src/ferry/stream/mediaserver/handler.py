@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import threading
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -39,8 +41,16 @@ class MediaHandler(BaseHTTPRequestHandler):
             raise TypeError(f"{type(self.server).__name__} carries no ServerContext")
         return ctx
 
+    def _too_slow(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def parse_request(self) -> bool:
-        if not super().parse_request():
+        ok = super().parse_request()
+        # The head has arrived (or failed): the deadline no longer applies.
+        self._head_timer.cancel()
+        if not ok:
             return False
         if len(self.requestline.split()) < 3:
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not supported")
@@ -73,7 +83,15 @@ class MediaHandler(BaseHTTPRequestHandler):
         self._sent = 0
         self._status = 0
         self.requestline = ""
-        super().handle_one_request()
+        # The whole request head within the deadline: past it, the connection
+        # is shut, which ends any read still waiting for the rest.
+        self._head_timer = threading.Timer(self.ctx.config.request_deadline, self._too_slow)
+        self._head_timer.daemon = True
+        self._head_timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._head_timer.cancel()
         if self.requestline:
             client = self.client_address[0]
             self.ctx.access_log.write(
