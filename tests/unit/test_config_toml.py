@@ -218,3 +218,27 @@ def test_disk_target_is_matched_whole() -> None:
     disk = {"path": "/xen/vm.img", "target": "xvda\n", "mode": "w"}
     with pytest.raises(ConfigError):
         DomainConfig.from_mapping({"name": "vm", "disk": [disk]}, "test")
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('name = "x"\nmemory = ' + "9" * 5000 + "\n", "invalid TOML: Exceeds the limit"),
+        ('name = "x"\nvcpus = ' + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ],
+    ids=["5000-digit-number", "5000-deep-array"],
+)
+def test_hostile_toml_gets_one_line(tmp_path: Path, text: str, why: str) -> None:
+    from ferry.config.host import load_host_config
+    from ferry.config.loader import load_domain_file
+    from ferry.errors import ConfigError
+
+    domain = tmp_path / "vm.toml"
+    domain.write_text(text)
+    with pytest.raises(ConfigError, match=why) as err:
+        load_domain_file(domain)
+    assert "\n" not in str(err.value)
+    host = tmp_path / "ferryd.toml"
+    host.write_text(text.replace('name = "x"', 'name = "h"').replace("memory", "dom0_min_mem"))
+    with pytest.raises(ConfigError, match=why):
+        load_host_config(host)

@@ -59,6 +59,8 @@ def load_toml_domain(path: Path) -> DomainConfig:
 def load_toml_text(text: str, source: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
     except tomllib.TOMLDecodeError as err:
         message = str(err)
         match = _POSITION.match(message)
@@ -66,6 +68,9 @@ def load_toml_text(text: str, source: str) -> dict[str, Any]:
             why, line, column = match.groups()
             raise ConfigError(f"{source}:{line}:{column}: invalid TOML: {why}") from err
         raise ConfigError(f"{source}: invalid TOML: {message}") from err
+    except ValueError as err:
+        # tomllib lets Python's own limit on integer digits (4300) through.
+        raise ConfigError(f"{source}: invalid TOML: {str(err).split(';')[0]}") from None
 
 
 def toml_key_lines(text: str, source: str) -> dict[str, str]:
