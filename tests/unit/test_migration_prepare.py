@@ -93,7 +93,7 @@ async def test_a_valid_prepare_starts_a_paused_qemu(target: tuple[Cluster, FakeH
         ({"boot": {"kernel_sha256": "0" * 64}}, "no kernel identical to the source's"),
         ({"boot": {}}, "no kernel identical to the source's"),
         ({"disks": []}, "different number of disks"),
-        ({"disks": "size"}, "different number of disks|malformed"),
+        ({"disks": "size"}, "'disks' a list"),
     ],
     ids=["bad-id", "kernel", "no-kernel-digest", "disk-count", "disk-malformed"],
 )
