@@ -161,13 +161,13 @@ def watch(lab: Lab, url: str, output: Path) -> subprocess.Popen[str]:
     return lab.popen("client_2", argv, stdout=subprocess.DEVNULL)
 
 
-def playing_with_buffer(output: Path, seconds: float) -> bool:
-    """The player (``watch``) plays, with at least ``seconds`` buffered."""
+def playing(output: Path) -> bool:
+    """The player (``watch``) has started playing (its live status file says so)."""
     try:
         status = json.loads(output.with_suffix(".status").read_text())
     except (OSError, ValueError):
         return False
-    return bool(status.get("state") == "playing" and status.get("buffer_s", 0) >= seconds)
+    return bool(status.get("state") == "playing")
 
 
 def acked_records(s: Scenario) -> int:
@@ -204,10 +204,10 @@ def test_live_migration_there_and_back_while_streaming(
         player = watch(lab, CLIP, lab.workdir / "watch.json")
         writer = s.start_writes(seconds=25)
         wait_until_sync(
-            lambda: playing_with_buffer(lab.workdir / "watch.json", 2.0) and acked_records(s) > 0,
+            lambda: playing(lab.workdir / "watch.json") and acked_records(s) > 0,
             timeout=60,
             interval=0.2,
-            what="the player to play from a buffer and the guest's writes to flow",
+            what="the player to play and the guest's writes to flow",
         )
         for src, dst in (("xen_host_1", "xen_host_2"), ("xen_host_2", "xen_host_1")):
             result = s.migrate(src, dst, "-l")

@@ -9,6 +9,7 @@ score; exits non-zero if any mutant survived.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -50,12 +51,29 @@ def run_one(mutant: Mutant, tree: Path) -> dict[str, object]:
         killed, failed = True, [f"timed out after {TIMEOUT_S} s"]
     finally:
         target.write_text(original)
+        end_leftovers(tree)
     return {
         "mutant": mutant.name,
         "killed": killed,
         "by": failed[:1],
         "seconds": round(time.monotonic() - start, 1),
     }
+
+
+def end_leftovers(tree: Path) -> None:
+    """A mutant may leave fake QEMUs behind (a run cut by the timeout): end them."""
+    import signal
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"fake_qemu.py" in argv and str(tree).encode() in argv:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def main() -> int:

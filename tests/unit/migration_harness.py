@@ -208,6 +208,7 @@ class Cluster:
         return copy
 
     def kill_all(self) -> None:
+        """End every fake QEMU of this test (by its directory in their command line)."""
         for pid in self.qemus():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -74,10 +74,12 @@ class Target:
         return asyncio.run_coroutine_threadsafe(work, self.loop).result(60)
 
     def close(self) -> None:
-        self.run(self.host.crash())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.cluster.kill_all()
+        try:
+            self.run(self.host.crash())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        finally:
+            self.cluster.kill_all()
 
     def exchange(self, lines: list[bytes]) -> list[Any]:
         """Send each line, read one answer line after each; stop when the host closes."""

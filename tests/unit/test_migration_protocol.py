@@ -39,10 +39,13 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     try:
         yield c
     finally:
-        for host in c.hosts:
-            if host.services is not None:
-                await host.crash()
-        c.kill_all()
+        try:
+            for host in c.hosts:
+                if host.services is not None:
+                    await host.crash()
+        finally:
+            # Whatever happened above, no fake QEMU outlives its test.
+            c.kill_all()
 
 
 @pytest.fixture

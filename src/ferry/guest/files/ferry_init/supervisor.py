@@ -38,6 +38,12 @@ class Init:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Opened now, before "userspace reached" is said: evdev delivers a
+        # press only to descriptors already open, and whoever watches the
+        # console may press the button as soon as the guest says it is up
+        # (seen: a press right after "network up" was lost, the guest ran on).
+        for fd in open_power_buttons():
+            self.sel.register(fd, selectors.EVENT_READ, "power")
 
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_reason = self.stop_reason or signal.Signals(signum).name
@@ -55,8 +61,6 @@ class Init:
                 child.exited(status)
 
     def run(self, children: list[Child]) -> NoReturn:
-        for fd in open_power_buttons():
-            self.sel.register(fd, selectors.EVENT_READ, "power")
         while self.stop_reason is None:
             self.reap()
             now = time.monotonic()
