@@ -111,17 +111,11 @@ class LabHost:
         """QEMUs started for this test, found by its unique directory in their
         command line: even one whose pidfile a failing ferryd removed."""
         marker = str(self.workdir).encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(b"qemu-system") and marker in cmdline:
-                found.append(int(entry.name))
-        return found
+        return [
+            pid
+            for pid, argv in process.processes(marker).items()
+            if argv[0].startswith(b"qemu-system")
+        ]
 
 
 def _cleanup_host(host: LabHost, known_pids: list[int]) -> None:

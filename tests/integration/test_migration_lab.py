@@ -137,22 +137,11 @@ class Scenario:
 def vm_qemus(host: str) -> list[int]:
     """The live QEMU processes of the VM whose run files are ``host``'s."""
     marker = str(lab_mod.RUN_ROOT / host).encode() + b"/"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if (
-            argv.startswith(b"qemu-system")
-            and f"guest={VM},".encode() in argv
-            and marker in argv
-            and process.is_alive(int(entry.name))
-        ):
-            found.append(int(entry.name))
-    return found
+    return [
+        pid
+        for pid, argv in process.processes(marker, f"guest={VM},".encode()).items()
+        if argv[0].startswith(b"qemu-system")
+    ]
 
 
 def watch(lab: Lab, url: str, output: Path) -> subprocess.Popen[str]:

@@ -13,12 +13,14 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ferry.hypervisor import process
 from tests.mutation.mutants import MUTANTS, Mutant
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,18 +64,9 @@ def run_one(mutant: Mutant, tree: Path) -> dict[str, object]:
 
 def end_leftovers(tree: Path) -> None:
     """A mutant may leave fake QEMUs behind (a run cut by the timeout): end them."""
-    import signal
-
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"fake_qemu.py" in argv and str(tree).encode() in argv:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    for pid in process.processes(b"fake_qemu.py", str(tree).encode()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def main() -> int:

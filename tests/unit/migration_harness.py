@@ -160,19 +160,10 @@ class Cluster:
     def qemus(self) -> dict[int, str]:
         """Every fake QEMU of this test that is alive: PID -> QMP socket."""
         found = {}
-        marker = str(self.tmp).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if len(argv) > 1 and argv[1] == str(FAKE_QEMU).encode() and marker in b" ".join(argv):
-                pid = int(entry.name)
-                if process.is_alive(pid):
-                    qmp = argv[argv.index(b"-qmp") + 1].decode()
-                    found[pid] = qmp.removeprefix("unix:").split(",")[0]
+        for pid, argv in process.processes(str(FAKE_QEMU).encode(), str(self.tmp).encode()).items():
+            if len(argv) > 1 and argv[1] == str(FAKE_QEMU).encode():
+                qmp = argv[argv.index(b"-qmp") + 1].decode()
+                found[pid] = qmp.removeprefix("unix:").split(",")[0]
         return found
 
     def copies(self) -> list[dict[str, Any]]:

@@ -78,6 +78,11 @@ async def start_migration(c: Cluster, **params: Any) -> asyncio.Task[dict[str, A
     return task
 
 
+async def ours_again(h1: FakeHost, state: DomainState) -> None:
+    """The source has settled the migration: the domain is its own again, in ``state``."""
+    await until(lambda: h1.s.table.get("vm").record.state is state, "the domain to be ours")
+
+
 async def target_dropped(h2: FakeHost) -> None:
     """The target has ended its copy and decided the migration aborted."""
     await until(
@@ -180,9 +185,7 @@ async def test_target_ferryd_vanishing_midway_keeps_the_domain_on_the_source(
     with pytest.raises(MigrationError):
         await task
     await h2.start()
-    await until(
-        lambda: h1.s.table.get("vm").record.state is DomainState.RUNNING, "the domain to be ours"
-    )
+    await ours_again(h1, DomainState.RUNNING)
     await created.assert_runs_once("h1")
     assert h1.s.table.get("vm").record.state is DomainState.RUNNING
     assert h2.s.table.outcomes.pending() == []
@@ -279,9 +282,7 @@ async def test_commit_failing_on_the_target_resolves_as_aborted(
         await h1.migrate("vm", h2)
     created.release()
     await created.assert_runs_once("h1")
-    await until(
-        lambda: h1.s.table.get("vm").record.state is DomainState.RUNNING, "the domain to be ours"
-    )
+    await ours_again(h1, DomainState.RUNNING)
 
 
 async def test_in_doubt_paused_domain_stays_paused_when_aborted(
@@ -294,9 +295,7 @@ async def test_in_doubt_paused_domain_stays_paused_when_aborted(
     with pytest.raises(MigrationInDoubt):
         await h1.migrate("vm", h2)
     created.release()
-    await until(
-        lambda: h1.s.table.get("vm").record.state is DomainState.PAUSED, "the domain to be ours"
-    )
+    await ours_again(h1, DomainState.PAUSED)
     await created.assert_runs_once("h1", running=False)
 
 

@@ -117,6 +117,21 @@ def rss_mib(pid: int) -> int:
     return 0
 
 
+def processes(*markers: bytes) -> dict[int, list[bytes]]:
+    """Live processes whose command line holds every marker: PID -> argv."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if all(m in cmdline for m in markers) and is_alive(int(entry.name)):
+            found[int(entry.name)] = cmdline.rstrip(b"\0").split(b"\0")
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -12,7 +12,6 @@ not decisions; nor is silence.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -112,11 +111,3 @@ class SourceEnd:
                 )  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_S)
-
-
-async def stop_quietly(dom: RunningDomain) -> None:
-    """Pause ``dom`` if it runs; a domain in doubt must never run here."""
-    with contextlib.suppress(QmpError):
-        status = await dom.monitor.execute("query-status")
-        if status.get("running"):
-            await dom.monitor.execute("stop")

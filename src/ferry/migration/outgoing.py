@@ -40,7 +40,7 @@ class OutgoingMigrations:
         on_progress: ProgressCallback,
     ) -> dict[str, Any]:
         dom = self.table.get(name)
-        control = OutgoingControl(migration_id=_new_migration_id())
+        control = OutgoingControl(migration_id=uuid.uuid4().hex)
         async with dom.lock:
             was_running = dom.record.state is DomainState.RUNNING
             dom.record.migration_was_running = was_running
@@ -137,7 +137,3 @@ class OutgoingMigrations:
             "kernel_sha256": await self.launcher.file_digest(boot.kernel),
             "initrd_sha256": initrd,
         }
-
-
-def _new_migration_id() -> str:
-    return uuid.uuid4().hex
