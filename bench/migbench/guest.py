@@ -32,7 +32,10 @@ def witness_status(lab: Lab, timeout: float = 20.0) -> dict[str, Any] | None:
 def wait_guest(lab: Lab, timeout: float = 180.0) -> dict[str, Any]:
     """The witness service's status, once it answers (WaitTimeout if it does not)."""
     return wait_until_sync(
-        lambda: witness_status(lab), timeout=timeout, what=f"{VM}'s witness service", interval=0.5
+        lambda: witness_status(lab) if lab.vm_serving() else None,
+        timeout=timeout,
+        what=f"{VM}'s services",
+        interval=0.5,
     )
 
 

@@ -80,10 +80,7 @@ class Scenario:
         result = self.ferry(host, "create", str(config or self.lab.domain_config))
         assert result.returncode == 0, result.stderr
         wait_until_sync(
-            lambda: self.witness("status", VM, timeout=30).returncode == 0,
-            timeout=120,
-            interval=0.5,
-            what="the VM's witness service to answer",
+            self.lab.vm_serving, timeout=120, interval=0.5, what="the VM's services to answer"
         )
         return self.status()
 

@@ -128,10 +128,9 @@ class Demo:
         if result.returncode != 0:
             raise FerryError(f"ferry create failed: {result.stderr.strip()}")
         start = time.monotonic()
-        witness = ["python3", "-m", "ferry.lab.witness", "status", VM]
         try:
             wait_until_sync(
-                lambda: lab.run("client_2", witness, timeout=30).returncode == 0,
+                lab.vm_serving,
                 timeout=180,
                 what="virt_server's services",
                 interval=0.3,

@@ -144,6 +144,18 @@ class Lab:
     def exec_argv(self, node: str, argv: Sequence[str]) -> list[str]:
         return topology.exec_argv(node, list(argv))
 
+    def vm_serving(self, node: str = "client_2") -> bool:
+        """The VM's services answer from ``node``: its witness, and its media server
+        accepts connections (it may come up after the witness; a player that
+        connects first is refused)."""
+        witness = ["python3", "-m", "ferry.lab.witness", "status", VM_NAME]
+        media = [
+            "python3",
+            "-c",
+            f"import socket; socket.create_connection(('{VM_NAME}', 8888), 5)",
+        ]
+        return all(self.run(node, argv, timeout=30).returncode == 0 for argv in (witness, media))
+
     def run(
         self, node: str, argv: Sequence[str], timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
