@@ -19,10 +19,12 @@ failed; the CLI prints exactly that line and exits non-zero.
      +-- NetworkError           bridges, tap devices, addresses
      +-- StorageError           disks that are missing or outside storage roots
      +-- ImageError             building or using the guest image failed
+ +-- PkiError               the cluster CA, a certificate or a TLS peer is not valid
      +-- WaitTimeout            a state awaited (util.wait) did not come in time
      +-- DaemonError            talking to ferryd failed
      |    +-- DaemonUnreachable no ferryd answers on the control socket
      |    +-- ProtocolError     a malformed request or reply on the control API
+     |    +-- AccessDenied      the caller's certificate does not allow the request
      +-- MigrationError         a migration failed; the VM runs on the source
           +-- MigrationRefused  the target (or its hosts-allow) said no
           +-- MigrationAborted  cancelled by the user
@@ -89,6 +91,10 @@ class ImageError(FerryError):
     """Building or using the guest image failed."""
 
 
+class PkiError(FerryError):
+    """The cluster CA, a certificate, a key or a TLS peer is missing or not valid."""
+
+
 class WaitTimeout(FerryError):
     """A state that was awaited did not come before the caller's deadline."""
 
@@ -103,6 +109,10 @@ class DaemonUnreachable(DaemonError):
 
 class ProtocolError(DaemonError):
     """A malformed request or reply on the control API."""
+
+
+class AccessDenied(DaemonError):
+    """The caller's certificate (a viewer's, say) does not allow the request."""
 
 
 def _all_subclasses(cls: type[FerryError]) -> dict[str, type[FerryError]]:
