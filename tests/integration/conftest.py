@@ -29,6 +29,8 @@ from ferry.guest.image import GuestImage, build_image, default_cache_dir, make_d
 from ferry.hypervisor import process
 from ferry.lab import netns
 from ferry.lab.ferryd_process import FerrydProcess
+from ferry.lab.pki import host_bundle
+from ferry.pki.ca import CertificateAuthority
 from ferry.util.wait import wait_until_sync
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +146,10 @@ def host(workdir: Path, guest_image: GuestImage) -> Iterator[LabHost]:
     storage = workdir / "xen"
     storage.mkdir()
     config = workdir / "ferryd.toml"
-    config.write_text(f'storage_roots = ["{storage}"]\naccel = "tcg"\n')
+    # Its certificate names it, localhost and 127.0.0.1: it migrates to itself.
+    ca = CertificateAuthority.init(workdir / "ca")
+    pki = host_bundle(ca, "xen_host_1", BRIDGE_ADDRESS.split("/")[0], workdir / "pki")
+    config.write_text(f'storage_roots = ["{storage}"]\naccel = "tcg"\npki_dir = "{pki}"\n')
     ferryd = FerrydProcess(
         name="xen_host_1", state_dir=workdir / "state", run_dir=workdir / "run",
         log=workdir / "ferryd.log", ns=ns, config=config,

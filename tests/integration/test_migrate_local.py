@@ -68,3 +68,5 @@ def test_migrate_to_localhost(booted: LabHost, live: bool) -> None:
     assert now["counter"] > seen["counter"] and now["uptime"] > seen["uptime"]
     acked = (booted.workdir / "acked").read_text().splitlines()
     assert check_ledger(acked, [int(x) for x in witness(booted, "ledger", GUEST).split()]) == []
+    # The source's QEMU itself says its stream was TLS.
+    assert result["stream"] == "tls"

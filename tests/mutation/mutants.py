@@ -1,4 +1,4 @@
-"""Planted bugs in the migration, commit, lease and restart paths: each must turn a test red.
+"""Planted bugs in the migration, commit, lease, restart and trust paths: each must turn a test red.
 
 A mutant is one textual change to one source file. ``run_mutants.py`` applies
 each in a copy of the tree and runs the protocol's unit tests; a mutant that
@@ -115,5 +115,35 @@ MUTANTS = [
         "migration/target.py",
         "if not MIGRATION_ID_RE.fullmatch(migration_id):",
         "if not migration_id:",
+    ),
+    Mutant(
+        "a revoked peer's certificate is taken",
+        "pki/credentials.py",
+        "        if identity.serial in self._revoked:",
+        "        if False:",
+    ),
+    Mutant(
+        "the target admits a relocation from an operator's certificate",
+        "daemon/relocation.py",
+        "if peer is not None and peer.role is not Role.HOST:",
+        "if False:",
+    ),
+    Mutant(
+        "the source migrates to whoever answers, named as asked or not",
+        "migration/channel.py",
+        "    if not identity.answers_to(host):",
+        "    if False:",
+    ),
+    Mutant(
+        "the target's QEMU admits any certificate of the cluster",
+        "pki/qemu_tls.py",
+        '"tls-creds": CREDS_ID, "tls-authz": AUTHZ_ID}',
+        '"tls-creds": CREDS_ID}',
+    ),
+    Mutant(
+        "a plain connection may open a migration on a secure host",
+        "daemon/relocation.py",
+        'kinds = frozenset({"data"})',
+        'kinds = frozenset({"data", "hello", "status"})',
     ),
 ]

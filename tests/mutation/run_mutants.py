@@ -28,6 +28,7 @@ TESTS = [
     "tests/unit/test_migration_protocol.py",
     "tests/unit/test_migration_prepare.py",
     "tests/unit/test_migration_state.py",
+    "tests/unit/test_relocation_tls.py",
 ]
 TIMEOUT_S = 600
 

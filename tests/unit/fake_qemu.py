@@ -17,6 +17,13 @@ source waits until the file ``<plan>.release`` exists); ``hold_complete``
 ``cancel_fails``; ``exit_on_commit`` (the target ends when told ``cont``);
 ``silent_resume`` (``cont`` sends no RESUME event).
 
+TLS is real, as QEMU's is: ``object-add`` of ``tls-creds-x509`` reads its
+directory's files at once (they may be gone afterwards), ``authz-simple``
+names the one client subject admitted (GnuTLS's order, as QEMU compares
+it), and a migration with ``tls-creds`` set runs the stream through TLS,
+checking the target's name (``tls-hostname``) on the source and the
+source's certificate against ``tls-authz`` on the target.
+
 Custom commands: ``x-fake-ram`` returns ``{"counter", "sha256"}``.
 """
 
@@ -26,8 +33,10 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import struct
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -53,6 +62,9 @@ class Machine:
         self.cancel = threading.Event()
         self.plan: dict[str, Any] = {}
         self.disks: dict[str, str] = {}  # qdev id -> file
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.tls_peer: str | None = None  # the subject of the last TLS peer
+        self.workdir = Path(tempfile.gettempdir())
 
     @property
     def running(self) -> bool:
@@ -85,6 +97,49 @@ class Machine:
     def set_mig(self, status: str) -> None:
         self.mig["status"] = status
         self.emit("MIGRATION", {"status": status})
+
+
+def load_tls_creds(machine: Machine, spec: dict[str, Any]) -> dict[str, Any]:
+    """As QEMU: the files are read when the object is created."""
+    directory = Path(spec["dir"])
+    side = "server" if spec["endpoint"] == "server" else "client"
+    # Beside the QMP socket: in the domain's run directory, which ferry removes.
+    keep = Path(tempfile.mkdtemp(prefix="fake-tls-", dir=machine.workdir))
+    for name in ("ca-cert.pem", f"{side}-cert.pem", f"{side}-key.pem"):
+        (keep / name).write_bytes((directory / name).read_bytes())
+    return spec | {"files": keep, "side": side}
+
+
+def tls_wrap(machine: Machine, sock: socket.socket) -> socket.socket:
+    creds_id = machine.params.get("tls-creds")
+    if not creds_id:
+        return sock
+    creds = machine.objects[creds_id]
+    files, side = creds["files"], creds["side"]
+    server = side == "server"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = not server
+    # No session tickets: the source never reads, and unread bytes at its
+    # close would reset the connection under the target's last reads.
+    if server:
+        ctx.num_tickets = 0
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(str(files / "ca-cert.pem"))
+    ctx.load_cert_chain(str(files / f"{side}-cert.pem"), str(files / f"{side}-key.pem"))
+    if server:
+        wrapped = ctx.wrap_socket(sock, server_side=True)
+    else:
+        wrapped = ctx.wrap_socket(sock, server_hostname=machine.params["tls-hostname"])
+    cert = wrapped.getpeercert()
+    subject = ",".join(f"{k}={v}" for rdn in cert["subject"] for k, v in rdn)
+    subject = subject.replace("organizationName", "O").replace(
+        "organizationalUnitName", "OU").replace("commonName", "CN")  # fmt: skip
+    machine.tls_peer = subject
+    authz_id = machine.params.get("tls-authz")
+    if server and authz_id and machine.objects[authz_id]["identity"] != subject:
+        wrapped.close()
+        raise OSError(f"TLS x509 authz check for {subject} is denied")
+    return wrapped
 
 
 def guest(machine: Machine) -> None:
@@ -122,6 +177,7 @@ def send_stream(machine: Machine, fd: int) -> None:
     started = time.monotonic()
     machine.mig.update({"transferred": 0, "remaining": RAM_BYTES, "start": started})
     try:
+        sock = tls_wrap(machine, sock)
         with machine.lock:
             machine.set_mig("active")
             image = bytes(machine.ram)
@@ -178,6 +234,7 @@ def receive_stream(machine: Machine, fd: int) -> None:
     sock.setblocking(True)
     machine.mig.update({"transferred": 0, "remaining": RAM_BYTES})
     try:
+        sock = tls_wrap(machine, sock)
         with machine.lock:
             machine.set_mig("active")
         for _ in range(2):  # the live copy, then the final one
@@ -235,8 +292,27 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
         machine.caps.update({c["capability"]: c["state"] for c in args["capabilities"]})
         return {}
     if command == "migrate-set-parameters":
+        for key in ("tls-creds", "tls-authz"):
+            if args.get(key) and args[key] not in machine.objects:
+                raise ValueError(f"No object '{args[key]}'")
         machine.params.update(args)
         return {}
+    if command == "query-migrate-parameters":
+        return {"tls-creds": "", "tls-authz": "", "tls-hostname": ""} | machine.params
+    if command == "object-add":
+        if args["id"] in machine.objects:
+            raise ValueError(f"attempt to add duplicate property '{args['id']}'")
+        spec = dict(args)
+        if spec["qom-type"] == "tls-creds-x509":
+            spec = load_tls_creds(machine, spec)
+        machine.objects[spec["id"]] = spec
+        return {}
+    if command == "object-del":
+        if machine.objects.pop(args["id"], None) is None:
+            raise ValueError(f"object '{args['id']}' not found")
+        return {}
+    if command == "x-fake-tls":
+        return {"peer": machine.tls_peer, "params": machine.params}
     if command == "getfd":
         raise ValueError("no file descriptor supplied via SCM_RIGHTS")
     if command in ("migrate", "migrate-incoming"):
@@ -331,6 +407,7 @@ def main(argv: list[str]) -> None:
     qmp = (option(argv, "-qmp") or "").removeprefix("unix:").split(",")[0]
     pidfile = option(argv, "-pidfile")
     machine = Machine(name, paused="-S" in argv, incoming=option(argv, "-incoming") == "defer")
+    machine.workdir = Path(qmp).parent
     for i, arg in enumerate(argv[:-1]):
         if arg == "-drive":
             opts = dict(o.split("=", 1) for o in argv[i + 1].split(",") if "=" in o)

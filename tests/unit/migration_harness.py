@@ -29,7 +29,9 @@ from ferry.host.layout import HostLayout
 from ferry.hypervisor import process
 from ferry.hypervisor.cmdline import BootFiles
 from ferry.migration.params import MigrationParams
+from ferry.pki.credentials import Credentials
 from ferry.util.wait import wait_until, wait_until_sync
+from tests.unit.pki_support import TestCA
 
 FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
 
@@ -50,6 +52,8 @@ class FakeHost:
     name: str
     config: HostConfig
     boot: BootFiles
+    # Its certificate of the cluster CA; None: the host runs insecure.
+    credentials: Credentials | None
     services: Services | None = None
     relocation: RelocationServer | None = None
     port: int = 0
@@ -64,12 +68,18 @@ class FakeHost:
         layout = HostLayout(self.config.state_dir, self.config.run_dir)
         layout.create()
         self.services = Services.build(
-            self.config, layout, lambda cfg: self.boot, boot_dirs=(self.boot.kernel.parent,)
+            self.config,
+            layout,
+            lambda cfg: self.boot,
+            self.credentials,
+            boot_dirs=(self.boot.kernel.parent,),
         )
         await self.services.reattach.all()
         # The same port again after a restart: a source in doubt asks there.
         relocation = replace(self.config.relocation, port=self.port)
-        self.relocation = RelocationServer(relocation, self.services.incoming, self.name)
+        self.relocation = RelocationServer(
+            relocation, self.services.incoming, self.name, self.credentials
+        )
         await self.relocation.start()
         self.port = self.relocation.port
 
@@ -116,8 +126,9 @@ class FakeHost:
 
 
 class Cluster:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, secure: bool = True) -> None:
         self.tmp = tmp
+        self.ca = TestCA(tmp / "pki") if secure else None
         self.storage = tmp / "xen"
         self.storage.mkdir()
         self.plan_file = tmp / "plan.json"
@@ -137,7 +148,8 @@ class Cluster:
             qemu_binary=str(qemu),
             relocation=RelocationConfig(address="127.0.0.1", port=0),
         )
-        return FakeHost(name, config, BootFiles(kernel, None))
+        credentials = self.ca.credentials(name) if self.ca else None
+        return FakeHost(name, config, BootFiles(kernel, None), credentials)
 
     def domain(self, name: str = "vm") -> dict[str, Any]:
         disk = self.storage / f"{name}.img"
@@ -187,6 +199,12 @@ class Cluster:
         await until(lambda: len(self.qemus()) == 1, "one QEMU left")
         copies = await asyncio.to_thread(self.copies)
         assert [c["host"] for c in copies] == [host], copies
+        if running:
+            # The host that keeps it may still be resuming it (an in-doubt
+            # source asks the target first): wait for that, but only that.
+            await until(lambda: self.copies()[0]["status"] == "running", "the copy to run")
+            copies = await asyncio.to_thread(self.copies)
+            assert [c["host"] for c in copies] == [host], copies
         copy = copies[0]
         assert (copy["status"] == "running") is running, copy
         if running:

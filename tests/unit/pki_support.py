@@ -20,6 +20,14 @@ class TestCA:
         self.dir = directory
         self.ca = CertificateAuthority.init(directory / "ca", cluster)
 
+    @classmethod
+    def existing(cls, ca_dir: Path) -> TestCA:
+        """The helpers on a CA made elsewhere (the lab's)."""
+        made = cls.__new__(cls)
+        made.dir = ca_dir.parent
+        made.ca = CertificateAuthority.open(ca_dir)
+        return made
+
     def credentials(
         self, name: str, role: Role = Role.HOST, addresses: tuple[str, ...] = ("127.0.0.1",)
     ) -> Credentials:

@@ -109,7 +109,8 @@ def test_xend_unknown_key_is_ignored_with_a_reason(tmp_path: Path) -> None:
     text = "(xend-http-server yes)\n(some-future-key (a b))\n"
     config = load_host_config(write(tmp_path, text, "x.sxp"))
     assert config.ignored == (
-        "xend-http-server ignored: ferry's control API is a root-only unix socket",
+        "xend-http-server ignored: ferry's control API is a root-only unix socket, "
+        "and TCP 8003 with mutual TLS for the management station",
         "some-future-key ignored: not used by ferry",
     )
 

@@ -66,7 +66,9 @@ class Target:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.cluster = Cluster(tmp)
+        # Insecure: the fuzzer speaks the protocol itself, in plain TCP (the
+        # TLS layer in front of it is OpenSSL's, tested in test_relocation_tls).
+        self.cluster = Cluster(tmp, secure=False)
         self.host: FakeHost = self.cluster.hosts[1]
         self.run(self.host.start())
 

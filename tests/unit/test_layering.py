@@ -29,9 +29,9 @@ LAYERS: tuple[str, ...] = (
     "config",
     "network",
     "storage",
-    "pki",  # in DESIGN.md, not written yet
+    "pki",
     "cluster",  # in DESIGN.md, not written yet
-    "host",  # the domain table, launcher and watcher, being split out of daemon (not here yet)
+    "host",  # the domain table, launcher and watcher (below migration, which drives them)
     "migration",
     # stream and guest sit below the daemon although DESIGN.md's table lists
     # them after cli: guest.image puts stream's media server into the image,

@@ -32,7 +32,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[Services, FakeQmpPeer]]:
     host = HostConfig(
         name="testhost", state_dir=layout.state_dir, run_dir=layout.run_dir, accel="tcg"
     )
-    services = Services.build(host, layout, lambda cfg: BootFiles(Path("/k"), None))
+    services = Services.build(host, layout, lambda cfg: BootFiles(Path("/k"), None), None)
     peer = FakeQmpPeer(tmp_path / "qmp.sock")
     await peer.start()
     monitor = Monitor("vm")

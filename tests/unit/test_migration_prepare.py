@@ -7,6 +7,7 @@ no arriving domain, no pending outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import uuid
@@ -16,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from ferry.errors import MigrationRefused
+from ferry.errors import MigrationError, MigrationRefused, WaitTimeout
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.storage import lease
 from ferry.util.wait import wait_until
 
-from .migration_harness import Cluster, FakeHost
+from .migration_harness import Cluster, FakeHost, until
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def prepare_message(c: Cluster, h: FakeHost, name: str = "vm", **changes: Any) -
 
 
 async def open_session(h: FakeHost, message: dict[str, Any]) -> tuple[Channel, dict[str, Any]]:
-    channel = await Channel.connect("127.0.0.1", h.port, 5)
+    channel = await Channel.connect("127.0.0.1", h.port, 5, h.credentials)
     try:
         await channel.send({"type": "hello", "version": PROTOCOL_VERSION, "host": "h1"})
         await channel.recv(5, "hello")
@@ -75,7 +76,14 @@ async def prepare(h: FakeHost, message: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def assert_nothing_left(c: Cluster, h: FakeHost) -> None:
+async def assert_nothing_left(c: Cluster, h: FakeHost) -> None:
+    # A session that saw its source go may still be ending its QEMU.
+    with contextlib.suppress(WaitTimeout):
+        await until(
+            lambda: c.qemus() == {} and h.s.table.outcomes.pending() == [],
+            "no QEMU and no pending outcome",
+            timeout=10,
+        )
     assert c.qemus() == {}
     assert h.s.table.everyone() == []
     assert h.s.table.outcomes.pending() == []
@@ -87,7 +95,7 @@ async def test_a_valid_prepare_starts_a_paused_qemu(target: tuple[Cluster, FakeH
     assert len(reply["token"]) == 32
     # The source went away without a commit: the target drops its copy.
     await h.s.incoming.close()
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +115,7 @@ async def test_refusals(
     c, h = target
     with pytest.raises(MigrationRefused, match=reason):
         await prepare(h, prepare_message(c, h, **change))
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 async def test_disk_of_another_size_is_refused(target: tuple[Cluster, FakeHost]) -> None:
@@ -116,7 +124,7 @@ async def test_disk_of_another_size_is_refused(target: tuple[Cluster, FakeHost])
     message["disks"][0]["size"] += 512
     with pytest.raises(MigrationRefused, match="not the same image"):
         await prepare(h, message)
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 @pytest.mark.parametrize("token", ["f" * 32, None], ids=["other", "none"])
@@ -128,7 +136,7 @@ async def test_disk_without_the_sources_lease_is_refused(
     message["disks"][0]["lease_token"] = token
     with pytest.raises(MigrationRefused, match="lease differs"):
         await prepare(h, message)
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 async def test_too_much_memory_is_refused(target: tuple[Cluster, FakeHost]) -> None:
@@ -137,7 +145,7 @@ async def test_too_much_memory_is_refused(target: tuple[Cluster, FakeHost]) -> N
     message["config"]["memory"] = 1 << 30
     with pytest.raises(MigrationRefused, match="memory"):
         await prepare(h, message)
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 async def test_a_name_already_running_is_refused(target: tuple[Cluster, FakeHost]) -> None:
@@ -158,7 +166,7 @@ async def test_a_migration_id_is_used_once(target: tuple[Cluster, FakeHost]) -> 
     await h.s.incoming.close()
     with pytest.raises(MigrationRefused, match="seen before"):
         await prepare(h, message)
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 async def test_the_data_connection_needs_the_token(target: tuple[Cluster, FakeHost]) -> None:
@@ -176,7 +184,7 @@ async def test_the_data_connection_needs_the_token(target: tuple[Cluster, FakeHo
     assert arriving is not None and not arriving.streaming
     await session.close()
     await h.s.incoming.close()
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 @pytest.mark.parametrize("where", ["elsewhere", "missing"])
@@ -199,7 +207,7 @@ async def test_boot_files_only_from_the_image_directory(
     assert str(refused.value).endswith(
         "this host's image directory has no kernel identical to the source's"
     )
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 async def test_an_initrd_needs_its_digest(target: tuple[Cluster, FakeHost]) -> None:
@@ -211,11 +219,11 @@ async def test_an_initrd_needs_its_digest(target: tuple[Cluster, FakeHost]) -> N
     message["config"]["ramdisk"] = str(initrd)
     with pytest.raises(MigrationRefused, match="no initrd identical to the source's"):
         await prepare(h, message)
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 async def test_connections_are_bounded_per_peer(target: tuple[Cluster, FakeHost]) -> None:
-    """A peer holding many idle connections gets a refusal, not the daemon's resources."""
+    """A peer holding many idle connections is closed on, and keeps no more resources."""
     from ferry.daemon import relocation
 
     _c, h = target
@@ -223,15 +231,19 @@ async def test_connections_are_bounded_per_peer(target: tuple[Cluster, FakeHost]
         await asyncio.open_connection("127.0.0.1", h.port) for _ in range(relocation.MAX_PER_PEER)
     ]
     reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
-    answer = json.loads(await asyncio.wait_for(reader.readline(), 5))
-    assert answer["kind"] == "refused" and "too many" in answer["message"]
+    # Closed at once, unanswered: before its first byte nobody knows whether
+    # a peer speaks TLS, so there is no protocol to answer it in.
+    assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
     for _, w in idle:
         w.close()
 
     # Once they are gone, the peer is served again.
     async def served() -> bool:
-        channel = await Channel.connect("127.0.0.1", h.port, 5)
+        try:
+            channel = await Channel.connect("127.0.0.1", h.port, 5, h.credentials)
+        except MigrationError:  # closed on: still too many
+            return False
         try:
             await channel.send({"type": "status", "migration_id": "0" * 32})
             return (await channel.recv(5, "status"))["outcome"] == "unknown"
@@ -266,7 +278,7 @@ async def test_memory_promised_to_arriving_domains_counts(
     assert len(c.qemus()) == 1
     await session.close()
     await h.s.incoming.close()
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)
 
 
 async def test_arrivals_at_once_are_bounded(
@@ -281,4 +293,4 @@ async def test_arrivals_at_once_are_bounded(
         await prepare(h, prepare_message(c, h, "vm2"))
     await session.close()
     await h.s.incoming.close()
-    assert_nothing_left(c, h)
+    await assert_nothing_left(c, h)

@@ -6,13 +6,11 @@ import contextlib
 import os
 import selectors
 import socket
+import ssl
 import sys
 import termios
 import tty
 from collections.abc import Iterator
-from pathlib import Path
-
-from ferry.errors import FerryError
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -31,12 +29,9 @@ def _raw_terminal(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def attach(socket_path: Path, name: str) -> None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(socket_path))
-    except OSError as err:
-        raise FerryError(f"cannot attach to the console of domain '{name}': {err}") from err
+def attach(sock: socket.socket, name: str) -> None:
+    """Carry the terminal to ``sock`` (a console connection from ferryd) and back."""
+    sock.settimeout(None)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
@@ -51,6 +46,9 @@ def attach(socket_path: Path, name: str) -> None:
                     if not data:
                         return
                     os.write(stdout, data)
+                    # TLS may hold decrypted bytes that select() cannot see.
+                    while isinstance(sock, ssl.SSLSocket) and sock.pending():
+                        os.write(stdout, sock.recv(sock.pending()))
                 else:
                     data = os.read(stdin, 4096)
                     if not data:

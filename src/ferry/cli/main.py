@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,24 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _client(args: argparse.Namespace) -> DaemonClient:
-    return DaemonClient(args.connect or default_socket())
+    """The local ferryd, or with --host (or $FERRY_HOST) a remote one over mutual TLS."""
+    remote = args.remote_host or os.environ.get("FERRY_HOST")
+    if not remote or args.connect:
+        return DaemonClient(args.connect or default_socket())
+    from ferry.client.daemon_client import split_host
+    from ferry.pki.credentials import Credentials
+
+    return DaemonClient(remote=split_host(remote), credentials=Credentials(_pki_dir(args)))
+
+
+def _pki_dir(args: argparse.Namespace) -> Path:
+    """--pki, $FERRY_PKI, ~/.config/ferry/pki if it exists, else /etc/ferry/pki."""
+    if args.pki:
+        return Path(args.pki)
+    if os.environ.get("FERRY_PKI"):
+        return Path(os.environ["FERRY_PKI"])
+    personal = Path.home() / ".config" / "ferry" / "pki"
+    return personal if personal.is_dir() else Path("/etc/ferry/pki")
 
 
 def _note(text: str) -> None:
@@ -145,7 +163,7 @@ def _abort_after_interrupt(client: DaemonClient, name: str) -> int:
 def _attach_console(client: DaemonClient, name: str) -> int:
     from ferry.cli.console import attach
 
-    attach(Path(client.call("console", name=name)["socket"]), name)
+    attach(client.open_console(name), name)
     return 0
 
 
@@ -202,6 +220,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="ferry: live-migrating VMs")
     parser.add_argument("--connect", type=Path, metavar="SOCKET", help="ferryd control socket")
+    parser.add_argument(
+        "--host",
+        dest="remote_host",  # not "host": `migrate DOMAIN HOST` has its own
+        metavar="HOST[:PORT]",
+        help="a remote ferryd (mutual TLS, port 8003), as from a management station; "
+        "also $FERRY_HOST",
+    )
+    parser.add_argument(
+        "--pki",
+        metavar="DIR",
+        help="our credentials for --host ($FERRY_PKI, ~/.config/ferry/pki, /etc/ferry/pki)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
@@ -261,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_watch_arguments(p)
 
     add_lab_parser(sub)
+
+    from ferry.cli.ca_cli import add_ca_parser
+
+    add_ca_parser(sub)
 
     image = sub.add_parser("image", help="the guest image").add_subparsers(
         dest="image_command", required=True, metavar="ACTION"

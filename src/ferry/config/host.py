@@ -5,9 +5,15 @@
     name = "xen_host_1"
     state_dir = "/var/lib/ferry"
     storage_roots = ["/xen"]
+    pki_dir = "/etc/ferry/pki"      # ca.pem, crl.pem, cert.pem, key.pem (`ferry ca issue`)
     [relocation]
     port = 8002
-    hosts_allow = ['^xen_host_2$', '^192\\.168\\.1\\.']
+    hosts_allow = ['xen_host_2', '192\\.168\\.1\\.\\d+']
+    [control]                       # the control API for the management station
+    port = 8003                     # (mutual TLS; admin and viewer certificates)
+
+``insecure = true`` turns TLS off on the relocation port (xend's plain
+protocol) and the TCP control API off altogether; ferryd then says so loudly.
 
 From ``xend-config.sxp`` only the relocation keys and ``dom0-min-mem`` carry
 over; every other key is accepted and listed in ``ignored`` with the reason.
@@ -41,6 +47,16 @@ class RelocationConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    enabled: bool = True
+    port: int = 8003
+    address: str = ""  # '' = all addresses
+
+
+DEFAULT_PKI_DIR = Path("/etc/ferry/pki")
+
+
+@dataclass(frozen=True)
 class HostConfig:
     name: str
     state_dir: Path = Path("/var/lib/ferry")
@@ -51,6 +67,11 @@ class HostConfig:
     storage_servers: tuple[str, ...] = ()
     qemu_binary: str = "qemu-system-x86_64"
     relocation: RelocationConfig = field(default_factory=RelocationConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    # This host's credentials, from the cluster CA (ferry.pki).
+    pki_dir: Path = DEFAULT_PKI_DIR
+    # Plain TCP relocation, as xend had it: only when a config says so.
+    insecure: bool = False
     dom0_min_mem: int = 0  # MiB kept for the host
     ignored: tuple[str, ...] = ()
     # Host defaults for migration settings ([migration] table); checked by
@@ -95,10 +116,11 @@ def split_hosts_allow(text: str) -> tuple[str, ...]:
 
 _TOP_KEYS = frozenset(
     {"name", "state_dir", "run_dir", "accel", "storage_roots", "qemu_binary", "dom0_min_mem"}
-    | {"storage_servers"}
-    | {"relocation", "migration"}
+    | {"storage_servers", "pki_dir", "insecure"}
+    | {"relocation", "migration", "control"}
 )
 _RELOCATION_KEYS = frozenset({"enabled", "port", "address", "hosts_allow"})
+_CONTROL_KEYS = frozenset({"enabled", "port", "address"})
 
 
 def parse_host_toml(text: str, source: str) -> HostConfig:
@@ -121,6 +143,8 @@ class _TomlHost:
         if not isinstance(relocation, dict):
             raise self.fail("relocation", "expected a [relocation] table")
         self.no_unknown(relocation, _RELOCATION_KEYS, "relocation.")
+        control = self.table(data, "control")
+        self.no_unknown(control, _CONTROL_KEYS, "control.")
         defaults = HostConfig(name="")
         roots = data.get("storage_roots", [str(p) for p in defaults.storage_roots])
         if not isinstance(roots, list):
@@ -152,6 +176,16 @@ class _TomlHost:
                     patterns, lambda why: self.fail("relocation.hosts_allow", why)
                 ),
             ),
+            control=ControlConfig(
+                enabled=self.flag(control, "enabled", "control.enabled"),
+                port=check_port(
+                    self.integer(control, "port", 8003, "control.port"),
+                    lambda why: self.fail("control.port", why),
+                ),
+                address=self.text(control, "address", "", "control.address", empty=True),
+            ),
+            pki_dir=self.path(data, "pki_dir", DEFAULT_PKI_DIR),
+            insecure=self.flag(data, "insecure", "insecure", default=False),
             dom0_min_mem=self.integer(data, "dom0_min_mem", 0, "dom0_min_mem"),
             migration=self.table(data, "migration"),
         )
@@ -191,8 +225,8 @@ class _TomlHost:
             raise self.fail(label, f"expected a non-negative integer, got {value!r}")
         return value
 
-    def flag(self, table: Mapping[str, Any], key: str, label: str) -> bool:
-        value = table.get(key, True)
+    def flag(self, table: Mapping[str, Any], key: str, label: str, default: bool = True) -> bool:
+        value = table.get(key, default)
         if not isinstance(value, bool):
             raise self.fail(label, f"expected true or false, got {value!r}")
         return value
@@ -221,9 +255,14 @@ def check_patterns(patterns: Iterable[str], fail: Fail) -> tuple[str, ...]:
 
 # -- classic xend-config.sxp ---------------------------------------------------
 
-_API = "ferry's control API is a root-only unix socket"
+_API = (
+    "ferry's control API is a root-only unix socket, and TCP 8003 with mutual TLS "
+    "for the management station"
+)
 _HEADLESS = "ferry runs QEMU headless"
-_TLS = "relocation TLS is not read from xend-config.sxp"
+_TLS = (
+    "ferry's relocation is always mutual TLS, with the cluster CA's certificates in /etc/ferry/pki"
+)
 
 
 def _each(words: str, reason: str) -> dict[str, str]:

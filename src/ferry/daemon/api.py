@@ -1,9 +1,19 @@
-"""The control API: JSON lines on a root-only unix socket.
+"""The control API: JSON lines on a root-only unix socket, and on TCP with mutual TLS.
 
 A request is one line ``{"op": NAME, "args": {...}}``; the answer is one line
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"type", "message"}}``.
-Only root (or the user ferryd runs as) may connect: the socket lives in a
-0700 directory and every peer's credentials are checked.
+
+Who may ask what:
+
+- the unix socket serves root (or the user ferryd runs as) only: the socket
+  lives in a 0700 directory and every peer's credentials are checked; it may
+  ask everything;
+- the TCP port (8003, for the management station) serves certificates of the
+  cluster CA: an ``admin`` may ask everything, a ``viewer`` only what reads
+  (:data:`VIEWER_OPS`), and a host's certificate nothing.
+
+``console_attach`` turns the connection, after its reply, into the domain's
+serial console: bytes both ways until either side closes.
 """
 
 from __future__ import annotations
@@ -19,14 +29,21 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ferry.config.host import ControlConfig
+from ferry.daemon.listener import Connection, Limits, Listener
 from ferry.daemon.services import Services
-from ferry.errors import FerryError, ProtocolError, error_to_wire
+from ferry.errors import AccessDenied, FerryError, ProtocolError, error_to_wire
 from ferry.migration.params import MigrationParams
+from ferry.pki.identity import Role
 
 log = logging.getLogger("ferryd")
 
 MAX_REQUEST = 1 << 20
+# What a viewer's certificate may ask: what reads, nothing that changes.
+VIEWER_OPS = frozenset({"ping", "list", "info"})
+CONSOLE_CHUNK = 65536
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+_DETACHED = object()  # the request took the connection over (a console)
 StreamingHandler = Callable[[dict[str, Any], asyncio.StreamWriter], Awaitable[Any]]
 
 
@@ -47,11 +64,23 @@ def _arg(args: dict[str, Any], key: str, kind: type) -> Any:
 
 
 class ControlServer:
-    def __init__(self, services: Services, socket_path: Path) -> None:
+    def __init__(
+        self, services: Services, socket_path: Path, tcp: ControlConfig | None = None
+    ) -> None:
         self.services = services
         self.domains = services.lifecycle
         self.socket_path = socket_path
         self._server: asyncio.Server | None = None
+        self.tcp: Listener | None = None
+        if tcp is not None and tcp.enabled and services.credentials is not None:
+            self.tcp = Listener(
+                "control API",
+                tcp.address,
+                tcp.port,
+                services.credentials,
+                self._serve_tcp,
+                Limits(total=32, per_peer=8, line=MAX_REQUEST),
+            )
         self.handlers: dict[str, Handler] = {
             "ping": self._ping,
             "list": self._list,
@@ -61,7 +90,6 @@ class ControlServer:
             "unpause": self._unpause,
             "shutdown": self._shutdown,
             "destroy": self._destroy,
-            "console": self._console,
             "migrate_abort": self._migrate_abort,
         }
         # Requests that write progress lines before their one final reply.
@@ -74,8 +102,12 @@ class ControlServer:
             self._serve, path=str(self.socket_path), limit=MAX_REQUEST
         )
         os.chmod(self.socket_path, 0o600)
+        if self.tcp is not None:
+            await self.tcp.start()
 
     async def close(self) -> None:
+        if self.tcp is not None:
+            await self.tcp.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -93,26 +125,65 @@ class ControlServer:
                     writer, ProtocolError("permission denied: ferryd serves root only")
                 )
                 return
-            while line := await reader.readline():
-                await self._reply(writer, await self._dispatch(line, writer))
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as err:
-            log.debug("control connection closed: %s", err)
+            await self._requests(reader, writer, Role.ADMIN, "root")
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _dispatch(self, line: bytes, writer: asyncio.StreamWriter) -> Any:
+    async def _serve_tcp(self, conn: Connection) -> None:
+        if conn.refusal is not None:
+            await self._reply(conn.writer, AccessDenied(conn.refusal))
+            return
+        if conn.peer is None:
+            await self._reply(
+                conn.writer,
+                AccessDenied(
+                    f"ferryd on {self.services.host.name} takes control requests over TLS "
+                    "only, with a certificate of the cluster CA"
+                ),
+            )
+            return
+        log.info("control connection from %s (%s)", conn.peer, conn.address)
+        await self._requests(conn.reader, conn.writer, conn.peer.role, str(conn.peer))
+
+    async def _requests(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, role: Role, who: str
+    ) -> None:
+        try:
+            while line := await reader.readline():
+                reply = await self._dispatch(line, reader, writer, role, who)
+                if reply is _DETACHED:
+                    return  # the connection was a console's; it is over now
+                await self._reply(writer, reply)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as err:
+            log.debug("control connection closed: %s", err)
+
+    async def _dispatch(
+        self,
+        line: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        role: Role,
+        who: str,
+    ) -> Any:
         try:
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise ProtocolError("a request is a JSON object with a string 'op'")
             op = request["op"]
-            if op not in self.handlers and op not in self.streaming:
+            if op not in self.handlers and op not in self.streaming and op != "console_attach":
                 raise ProtocolError(f"unknown request '{op}'")
+            if role is not Role.ADMIN and op not in VIEWER_OPS:
+                raise AccessDenied(f"{who} may not '{op}': only an admin's certificate may")
+            if role is Role.HOST:
+                raise AccessDenied(f"{who}: a host's certificate carries no operator rights")
             args = request.get("args", {})
             if not isinstance(args, dict):
                 raise ProtocolError("request 'args' must be an object")
+            if op == "console_attach":
+                await self._console_attach(args, reader, writer)
+                return _DETACHED
             if op in self.streaming:
                 return {"ok": True, "result": await self.streaming[op](args, writer)}
             return {"ok": True, "result": await self.handlers[op](args)}
@@ -135,7 +206,11 @@ class ControlServer:
     # -- handlers --------------------------------------------------------------
 
     async def _ping(self, args: dict[str, Any]) -> Any:
-        return {"host": self.services.host.name, "pid": os.getpid()}
+        return {
+            "host": self.services.host.name,
+            "pid": os.getpid(),
+            "tls": self.services.credentials is not None,
+        }
 
     async def _list(self, args: dict[str, Any]) -> Any:
         return self.domains.list_rows()
@@ -161,8 +236,35 @@ class ControlServer:
     async def _destroy(self, args: dict[str, Any]) -> Any:
         await self.domains.destroy(_arg(args, "name", str))
 
-    async def _console(self, args: dict[str, Any]) -> Any:
-        return {"socket": self.domains.console_socket(_arg(args, "name", str))}
+    async def _console_attach(
+        self, args: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Reply, then carry the console's bytes both ways until either side ends."""
+        name = _arg(args, "name", str)
+        path = self.domains.console_socket(name)
+        try:
+            console_reader, console_writer = await asyncio.open_unix_connection(path)
+        except OSError as err:
+            raise FerryError(f"cannot attach to the console of domain '{name}': {err}") from err
+        await self._reply(writer, {"ok": True, "result": {"name": name}})
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(CONSOLE_CHUNK):
+                    dst.write(data)
+                    await dst.drain()
+
+        tasks = [
+            asyncio.create_task(pump(reader, console_writer), name=f"console {name} in"),
+            asyncio.create_task(pump(console_reader, writer), name=f"console {name} out"),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            console_writer.close()
 
     async def _migrate(self, args: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
         """Streams ``{"progress": ...}`` lines, then the one final reply."""

@@ -16,12 +16,14 @@ from ferry.daemon.api import ControlServer
 from ferry.daemon.boot_files import guest_boot_files
 from ferry.daemon.relocation import RelocationServer
 from ferry.daemon.services import Services
-from ferry.errors import FerryError
+from ferry.errors import FerryError, PkiError
 from ferry.guest.image import default_cache_dir, load_image
 from ferry.host.layout import HostLayout
 from ferry.hypervisor.process import become_subreaper
 from ferry.hypervisor.reaper import ChildReaper
 from ferry.migration.params import MigrationParams
+from ferry.pki.credentials import Credentials, insecure_warning
+from ferry.pki.identity import Role
 
 log = logging.getLogger("ferryd")
 
@@ -34,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, help="default /run/ferry")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"])
     parser.add_argument("--image-cache", type=Path, help="guest image cache directory")
+    parser.add_argument("--pki-dir", type=Path, help="this host's credentials (/etc/ferry/pki)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -48,11 +51,40 @@ def host_config(args: argparse.Namespace) -> HostConfig:
         "state_dir": args.state_dir,
         "run_dir": args.run_dir,
         "accel": args.accel,
+        "pki_dir": args.pki_dir,
     }
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def host_credentials(cfg: HostConfig) -> Credentials | None:
+    """This host's credentials, checked; None when the config says insecure = true."""
+    if cfg.insecure:
+        log.warning(insecure_warning(f"ferryd for host {cfg.name}"))
+        log.warning("INSECURE: the TCP control API is off (it never runs without TLS)")
+        return None
+    credentials = Credentials(cfg.pki_dir)
+    try:
+        identity = credentials.identity
+    except PkiError as err:
+        raise PkiError(
+            f"{err} (or set insecure = true in the host config to run without TLS, "
+            "as xend did: not recommended)"
+        ) from None
+    if identity.role is not Role.HOST or identity.name != cfg.name:
+        raise PkiError(
+            f"the certificate in {cfg.pki_dir} is that of {identity}, not of host {cfg.name}"
+        )
+    if not cfg.relocation.hosts_allow:
+        log.info(
+            "hosts-allow is empty: every host with a certificate of cluster %r may "
+            "migrate domains here",
+            identity.cluster,
+        )
+    return credentials
+
+
 async def serve(cfg: HostConfig, image_cache: Path) -> None:
+    credentials = host_credentials(cfg)
     layout = HostLayout(cfg.state_dir, cfg.run_dir)
     layout.create()
     lock = layout.lock_file.open("w")
@@ -67,15 +99,16 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
         cfg,
         layout,
         guest_boot_files(lambda: load_image(image_cache)),
+        credentials,
         accel_cache=image_cache.parent / "accel-probe.json",
         boot_dirs=(image_cache,),
     )
     await services.reattach.all()
-    server = ControlServer(services, layout.control_socket)
+    server = ControlServer(services, layout.control_socket, cfg.control)
     await server.start()
     relocation = None
     if cfg.relocation.enabled:
-        relocation = RelocationServer(cfg.relocation, services.incoming, cfg.name)
+        relocation = RelocationServer(cfg.relocation, services.incoming, cfg.name, credentials)
         await relocation.start()
     for note in cfg.ignored:
         log.info("config: %s", note)

@@ -1,18 +1,20 @@
-"""The relocation server: TCP 8002 by default, hosts-allow as xend had it."""
+"""The relocation server: TCP 8002 by default, mutual TLS, hosts-allow as xend had it
+but matched whole, against the certificate's names and the address."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from ferry.config.host import RelocationConfig, hosts_allow_matches
-from ferry.errors import FerryError, MigrationRefused
+from ferry.daemon.listener import Connection, Limits, Listener
+from ferry.errors import MigrationRefused
 from ferry.migration.channel import MAX_MESSAGE, Channel
 from ferry.migration.target import TargetHost, serve_connection
+from ferry.pki.credentials import Credentials
+from ferry.pki.identity import Role
 
 log = logging.getLogger("ferryd")
 
@@ -47,80 +49,71 @@ def peer_names(address: str) -> list[str]:
 
 
 class RelocationServer:
-    def __init__(self, config: RelocationConfig, host: TargetHost, local_name: str) -> None:
+    def __init__(
+        self,
+        config: RelocationConfig,
+        host: TargetHost,
+        local_name: str,
+        credentials: Credentials | None,
+    ) -> None:
         self.config = config
         self.host = host
         self.local_name = local_name
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._per_peer: collections.Counter[str] = collections.Counter()
+        self.credentials = credentials
+        self.listener = Listener(
+            "relocation",
+            config.address,
+            config.port,
+            credentials,
+            self._serve,
+            Limits(total=MAX_CONNECTIONS, per_peer=MAX_PER_PEER, line=MAX_MESSAGE),
+        )
         # Its own threads: a slow reverse DNS must not stall the default pool.
         self._dns = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="relocation-dns")
 
     async def start(self) -> None:
-        try:
-            self._server = await asyncio.start_server(
-                self._serve,
-                host=self.config.address or None,
-                port=self.config.port,
-                limit=MAX_MESSAGE,
-                reuse_address=True,
-            )
-        except OSError as err:
-            where = f"{self.config.address or '*'}:{self.config.port}"
-            raise FerryError(f"cannot listen for relocations on {where}: {err.strerror}") from err
-        log.info("relocation server on %s:%d", self.config.address or "*", self.config.port)
+        await self.listener.start()
 
     @property
     def port(self) -> int:
         """The port it listens on (the configured one, or the one given for port 0)."""
-        assert self._server is not None and self._server.sockets
-        return int(self._server.sockets[0].getsockname()[1])
+        return self.listener.port
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.listener.close()
         self._dns.shutdown(wait=False, cancel_futures=True)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        address = str(writer.get_extra_info("peername")[0])
-        channel = Channel(reader, writer, address)
-        if len(self._tasks) >= MAX_CONNECTIONS or self._per_peer[address] >= MAX_PER_PEER:
-            log.warning("relocation connection from %s refused: too many connections", address)
-            await channel.send_error(
-                MigrationRefused(f"host {self.local_name} has too many relocation connections")
-            )
-            await channel.close()
+    async def _serve(self, conn: Connection) -> None:
+        channel = Channel(conn.reader, conn.writer, conn.address, conn.peer)
+        refusal = conn.refusal or await self._refusal(conn)
+        if refusal is not None:
+            await channel.send_error(MigrationRefused(refusal))
             return
-        self._tasks.add(task)
-        self._per_peer[address] += 1
-        task.set_name(f"relocation connection from {address}")
-        try:
-            names = await self._names(address)
-            if not hosts_allow_matches(self.config.hosts_allow, address, names):
-                who = f"{address} ({', '.join(names)})" if names else address
-                log.warning("relocation refused for %s by hosts-allow", who)
-                await channel.send_error(
-                    MigrationRefused(
-                        f"host {self.local_name} does not allow relocations from {who} "
-                        "(hosts-allow)"
-                    )
-                )
-                await channel.close()
-                return
-            await serve_connection(channel, self.host, self.local_name)
-        finally:
-            self._tasks.discard(task)
-            self._per_peer[address] -= 1
-            if self._per_peer[address] <= 0:
-                del self._per_peer[address]
+        if self.credentials is None:
+            kinds = frozenset({"hello", "data", "status"})
+        elif conn.peer is None:
+            # QEMU's own TLS protects the memory stream; nothing else goes plain.
+            kinds = frozenset({"data"})
+        else:
+            kinds = frozenset({"hello", "status"})
+        await serve_connection(channel, self.host, self.local_name, kinds)
+
+    async def _refusal(self, conn: Connection) -> str | None:
+        """Why this peer may not talk to us, or None."""
+        peer = conn.peer
+        if peer is not None and peer.role is not Role.HOST:
+            return (
+                f"host {self.local_name} takes relocations from hosts only, "
+                f"not from the certificate of {peer}"
+            )
+        if peer is None and self.credentials is not None:
+            return None  # a memory stream: its token and QEMU's TLS decide
+        names = list(peer.names()) if peer is not None else await self._names(conn.address)
+        if hosts_allow_matches(self.config.hosts_allow, conn.address, names):
+            return None
+        who = f"{conn.address} ({', '.join(names)})" if names else conn.address
+        log.warning("relocation refused for %s by hosts-allow", who)
+        return f"host {self.local_name} does not allow relocations from {who} (hosts-allow)"
 
     async def _names(self, address: str) -> list[str]:
         if not self.config.hosts_allow:

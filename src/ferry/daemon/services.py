@@ -7,6 +7,7 @@ part holds the whole daemon.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +21,19 @@ from ferry.host.running import BootFilesProvider
 from ferry.host.table import DomainTable
 from ferry.host.watcher import DomainWatcher
 from ferry.migration.incoming import IncomingMigrations
-from ferry.migration.indoubt import Ask, SourceEnd, ask_outcome
+from ferry.migration.indoubt import SourceEnd, ask_outcome
 from ferry.migration.outgoing import OutgoingMigrations
 from ferry.migration.params import MigrationParams
+from ferry.pki.credentials import Credentials
+from ferry.pki.qemu_tls import QemuTls
 from ferry.util.tasks import Background
 
 
 @dataclass
 class Services:
     host: HostConfig
+    # This host's credentials; None when the host config says insecure = true.
+    credentials: Credentials | None
     migration_defaults: MigrationParams
     table: DomainTable
     launcher: Launcher
@@ -46,8 +51,8 @@ class Services:
         host: HostConfig,
         layout: HostLayout,
         boot_files: BootFilesProvider,
+        credentials: Credentials | None,
         accel_cache: Path | None = None,
-        ask: Ask = ask_outcome,
         boot_dirs: Sequence[Path] = (),
     ) -> Services:
         defaults = MigrationParams.from_wire(host.migration, f"host {host.name}: [migration]")
@@ -55,17 +60,19 @@ class Services:
         launcher = Launcher(host, layout, boot_files, accel_cache, boot_dirs)
         watcher = DomainWatcher(table, launcher)
         background = Background()
-        end = SourceEnd(table, launcher, ask)
-        outgoing = OutgoingMigrations(table, launcher, end, background)
+        end = SourceEnd(table, launcher, functools.partial(ask_outcome, credentials=credentials))
+        tls = QemuTls(credentials, layout.run_dir / "tls") if credentials else None
+        outgoing = OutgoingMigrations(table, launcher, end, background, tls)
         return cls(
             host=host,
+            credentials=credentials,
             migration_defaults=defaults,
             table=table,
             launcher=launcher,
             watcher=watcher,
             lifecycle=Lifecycle(table, launcher, watcher),
             outgoing=outgoing,
-            incoming=IncomingMigrations(table, launcher, watcher),
+            incoming=IncomingMigrations(table, launcher, watcher, tls),
             source_end=end,
             reattach=Reattach(table, launcher, watcher, outgoing, end),
             background=background,

@@ -37,13 +37,16 @@ netmask = "255.255.255.0"
 """
 
 
-def host_config_text(host: str, state_dir: Path, run_dir: Path, export_dir: Path) -> str:
+def host_config_text(
+    host: str, state_dir: Path, run_dir: Path, export_dir: Path, pki_dir: Path
+) -> str:
     allow = ", ".join(f"'{p}'" for p in HOSTS_ALLOW)  # TOML literal strings: no escapes
     return f"""\
 name = "{host}"
 accel = "tcg"
 state_dir = "{state_dir}"
 run_dir = "{run_dir}"
+pki_dir = "{pki_dir}"
 storage_roots = ["{export_dir}"]
 storage_servers = ["{STORAGE.address}"]
 

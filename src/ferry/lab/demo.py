@@ -11,6 +11,8 @@ a report directory keeps every figure, a timeline plot and an HTML page.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ferry.client.daemon_client import DaemonClient
-from ferry.client.migrate_view import MigrationView, summary
+from ferry.client.migrate_view import summary
 from ferry.errors import FerryError, WaitTimeout
 from ferry.guest.image import build_image
 from ferry.lab import lab as lab_mod
 from ferry.lab import topology
+from ferry.lab.pki import STATION
 from ferry.lab.player import LabPlayer
 from ferry.lab.report import write_report
 from ferry.lab.state import Lab
@@ -53,6 +56,7 @@ class Demo:
         self.lab: Lab | None = None
         self.players: list[LabPlayer] = []
         self.interrupted = False
+        self._moving_since: float | None = None  # when the source first listed migrating-out
         self.data: dict[str, Any] = {"origin": time.time(), "migrations": [], "summary": []}
 
     def say(self, text: str) -> None:
@@ -117,12 +121,17 @@ class Demo:
     # -- the classic steps --------------------------------------------------------
 
     def create(self, lab: Lab) -> None:
-        self.step("xm create -c virt_server  →  ferry create virt_server (on xen_host_1)")
+        self.step(
+            "xm create -c virt_server  →  ferry --host xen_host_1 create virt_server "
+            "(from the station, client_1)"
+        )
         config = self.opts.report_dir / "virt_server"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(lab.domain_config_text(memory=self.opts.memory))
         self.out.print(config.read_text().rstrip(), style="cyan")
-        result = lab.run("xen_host_1", ["ferry", "create", str(config.resolve())], timeout=300)
+        result = lab.run(
+            STATION, self._station_argv("xen_host_1", "create", str(config.resolve())), timeout=300
+        )
         for line in (result.stdout + result.stderr).strip().splitlines():
             self.say(line)
         if result.returncode != 0:
@@ -151,14 +160,14 @@ class Demo:
         player.wait_for(
             "playback", lambda s: s.get("state") == "playing" and s.get("t_s", 0) > 6, 60
         )
-        self.say("client_2 is playing the movie; $ ferry pause virt_server")
+        self.say("client_2 is playing the movie; $ ferry --host xen_host_1 pause virt_server")
         paused_at = time.time()
         self._ferry(lab, "xen_host_1", "pause", VM)
         status = player.wait_for("an empty buffer", lambda s: s.get("state") == "stalled", 60)
         dry_at = time.time()
         self.say(
             f"the player ran dry {dry_at - paused_at:.1f} s after the pause "
-            f"(it had played on from its buffer); $ ferry unpause virt_server"
+            f"(it had played on from its buffer); $ ferry --host xen_host_1 unpause virt_server"
         )
         time.sleep(1.0)  # let the stall show on the timeline
         self._ferry(lab, "xen_host_1", "unpause", VM)
@@ -192,27 +201,28 @@ class Demo:
         return player
 
     def migrate(self, lab: Lab, source: str, target: str) -> None:
-        self.say(f"$ ferry lab exec {source} ferry migrate -l {VM} {target}")
-        client = DaemonClient(lab.daemons[source].socket)
-        shown = False
-
-        def on_progress(progress: dict[str, Any]) -> None:
-            nonlocal shown
-            view.update(progress)
-            if (
-                not shown
-                and progress.get("status") == "active"
-                and progress.get("elapsed_s", 0) > 1
-            ):
-                shown = True
-                self.show_lists(lab)
-
+        self.say(f"$ ferry --host {source} migrate -l {VM} {target}   (on the station, {STATION})")
+        argv = self._station_argv(source, "migrate", "-l", "--json", VM, target)
         start = time.time()
-        with MigrationView(VM, target) as view:
-            result = client.call_stream(
-                "migrate", on_progress, name=VM, host=target, params={"live": True}
-            )
+        # The station's own ferry shows its progress bar on our terminal (stderr);
+        # its result comes back as JSON on stdout.
+        proc = lab.popen(STATION, argv, stdout=subprocess.PIPE)
+        try:
+            wait_until_sync(
+                lambda: proc.poll() is not None or self._moving_for(lab, source, 1.0),
+                timeout=120, what=f"{VM} to be migrating", interval=0.3,
+            )  # fmt: skip
+            if proc.poll() is None:
+                self.show_lists(lab)
+            out, _ = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         end = time.time()
+        if proc.returncode != 0:
+            raise FerryError(f"ferry migrate from the station failed (status {proc.returncode})")
+        result = json.loads(out)
         self.say(summary(VM, target, result))
         self.show_lists(lab)
         self.data["migrations"].append(
@@ -226,21 +236,44 @@ class Demo:
             }
         )
 
+    def _moving_for(self, lab: Lab, host: str, seconds: float) -> bool:
+        """True once the source has listed the VM as migrating-out for ``seconds``."""
+        state = {r["name"]: r["state"] for r in self._station_list(lab, host)}.get(VM)
+        if state != "migrating-out":
+            return False
+        self._moving_since = self._moving_since or time.monotonic()
+        if time.monotonic() - self._moving_since < seconds:
+            return False
+        self._moving_since = None
+        return True
+
     def show_lists(self, lab: Lab) -> None:
         table = Table("host", "Name", "ID", "Mem", "VCPUs", "State", "Time(s)", box=None)
         for host in ("xen_host_1", "xen_host_2"):
-            rows = DaemonClient(lab.daemons[host].socket, timeout=30).call("list")
-            for row in rows or [{}]:
+            for row in self._station_list(lab, host) or [{}]:
                 table.add_row(
                     host,
                     *(str(row.get(k, "")) for k in ("name", "id", "mem", "vcpus", "state", "time")),
                 )
         self.out.print(table)
 
-    def _ferry(self, lab: Lab, host: str, *args: str) -> None:
-        result = lab.run(host, ["ferry", *args])
+    def _station_list(self, lab: Lab, host: str) -> list[dict[str, Any]]:
+        rows = json.loads(self._ferry(lab, host, "list", "--json"))
+        return rows if isinstance(rows, list) else []
+
+    @staticmethod
+    def _station_argv(host: str, *args: str) -> list[str]:
+        """``ferry`` as the operator types it on the station: every verb remote, over
+        mutual TLS with the station's admin certificate ($FERRY_PKI in the lab)."""
+        return ["ferry", "--host", host, *args]
+
+    def _ferry(self, lab: Lab, host: str, *args: str) -> str:
+        result = lab.run(STATION, self._station_argv(host, *args))
         if result.returncode != 0:
-            raise FerryError(f"ferry {' '.join(args)} on {host} failed: {result.stderr.strip()}")
+            raise FerryError(
+                f"ferry --host {host} {' '.join(args)} on {STATION} failed: {result.stderr.strip()}"
+            )
+        return result.stdout
 
     # -- verdict and report -------------------------------------------------------
 
@@ -286,7 +319,7 @@ class Demo:
             player.stop()
         if self.opts.keep and self.lab is not None and not self.interrupted:
             self.out.print(
-                "lab left up (--keep): try `ferry lab exec xen_host_1 ferry list`; "
+                "lab left up (--keep): try `ferry lab exec client_1 ferry --host xen_host_2 list`; "
                 "`ferry lab down` removes it"
             )
             return

@@ -14,6 +14,7 @@ from ferry.errors import FerryError
 from ferry.lab import topology
 from ferry.lab.configs import host_config_text
 from ferry.lab.ferryd_process import FerrydProcess
+from ferry.lab.pki import bundle_dir, ensure_lab_pki
 from ferry.lab.state import HostDaemon, Lab
 from ferry.lab.storage import LabProcess
 
@@ -26,7 +27,11 @@ def start_ferryd(lab: Lab, host: str, config_text: str | None = None) -> None:
     base.mkdir(parents=True, exist_ok=True)
     state_dir, run_dir = base / "state", RUN_ROOT / host
     config = base / "ferryd.toml"
-    config.write_text(config_text or host_config_text(host, state_dir, run_dir, lab.export_dir))
+    ensure_lab_pki(lab.workdir)
+    pki_dir = bundle_dir(lab.workdir, host)
+    config.write_text(
+        config_text or host_config_text(host, state_dir, run_dir, lab.export_dir, pki_dir)
+    )
     daemon = HostDaemon(host, str(config), str(state_dir), str(run_dir), str(base / "ferryd.log"))
     ferryd = FerrydProcess(
         name=host, state_dir=state_dir, run_dir=run_dir, log=Path(daemon.log),

@@ -46,7 +46,7 @@ __all__ = [
 SCRATCH = "scratch"  # a small image for storage checks, never a VM's disk
 SCRATCH_SIZE = 64 << 20
 DEFAULT_MEMORY = 256
-_MADE = ("lab.json", "xen", "hosts", "storage", VM_NAME)  # workdir entries `down` may remove
+_MADE = ("lab.json", "xen", "hosts", "storage", "pki", VM_NAME)  # workdir entries `down` may remove
 
 Log = Callable[[str], None]
 

@@ -129,16 +129,19 @@ class Lab:
         return self.daemons[topology.node(host).name].socket
 
     def exec_env(self, node: str) -> dict[str, str]:
-        """The environment of a command run in ``node``: the venv first on PATH, and
-        FERRY_SOCKET set to the node's own ferryd on a host."""
+        """The environment of a command run in ``node``: the venv first on PATH,
+        FERRY_SOCKET set to the node's own ferryd on a host, and FERRY_PKI to the
+        node's credentials on a client (the station's admin, the viewer's)."""
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         env["FERRY_LAB_WORKDIR"] = str(self.workdir)
         name = topology.node(node).name
+        env.pop("FERRY_SOCKET", None)
+        env.pop("FERRY_PKI", None)
         if name in self.daemons:
             env["FERRY_SOCKET"] = str(self.daemons[name].socket)
-        else:
-            env.pop("FERRY_SOCKET", None)
+        elif (self.workdir / "pki" / name / "cert.pem").exists():
+            env["FERRY_PKI"] = str(self.workdir / "pki" / name)
         return env
 
     def exec_argv(self, node: str, argv: Sequence[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""The relocation channel: JSON lines over TCP, every wait bounded.
+"""The relocation channel: JSON lines over mutual TLS (plain TCP when insecure), every
+wait bounded.
 
 Messages are objects with a ``type``. A peer that refuses or fails sends
 ``{"type": "error", "kind": ..., "message": ...}``; :meth:`Channel.recv`
@@ -11,9 +12,12 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 from typing import Any
 
-from ferry.errors import MigrationError, MigrationRefused
+from ferry.errors import MigrationError, MigrationRefused, PkiError
+from ferry.pki.credentials import HANDSHAKE_TIMEOUT, Credentials, tls_failure
+from ferry.pki.identity import Identity, Role
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 1 << 20
@@ -21,27 +25,59 @@ MAX_MESSAGE = 1 << 20
 
 class Channel:
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        identity: Identity | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.peer = peer
+        # Whom the peer's certificate names (None: a plain connection).
+        self.identity = identity
 
     @classmethod
-    async def connect(cls, host: str, port: int, timeout: float) -> Channel:
+    async def connect(
+        cls, host: str, port: int, timeout: float, credentials: Credentials | None
+    ) -> Channel:
+        """A channel to ``host``'s relocation server: mutual TLS unless ``credentials``
+        is None (insecure mode); the server must prove, by its certificate, that it
+        is a host of our cluster named ``host``."""
+        where = f"{host}:{port}"
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=MAX_MESSAGE), timeout
-            )
-        except (OSError, TimeoutError) as err:
-            reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
-            raise MigrationError(
-                f"cannot reach relocation server {host}:{port}: {reason}"
+            context = credentials.client_context() if credentials is not None else None
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    limit=MAX_MESSAGE,
+                    ssl=context,
+                    server_hostname="" if context else None,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context else None,
+                )
+        except PkiError as err:
+            raise MigrationError(f"cannot open a relocation channel: {err}") from None
+        except TimeoutError:
+            raise MigrationError(f"cannot reach relocation server {where}: timed out") from None
+        except ssl.SSLError as err:
+            raise MigrationRefused(
+                f"TLS with relocation server {where} failed: {tls_failure(err)}"
             ) from None
+        except OSError as err:
+            reason = err.strerror or str(err) or "the connection was closed during the handshake"
+            raise MigrationError(f"cannot reach relocation server {where}: {reason}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(reader, writer, f"{host}:{port}")
+        channel = cls(reader, writer, where)
+        if credentials is not None:
+            try:
+                channel.identity = _server_identity(credentials, writer, host)
+            except PkiError as err:
+                await channel.close()
+                raise MigrationRefused(f"relocation server {where}: {err}") from None
+        return channel
 
     async def send(self, message: dict[str, Any]) -> None:
         try:
@@ -90,6 +126,18 @@ class Channel:
         self.writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await self.writer.wait_closed()
+
+
+def _server_identity(credentials: Credentials, writer: asyncio.StreamWriter, host: str) -> Identity:
+    identity = credentials.peer(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+    if identity.role is not Role.HOST:
+        raise PkiError(f"presented the certificate of {identity}, not of a host")
+    if not identity.answers_to(host):
+        raise PkiError(
+            f"presented the certificate of {identity}, which does not name {host!r} "
+            f"(it names {', '.join(identity.names())})"
+        )
+    return identity
 
 
 def _no_constant(name: str) -> Any:

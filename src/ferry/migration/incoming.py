@@ -28,6 +28,7 @@ from ferry.errors import (
     ImageError,
     MigrationError,
     MigrationRefused,
+    PkiError,
     QmpError,
     StorageError,
 )
@@ -38,6 +39,8 @@ from ferry.host.watcher import DomainWatcher
 from ferry.migration.data_link import FD_NAME
 from ferry.migration.params import MigrationParams
 from ferry.network import tap
+from ferry.pki.identity import Identity
+from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import lease
 from ferry.storage.disks import check_disks
 from ferry.util.wait import wait_until
@@ -54,7 +57,15 @@ _ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 class IncomingMigrations:
     """What the relocation server asks of this host (the TargetHost protocol)."""
 
-    def __init__(self, table: DomainTable, launcher: Launcher, watcher: DomainWatcher) -> None:
+    def __init__(
+        self,
+        table: DomainTable,
+        launcher: Launcher,
+        watcher: DomainWatcher,
+        tls: QemuTls | None,
+    ) -> None:
+        # QEMU's TLS on the memory stream; None: insecure = true.
+        self.tls = tls
         self.table = table
         self.launcher = launcher
         self.watcher = watcher
@@ -68,6 +79,7 @@ class IncomingMigrations:
         disks: list[Any],
         boot: Mapping[str, Any],
         peer: str,
+        source: Identity | None,
     ) -> str:
         """Check everything, then start QEMU waiting for the stream; return its token."""
         cfg = DomainConfig.from_mapping(mapping, f"domain config from {peer}")
@@ -120,7 +132,11 @@ class IncomingMigrations:
                     ]
                 },
             )
-        except QmpError as err:
+            if self.tls is not None:
+                if source is None:
+                    raise QmpError("no certificate of the source to admit its stream")
+                await self.tls.setup_target(dom.monitor, source)
+        except (QmpError, PkiError) as err:
             await self.abort_incoming(migration_id, str(err))
             raise MigrationRefused(f"{where}: {err}") from err
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)

@@ -22,6 +22,7 @@ from ferry.host.launcher import Launcher
 from ferry.host.running import RunningDomain
 from ferry.host.table import DomainTable
 from ferry.migration.channel import Channel
+from ferry.pki.credentials import Credentials
 
 log = logging.getLogger("ferryd")
 
@@ -32,9 +33,11 @@ MAX_RETRY_S = 10.0
 Ask = Callable[[str, int, str, str], Awaitable[str]]
 
 
-async def ask_outcome(host: str, port: int, migration_id: str, local_host: str) -> str:
+async def ask_outcome(
+    host: str, port: int, migration_id: str, local_host: str, credentials: Credentials | None
+) -> str:
     """``committed``, ``aborted``, ``pending`` or ``unknown``, as the target says."""
-    channel = await Channel.connect(host, port, ASK_TIMEOUT)
+    channel = await Channel.connect(host, port, ASK_TIMEOUT, credentials)
     try:
         await channel.send({"type": "status", "migration_id": migration_id, "host": local_host})
         reply = await channel.recv(ASK_TIMEOUT, "status")
@@ -49,7 +52,7 @@ async def ask_outcome(host: str, port: int, migration_id: str, local_host: str) 
 class SourceEnd:
     """The end of an outgoing migration, for the domain's copy on this host."""
 
-    def __init__(self, table: DomainTable, launcher: Launcher, ask: Ask = ask_outcome) -> None:
+    def __init__(self, table: DomainTable, launcher: Launcher, ask: Ask) -> None:
         self.table = table
         self.launcher = launcher
         self.ask = ask

@@ -16,6 +16,7 @@ from ferry.host.table import DomainTable
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.params import MigrationParams
 from ferry.migration.source import OutgoingMigration, ProgressCallback
+from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import lease
 from ferry.util.tasks import Background
 
@@ -24,8 +25,14 @@ log = logging.getLogger("ferryd")
 
 class OutgoingMigrations:
     def __init__(
-        self, table: DomainTable, launcher: Launcher, end: SourceEnd, background: Background
+        self,
+        table: DomainTable,
+        launcher: Launcher,
+        end: SourceEnd,
+        background: Background,
+        tls: QemuTls | None,
     ) -> None:
+        self.tls = tls
         self.table = table
         self.launcher = launcher
         self.end = end
@@ -64,6 +71,7 @@ class OutgoingMigrations:
                 on_progress=on_progress,
                 resume=was_running,
                 control=control,
+                tls=self.tls,
             )
             result = await out.run()
         except MigrationInDoubt:

@@ -35,6 +35,7 @@ from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.migration.data_link import CONNECT_TIMEOUT, FD_NAME, open_data_connection
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress
+from ferry.pki.qemu_tls import QemuTls, plain_stream
 from ferry.util.wait import wait_until
 
 log = logging.getLogger("ferryd")
@@ -63,6 +64,8 @@ class OutgoingResult:
     stopped_at: float | None  # wall clock of the source's STOP event
     resumed_at: float | None  # wall clock of the target's RESUME event
     downtime_limit_ms: int
+    # The stream's encryption as the source QEMU reports it: "tls" or "none".
+    stream: str
 
     def to_wire(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,7 +88,10 @@ class OutgoingMigration:
     control: OutgoingControl = field(
         default_factory=lambda: OutgoingControl(migration_id=uuid.uuid4().hex)
     )
+    # Mutual TLS for the channel and QEMU's stream; None: insecure = true.
+    tls: QemuTls | None = None
     _downtime_limit: int = field(default=0, init=False)
+    _stream: str = field(default="none", init=False)
 
     @property
     def migration_id(self) -> str:
@@ -98,7 +104,8 @@ class OutgoingMigration:
     async def run(self) -> OutgoingResult:
         start = time.monotonic()
         try:
-            channel = await Channel.connect(self.host, self.port, CONNECT_TIMEOUT)
+            credentials = self.tls.credentials if self.tls else None
+            channel = await Channel.connect(self.host, self.port, CONNECT_TIMEOUT, credentials)
         except BaseException:
             self.control.advance(Phase.ROLLED_BACK)
             raise
@@ -157,6 +164,7 @@ class OutgoingMigration:
             stopped_at=stop_ts,
             resumed_at=float(resume_ts) if isinstance(resume_ts, int | float) else None,
             downtime_limit_ms=self._downtime_limit,
+            stream=self._stream,
         )
 
     # -- phases ----------------------------------------------------------------
@@ -199,6 +207,13 @@ class OutgoingMigration:
         )
         self._downtime_limit = self.params.max_downtime_ms
         await monitor.execute("migrate-set-parameters", self.params.qemu_parameters())
+        if self.tls is not None:
+            await self.tls.setup_source(monitor, self.host)
+        else:
+            await plain_stream(monitor)
+        # What QEMU itself will do, not what we asked: shown in the result.
+        set_up = await monitor.execute("query-migrate-parameters")
+        self._stream = "tls" if isinstance(set_up, dict) and set_up.get("tls-creds") else "none"
         if not self.params.live:
             await monitor.execute("stop")
         try:

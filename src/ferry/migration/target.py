@@ -19,6 +19,7 @@ from ferry.domain.migration_state import Outcome
 from ferry.errors import FerryError, MigrationError, MigrationRefused
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.migration.params import MigrationParams
+from ferry.pki.identity import Identity
 
 log = logging.getLogger("ferryd")
 
@@ -40,6 +41,7 @@ class TargetHost(Protocol):
         disks: list[Any],
         boot: Mapping[str, Any],
         peer: str,
+        source: Identity | None,
     ) -> str: ...
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None: ...
@@ -51,11 +53,22 @@ class TargetHost(Protocol):
     def migration_outcome(self, migration_id: str) -> str: ...
 
 
-async def serve_connection(channel: Channel, host: TargetHost, local_name: str) -> None:
+ALL_KINDS = frozenset({"hello", "data", "status"})
+
+
+async def serve_connection(
+    channel: Channel, host: TargetHost, local_name: str, kinds: frozenset[str] = ALL_KINDS
+) -> None:
+    """Serve one connection whose first message is one of ``kinds``."""
     try:
         first = await channel.recv(HELLO_TIMEOUT)
         kind = first["type"]
-        if kind == "hello":
+        if kind not in kinds and kind in ALL_KINDS:
+            how = "in plain TCP" if channel.identity is None else "over TLS"
+            await channel.send_error(
+                MigrationRefused(f"host {local_name} takes no {kind!r} request {how}")
+            )
+        elif kind == "hello":
             await _session(channel, host, local_name, first)
         elif kind == "data":
             await _data(channel, host, first)
@@ -111,7 +124,8 @@ async def _session(
             MigrationParams.from_wire(params or {}),
             list(disks or []),
             dict(boot or {}),
-            f"{str(hello.get('host'))[:64]} ({channel.peer})",
+            _describe(channel, hello),
+            channel.identity,
         )
     except FerryError as err:
         refusal = err if isinstance(err, MigrationRefused) else MigrationRefused(str(err))
@@ -144,6 +158,12 @@ async def _session(
             raise
         return
     await channel.send({"type": "committed", **times})
+
+
+def _describe(channel: Channel, hello: dict[str, Any]) -> str:
+    if channel.identity is not None:
+        return f"{channel.identity.name} ({channel.peer})"
+    return f"{str(hello.get('host'))[:64]} ({channel.peer}, unauthenticated)"
 
 
 async def _data(channel: Channel, host: TargetHost, header: dict[str, Any]) -> None:
