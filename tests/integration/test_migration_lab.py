@@ -421,3 +421,58 @@ def test_link_cut_during_transfer(slow_lab: Lab) -> None:
         interval=0.5,
         what="the target to give up its incoming copy",
     )
+
+
+# -- a hostile LAN -------------------------------------------------------------------
+
+FLOOD = """
+import os, socket, sys, time
+host, count, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+held, opened = [], 0
+while not os.path.exists(stop):
+    # Connect and say nothing (half-open for the server: no byte, no handshake);
+    # whatever the server closes is opened again, up to `count` at once.
+    held = [s for s in held if s.fileno() >= 0]
+    while len(held) < count:
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((host, 8002 if opened % 2 else 8003))
+        held.append(s)
+        opened += 1
+    for s in list(held):
+        try:
+            if s.recv(1, socket.MSG_DONTWAIT) == b"":
+                s.close()
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+    time.sleep(0.05)
+print(opened)
+"""
+
+
+@pytest.mark.parametrize("fast_lab", ["dir"], indirect=True)
+def test_migration_completes_under_a_flood_of_half_open_connections(fast_lab: Lab) -> None:
+    s = Scenario(fast_lab)
+    before = s.create()
+    stop = fast_lab.workdir / "stop-flood"
+    flood = fast_lab.popen(
+        "client_1",
+        ["python3", "-c", FLOOD, "xen_host_2", "2000", str(stop)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        result = s.migrate("xen_host_1", "xen_host_2", "-l")
+        stop.touch()
+        out, _ = flood.communicate(timeout=60)
+    finally:
+        stop.touch()
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stream"] == "tls"
+    s.runs_only_on("xen_host_2", before)
+    # The flood really ran through the migration: thousands of connections.
+    assert int(out.strip()) >= 2000, out

@@ -35,6 +35,7 @@ from ferry.daemon.services import Services
 from ferry.errors import AccessDenied, FerryError, ProtocolError, error_to_wire
 from ferry.migration.params import MigrationParams
 from ferry.pki.identity import Role
+from ferry.util.text import one_line
 
 log = logging.getLogger("ferryd")
 
@@ -199,7 +200,8 @@ class ControlServer:
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, reply: Any) -> None:
         if isinstance(reply, FerryError):
-            reply = {"ok": False, "error": error_to_wire(reply)}
+            # Errors may quote the request: one line, whatever it held.
+            reply = {"ok": False, "error": error_to_wire(reply) | {"message": one_line(str(reply))}}
         writer.write(json.dumps(reply).encode() + b"\n")
         await writer.drain()
 

@@ -18,6 +18,7 @@ from typing import Any
 from ferry.errors import MigrationError, MigrationRefused, PkiError
 from ferry.pki.credentials import HANDSHAKE_TIMEOUT, Credentials, tls_failure
 from ferry.pki.identity import Identity, Role
+from ferry.util.text import one_line
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 1 << 20
@@ -143,12 +144,3 @@ def _server_identity(credentials: Credentials, writer: asyncio.StreamWriter, hos
 def _no_constant(name: str) -> Any:
     """NaN and Infinity are not JSON: a peer that sends them sent garbage."""
     raise ValueError(f"{name} is not allowed")
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    """An error for a person: one line, control characters shown escaped, bounded.
-
-    Messages may quote what a peer sent; its newlines must not forge lines.
-    """
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."

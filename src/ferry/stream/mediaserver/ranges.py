@@ -23,7 +23,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     first_s, last_s = first_s.strip(), last_s.strip()
     if not dash or not (first_s or last_s):
         return None
-    if not all(part.isdigit() for part in (first_s, last_s) if part):
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not all(part.isascii() and part.isdigit() for part in (first_s, last_s) if part):
         return None
     if not first_s:
         suffix = int(last_s)
