@@ -13,7 +13,7 @@ from ferry.lab import topology
 
 VM = topology.VM_NAME
 HOSTS = ("xen_host_1", "xen_host_2")
-BARE_PORT = 8003  # ferry's relocation server holds 8002
+BARE_PORT = 8004  # ferryd holds 8002 (relocation) and 8003 (control API)
 BARE_TAPS = {"xen_host_1": "bare1.0", "xen_host_2": "bare2.0"}
 DOWNTIME_LIMIT_MS = 100  # ferry's default max downtime (MigrationParams)
 MAX_BANDWIDTH = 1 << 40  # what ferry sets for "no cap"
