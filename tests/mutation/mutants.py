@@ -40,7 +40,7 @@ MUTANTS = [
     Mutant(
         "the lease check at prepare is skipped",
         "migration/incoming.py",
-        "if held is None or held.token != token:",
+        "if not isinstance(token, str) or held is None or held.token != token:",
         "if False:",
     ),
     Mutant(

@@ -17,7 +17,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,24 @@ class FakeHost:
             MigrationParams.from_wire(params),
             self.progress.append,
         )
+
+
+@contextlib.asynccontextmanager
+async def running(cluster: Cluster, start: bool = True) -> AsyncIterator[Cluster]:
+    """The cluster's hosts (started, unless ``start`` is false); whatever happens, every
+    host still up is crashed at the end and no fake QEMU outlives the test."""
+    try:
+        if start:
+            for host in cluster.hosts:
+                await host.start()
+        yield cluster
+    finally:
+        try:
+            for host in cluster.hosts:
+                if host.services is not None:
+                    await host.crash()
+        finally:
+            cluster.kill_all()
 
 
 class Cluster:

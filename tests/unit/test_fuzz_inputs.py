@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ferry.config._common import build_domain
@@ -40,21 +39,8 @@ from ferry.stream.mediaserver.config import Config
 from ferry.stream.mediaserver.ranges import Unsatisfiable, parse_range
 from ferry.stream.mediaserver.server import MediaServer
 
-EXAMPLES = int(os.environ.get("FERRY_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+from .fuzz_support import FUZZ, json_values
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
-    max_leaves=16,
-)
 OPS = ["ping", "list", "info", "create", "pause", "unpause", "shutdown", "destroy",
        "migrate", "migrate_abort", "console_attach", "bogus"]  # fmt: skip
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,28 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ferry.migration.channel import PROTOCOL_VERSION
 
+from .fuzz_support import FUZZ, json_values
 from .migration_harness import Cluster, FakeHost
 
-EXAMPLES = int(os.environ.get("FERRY_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
-    ),
-    max_leaves=20,
-)
 KEYS = ["type", "migration_id", "config", "params", "disks", "boot", "token", "host", "version"]
 messages = st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6) | json_values
 TYPES = ["hello", "prepare", "data", "status", "commit", "ping", "bogus"]

@@ -25,7 +25,7 @@ from ferry.migration import target as target_mod
 from ferry.migration.channel import Channel
 from ferry.storage import lease
 
-from .migration_harness import Cluster, FakeHost, qmp_call, until
+from .migration_harness import Cluster, FakeHost, qmp_call, running, until
 
 HOLD_AT = 256 * 1024
 
@@ -33,19 +33,8 @@ HOLD_AT = 256 * 1024
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     # Short paths: unix sockets live under the hosts' run directories.
-    c = Cluster(tmp_path)
-    for host in c.hosts:
-        await host.start()
-    try:
+    async with running(Cluster(tmp_path)) as c:
         yield c
-    finally:
-        try:
-            for host in c.hosts:
-                if host.services is not None:
-                    await host.crash()
-        finally:
-            # Whatever happened above, no fake QEMU outlives its test.
-            c.kill_all()
 
 
 @pytest.fixture

@@ -19,22 +19,14 @@ from ferry.errors import MigrationError, MigrationRefused
 from ferry.pki.identity import Identity, Role
 from ferry.pki.qemu_tls import QemuTls
 
-from .migration_harness import Cluster, FakeHost, qmp_call
+from .migration_harness import Cluster, FakeHost, qmp_call, running
 from .pki_support import TestCA
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
+    async with running(Cluster(tmp_path), start=False) as c:
         yield c
-    finally:
-        try:
-            for host in c.hosts:
-                if host.services is not None:
-                    await host.crash()
-        finally:
-            c.kill_all()
 
 
 async def up(c: Cluster) -> tuple[FakeHost, FakeHost]:
@@ -147,15 +139,9 @@ async def test_plain_requests_are_refused_by_a_secure_host(cluster: Cluster) -> 
 
 
 async def test_an_insecure_cluster_migrates_in_plain(tmp_path: Path) -> None:
-    c = Cluster(tmp_path, secure=False)
-    try:
+    async with running(Cluster(tmp_path, secure=False), start=False) as c:
         h1, h2 = await up(c)
         assert (await h1.migrate("vm", h2))["stream"] == "none"
         copy = await c.assert_runs_once("h2")
         tls = await asyncio.to_thread(qmp_call, c.qemus()[copy["pid"]], "x-fake-tls")
         assert tls["peer"] is None and not tls["params"].get("tls-creds")
-    finally:
-        for host in c.hosts:
-            if host.services is not None:
-                await host.crash()
-        c.kill_all()
