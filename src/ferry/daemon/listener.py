@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ log = logging.getLogger("ferryd")
 
 TLS_HANDSHAKE_BYTE = 0x16
 BACKLOG = 128
+REFUSAL_LOG_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class Listener:
         self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._per_peer: collections.Counter[str] = collections.Counter()
+        self._refused = 0
+        self._refused_logged_at = -REFUSAL_LOG_S
 
     async def start(self) -> None:
         try:
@@ -146,8 +150,8 @@ class Listener:
             if len(self._tasks) >= self.limits.total or (
                 self._per_peer[address] >= self.limits.per_peer
             ):
-                log.warning("%s: connection from %s refused: too many", self.what, address)
                 conn.close()
+                self._note_refusal(address)
                 continue
             task = asyncio.create_task(
                 self._serve(conn, address), name=f"{self.what} connection from {address}"
@@ -155,6 +159,18 @@ class Listener:
             self._tasks.add(task)
             self._per_peer[address] += 1
             task.add_done_callback(functools.partial(self._done, address=address))
+
+    def _note_refusal(self, address: str) -> None:
+        """Count refusals; say so at most every REFUSAL_LOG_S (a flood must not flood the log)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSAL_LOG_S:
+            log.warning(
+                "%s: refused %d connection(s) in the last %.0f s: too many "
+                "(in all, or from one address; the latest from %s)",
+                self.what, self._refused, REFUSAL_LOG_S, address,
+            )  # fmt: skip
+            self._refused, self._refused_logged_at = 0, now
 
     def _done(self, task: asyncio.Task[None], *, address: str) -> None:
         self._tasks.discard(task)
