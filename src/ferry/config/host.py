@@ -166,29 +166,28 @@ class _TomlHost:
             storage_servers=tuple(x.lower() for x in servers),
             qemu_binary=self.text(data, "qemu_binary", defaults.qemu_binary),
             relocation=RelocationConfig(
-                enabled=self.flag(relocation, "enabled", "relocation.enabled"),
-                port=check_port(
-                    self.integer(relocation, "port", 8002, "relocation.port"),
-                    lambda why: self.fail("relocation.port", why),
-                ),
-                address=self.text(relocation, "address", "", "relocation.address", empty=True),
+                **self.endpoint(relocation, "relocation", 8002),
                 hosts_allow=check_patterns(
                     patterns, lambda why: self.fail("relocation.hosts_allow", why)
                 ),
             ),
-            control=ControlConfig(
-                enabled=self.flag(control, "enabled", "control.enabled"),
-                port=check_port(
-                    self.integer(control, "port", 8003, "control.port"),
-                    lambda why: self.fail("control.port", why),
-                ),
-                address=self.text(control, "address", "", "control.address", empty=True),
-            ),
+            control=ControlConfig(**self.endpoint(control, "control", 8003)),
             pki_dir=self.path(data, "pki_dir", DEFAULT_PKI_DIR),
             insecure=self.flag(data, "insecure", "insecure", default=False),
             dom0_min_mem=self.integer(data, "dom0_min_mem", 0, "dom0_min_mem"),
             migration=self.table(data, "migration"),
         )
+
+    def endpoint(self, table: Mapping[str, Any], name: str, port: int) -> dict[str, Any]:
+        """``enabled``, ``port`` and ``address`` of a listening table ([relocation], [control])."""
+        return {
+            "enabled": self.flag(table, "enabled", f"{name}.enabled"),
+            "port": check_port(
+                self.integer(table, "port", port, f"{name}.port"),
+                lambda why: self.fail(f"{name}.port", why),
+            ),
+            "address": self.text(table, "address", "", f"{name}.address", empty=True),
+        }
 
     def table(self, data: Mapping[str, Any], key: str) -> dict[str, Any]:
         value = data.get(key, {})
