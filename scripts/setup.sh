@@ -10,6 +10,7 @@ packages=(
   python3-venv ca-certificates
   nfs-ganesha nfs-ganesha-vfs rpcbind
   ffmpeg fonts-dejavu-core
+  etcd-server etcd-client
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -5,6 +5,9 @@ from collections.abc import Generator
 
 import pytest
 
+# A real etcd member for the tests of the cluster layer (fixture ``etcd``).
+pytest_plugins = ["tests.unit.etcd_support"]
+
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(

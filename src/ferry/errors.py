@@ -20,6 +20,9 @@ failed; the CLI prints exactly that line and exits non-zero.
      +-- StorageError           disks that are missing or outside storage roots
      +-- ImageError             building or using the guest image failed
  +-- PkiError               the cluster CA, a certificate or a TLS peer is not valid
+     +-- ClusterError           the cluster store (etcd) refused or could not answer
+     |    +-- ClusterUnavailable no etcd member answered in time (quorum lost?)
+     |    +-- OwnedElsewhere    the domain or one of its disks belongs to another host
      +-- WaitTimeout            a state awaited (util.wait) did not come in time
      +-- DaemonError            talking to ferryd failed
      |    +-- DaemonUnreachable no ferryd answers on the control socket
@@ -93,6 +96,18 @@ class ImageError(FerryError):
 
 class PkiError(FerryError):
     """The cluster CA, a certificate, a key or a TLS peer is missing or not valid."""
+
+
+class ClusterError(FerryError):
+    """The cluster store refused a request or could not answer it."""
+
+
+class ClusterUnavailable(ClusterError):
+    """No etcd member answered in time: the store, or this host's link to it, is down."""
+
+
+class OwnedElsewhere(ClusterError):
+    """The domain or one of its disks is owned by another host (or another domain)."""
 
 
 class WaitTimeout(FerryError):

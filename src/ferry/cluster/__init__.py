@@ -1,0 +1,1 @@
+"""The cluster store (etcd): host leases, ownership of domains and disks, the commit transaction."""

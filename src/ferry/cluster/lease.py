@@ -1,0 +1,167 @@
+"""This host's etcd lease: granted once, renewed, and known to be valid until when.
+
+Everything the host owns in etcd is bound to this one lease. Its validity is
+measured on this host's monotonic clock from the moment a renewal was *sent*
+(not answered): etcd restarts the TTL when it receives the renewal, which is
+later, so the host always believes its lease ends a little before etcd does.
+A host that fences at ``valid_until - margin`` has therefore stopped its VMs
+before any other host can see the lease expire (Patroni's rule: demote
+before the key can expire).
+
+The lease id is kept in a file, so a ferryd restarted within the TTL keeps
+the same lease and what is bound to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ferry.cluster.etcd import EtcdClient
+from ferry.errors import ClusterError, ClusterUnavailable
+from ferry.util.tasks import spawn
+
+log = logging.getLogger("ferryd")
+
+
+class LeaseState(enum.Enum):
+    HELD = "held"  # renewed in time
+    LATE = "late"  # renewals fail; still valid until valid_until
+    LOST = "lost"  # expired (or never granted): nothing is owned under it
+
+
+_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
+    LeaseState.LOST: frozenset({LeaseState.HELD}),
+    LeaseState.HELD: frozenset({LeaseState.LATE, LeaseState.LOST}),
+    LeaseState.LATE: frozenset({LeaseState.HELD, LeaseState.LOST}),
+}
+
+Listener = Callable[[LeaseState, LeaseState], None]
+
+
+class HostLease:
+    def __init__(self, etcd: EtcdClient, ttl: int, id_file: Path) -> None:
+        if ttl < 3:
+            raise ClusterError(f"a lease TTL of {ttl} s is too short (at least 3 s)")
+        self.etcd = etcd
+        self.ttl = ttl
+        self.id_file = id_file
+        self.id = 0
+        self.state = LeaseState.LOST
+        self.valid_until = 0.0  # monotonic
+        self.confirmed_at = 0.0  # monotonic: when the last good renewal was sent
+        self._listeners: list[Listener] = []
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def interval(self) -> float:
+        # Three tries within one TTL (ttl > 2 x loop_wait, with a retry to spare).
+        return self.ttl / 4
+
+    def on_change(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remaining(self) -> float:
+        return max(0.0, self.valid_until - time.monotonic())
+
+    def _move(self, new: LeaseState) -> None:
+        old = self.state
+        if new is old:
+            return
+        if new not in _TRANSITIONS[old]:
+            raise ClusterError(f"lease {self.id:x}: no transition {old.value} -> {new.value}")
+        self.state = new
+        log.log(
+            logging.INFO if new is LeaseState.HELD else logging.WARNING,
+            "etcd lease %x: %s -> %s (valid for %.1f s more)",
+            self.id, old.value, new.value, self.remaining(),
+        )  # fmt: skip
+        for listener in self._listeners:
+            listener(old, new)
+
+    async def acquire(self) -> None:
+        """Take up the lease of a previous run if it is still alive, else a new one."""
+        previous = _read_id(self.id_file)
+        if previous:
+            sent = time.monotonic()
+            left = await self.etcd.keepalive(previous)
+            if left > 0:
+                self.id = previous
+                self._confirmed(sent, left)
+                log.info("etcd lease %x of the previous run taken up (%d s left)", previous, left)
+                return
+        sent = time.monotonic()
+        self.id = await self.etcd.grant(self.ttl)
+        self.id_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.id_file.with_suffix(".tmp")
+        tmp.write_text(f"{self.id}\n")
+        tmp.replace(self.id_file)
+        self._confirmed(sent, self.ttl)
+        log.info("etcd lease %x granted (TTL %d s)", self.id, self.ttl)
+
+    def _confirmed(self, sent: float, left: int) -> None:
+        self.confirmed_at = sent
+        self.valid_until = sent + left
+        self._move(LeaseState.HELD)
+
+    async def renew(self) -> None:
+        """One renewal; the state follows what etcd said (or that it said nothing)."""
+        sent = time.monotonic()
+        try:
+            left = await self.etcd.keepalive(self.id)
+        except ClusterUnavailable as err:
+            if time.monotonic() >= self.valid_until:
+                self._move(LeaseState.LOST)
+            else:
+                log.warning("etcd lease %x not renewed: %s", self.id, err)
+                self._move(LeaseState.LATE)
+            return
+        if left <= 0:
+            self.valid_until = 0.0
+            self._move(LeaseState.LOST)
+            return
+        self._confirmed(sent, left)
+
+    def start(self) -> None:
+        self._task = spawn(self._loop(), f"etcd lease {self.id:x}")
+
+    async def _loop(self) -> None:
+        while self.state is not LeaseState.LOST:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._next_wait()):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.renew()
+        log.error("etcd lease %x is lost: this host owns nothing in the cluster now", self.id)
+
+    def _next_wait(self) -> float:
+        if self.state is LeaseState.LATE:
+            # Keep trying, but also wake exactly at the deadline to declare the loss.
+            return max(0.05, min(0.5, self.remaining()))
+        return self.interval
+
+    async def close(self, revoke: bool = False) -> None:
+        """Stop renewing. ``revoke``: give everything up now (a host leaving the cluster)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if revoke and self.id:
+            with contextlib.suppress(ClusterError):
+                await self.etcd.revoke(self.id)
+            with contextlib.suppress(FileNotFoundError):
+                self.id_file.unlink()
+
+
+def _read_id(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0

@@ -1,0 +1,227 @@
+"""Who runs which domain and writes which disk: taken, moved and given up in transactions.
+
+``EtcdOwnership`` is the cluster's one truth: a host may start a domain only
+after one transaction made the domain and every disk it writes its own, and a
+migration's commit point is the transaction that moves them from source to
+target. ``LocalOwnership`` is a standalone host's: nothing is shared, the
+domain table and the disk lease files are all there is (and
+``ferry host list`` says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ferry.cluster.etcd import Compare, Delete, EtcdClient, Get, Put
+from ferry.cluster.keys import Keys, decode, encode
+from ferry.cluster.lease import HostLease, LeaseState
+from ferry.errors import ClusterError, OwnedElsewhere
+
+log = logging.getLogger("ferryd")
+
+
+@dataclass(frozen=True)
+class Owner:
+    host: str
+    migration: str | None  # the migration that brought the domain to ``host``
+    revision: int  # the domain key's mod revision when read (0: not in a store)
+
+
+@dataclass(frozen=True)
+class MoveTicket:
+    """What the target checked at prepare: the source owned the domain at ``revision``."""
+
+    name: str
+    source: str
+    disks: tuple[str, ...]
+    revision: int
+
+
+class Ownership(Protocol):
+    clustered: bool
+
+    async def take(self, name: str, disks: Sequence[str]) -> None: ...
+
+    async def release(self, name: str, disks: Sequence[str]) -> None: ...
+
+    async def owner(self, name: str) -> Owner | None: ...
+
+    async def expect_move(self, name: str, source: str, disks: Sequence[str]) -> MoveTicket: ...
+
+    async def commit_move(self, ticket: MoveTicket, migration_id: str) -> bool: ...
+
+    async def settle_move(self, name: str, migration_id: str, target: str) -> str | None: ...
+
+
+class LocalOwnership:
+    """A standalone host: this host's table is the only truth there is."""
+
+    clustered = False
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    async def take(self, name: str, disks: Sequence[str]) -> None:
+        return None
+
+    async def release(self, name: str, disks: Sequence[str]) -> None:
+        return None
+
+    async def owner(self, name: str) -> Owner | None:
+        return None
+
+    async def expect_move(self, name: str, source: str, disks: Sequence[str]) -> MoveTicket:
+        return MoveTicket(name, source, tuple(disks), 0)
+
+    async def commit_move(self, ticket: MoveTicket, migration_id: str) -> bool:
+        # The target's durable outcome file is the commit point (migration.incoming).
+        return True
+
+    async def settle_move(self, name: str, migration_id: str, target: str) -> str | None:
+        return None  # only the target can say: ask it
+
+
+class EtcdOwnership:
+    clustered = True
+
+    def __init__(self, etcd: EtcdClient, keys: Keys, host: str, lease: HostLease) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.host = host
+        self.lease = lease
+
+    def _lease_id(self, what: str) -> int:
+        if self.lease.state is not LeaseState.HELD:
+            raise ClusterError(
+                f"cannot {what}: host {self.host} holds no valid etcd lease "
+                f"({self.lease.state.value}); it takes nothing new until it does"
+            )
+        return self.lease.id
+
+    def _domain_value(self, migration: str | None = None) -> bytes:
+        return encode({"host": self.host, "migration": migration, "since": round(time.time(), 3)})
+
+    def _disk_value(self, name: str) -> bytes:
+        return encode({"domain": name, "host": self.host})
+
+    async def take(self, name: str, disks: Sequence[str]) -> None:
+        """Own ``name`` and its ``disks``, all or nothing; else say who has them."""
+        lease = self._lease_id(f"start domain '{name}'")
+        dkey = self.keys.domain(name)
+        disk_keys = [self.keys.disk(d) for d in disks]
+        result = await self.etcd.txn(
+            [Compare.absent(dkey), *(Compare.absent(k) for k in disk_keys)],
+            [Put(dkey, self._domain_value(), lease),
+             *(Put(k, self._disk_value(name), lease) for k in disk_keys)],
+            [Get(dkey), *(Get(k) for k in disk_keys)],
+        )  # fmt: skip
+        if result.succeeded:
+            return
+        domain_entry, *disk_entries = result.found
+        if domain_entry is not None:
+            held = decode(domain_entry.value, dkey)
+            raise OwnedElsewhere(
+                f"domain '{name}' already runs on host {held.get('host')} (etcd {dkey})"
+            )
+        for disk, entry in zip(disks, disk_entries, strict=True):
+            if entry is not None:
+                held = decode(entry.value, entry.key)
+                raise OwnedElsewhere(
+                    f"disk {disk} is in use by domain '{held.get('domain')}' on host "
+                    f"{held.get('host')}"
+                )
+        raise ClusterError(f"etcd refused to give domain '{name}' to host {self.host}")
+
+    async def release(self, name: str, disks: Sequence[str]) -> None:
+        """Give ``name`` and its disks up, if this host still owns them."""
+        dkey = self.keys.domain(name)
+        entry = await self.etcd.get(dkey)
+        if entry is None or decode(entry.value, dkey).get("host") != self.host:
+            return
+        await self.etcd.txn(
+            [Compare.unchanged(entry)],
+            [Delete(dkey), *(Delete(self.keys.disk(d)) for d in disks)],
+        )
+
+    async def owner(self, name: str) -> Owner | None:
+        dkey = self.keys.domain(name)
+        entry = await self.etcd.get(dkey)
+        if entry is None:
+            return None
+        value = decode(entry.value, dkey)
+        migration = value.get("migration")
+        return Owner(
+            str(value.get("host")),
+            migration if isinstance(migration, str) else None,
+            entry.mod_revision,
+        )
+
+    async def expect_move(self, name: str, source: str, disks: Sequence[str]) -> MoveTicket:
+        """At prepare, on the target: the source must own the domain and its disks."""
+        self._lease_id(f"receive domain '{name}'")
+        dkey = self.keys.domain(name)
+        entry = await self.etcd.get(dkey)
+        if entry is None:
+            raise OwnedElsewhere(f"domain '{name}' is not owned by {source} in etcd ({dkey})")
+        held = decode(entry.value, dkey).get("host")
+        if held != source:
+            raise OwnedElsewhere(f"domain '{name}' is owned by host {held}, not by {source}")
+        for disk in disks:
+            disk_entry = await self.etcd.get(self.keys.disk(disk))
+            owner = decode(disk_entry.value, disk_entry.key) if disk_entry else {}
+            if owner.get("domain") != name or owner.get("host") != source:
+                raise OwnedElsewhere(
+                    f"disk {disk} is not held by domain '{name}' on {source} in etcd"
+                )
+        return MoveTicket(name, source, tuple(disks), entry.mod_revision)
+
+    async def commit_move(self, ticket: MoveTicket, migration_id: str) -> bool:
+        """The commit point: domain and disks become this host's, if still the source's.
+
+        Safe to retry after a lost answer: once applied, the domain key's
+        revision has moved on and a second try only reads who won.
+        """
+        lease = self._lease_id(f"commit domain '{ticket.name}'")
+        dkey = self.keys.domain(ticket.name)
+        result = await self.etcd.txn(
+            [Compare(dkey, "mod", "==", ticket.revision)],
+            [Put(dkey, self._domain_value(migration_id), lease),
+             *(Put(self.keys.disk(d), self._disk_value(ticket.name), lease)
+               for d in ticket.disks)],
+            [Get(dkey)],
+        )  # fmt: skip
+        if result.succeeded:
+            return True
+        entry = result.found[0]
+        if entry is not None:
+            value = decode(entry.value, dkey)
+            if value.get("host") == self.host and value.get("migration") == migration_id:
+                return True  # an earlier try was applied; its answer was lost
+        return False
+
+    async def settle_move(self, name: str, migration_id: str, target: str) -> str | None:
+        """On the source, commit answer lost: ``committed``, ``aborted`` or ``unowned``.
+
+        If the target has not committed yet, rewriting our own key makes its
+        commit fail for good: the migration is then aborted, decided in etcd
+        without the target's word.
+        """
+        dkey = self.keys.domain(name)
+        entry = await self.etcd.get(dkey)
+        if entry is None:
+            return "unowned"
+        value = decode(entry.value, dkey)
+        if value.get("host") == target and value.get("migration") == migration_id:
+            return "committed"
+        if value.get("host") != self.host:
+            return "unowned"
+        lease = self._lease_id(f"take domain '{name}' back")
+        result = await self.etcd.txn(
+            [Compare.unchanged(entry)],
+            [Put(dkey, entry.value, lease)],
+        )
+        return "aborted" if result.succeeded else await self.settle_move(name, migration_id, target)
