@@ -92,14 +92,16 @@ async def test_migration_commit_moves_domain_and_disks_once(hosts: tuple[Host, H
     a, b = hosts
     await a.own.take("virt_server", [DISK])
     ticket = await b.own.expect_move("virt_server", "xen_host_1", [DISK])
-    assert await b.own.commit_move(ticket, "m1")
-    # A retry after a lost answer reads who won: still committed.
-    assert await b.own.commit_move(ticket, "m1")
+    assert await b.own.decide_move(ticket, "m1", commit=True)
+    # A retry after a lost answer reads who won: still committed, and a late
+    # abort cannot undo it.
+    assert await b.own.decide_move(ticket, "m1", commit=True)
+    assert await b.own.decide_move(ticket, "m1", commit=False)
     owner = await a.own.owner("virt_server")
     assert owner is not None and (owner.host, owner.migration) == ("xen_host_2", "m1")
     disk = await a.etcd.get(KEYS.disk(DISK))
     assert disk is not None and disk.lease == b.lease.id
-    assert await a.own.settle_move("virt_server", "m1", "xen_host_2") == "committed"
+    assert await a.own.settle_move("virt_server", "m1") == "committed"
 
 
 async def test_a_source_in_doubt_aborts_in_etcd_and_the_target_can_no_longer_commit(
@@ -108,10 +110,25 @@ async def test_a_source_in_doubt_aborts_in_etcd_and_the_target_can_no_longer_com
     a, b = hosts
     await a.own.take("virt_server", [DISK])
     ticket = await b.own.expect_move("virt_server", "xen_host_1", [DISK])
-    assert await a.own.settle_move("virt_server", "m1", "xen_host_2") == "aborted"
-    assert not await b.own.commit_move(ticket, "m1")
+    assert await a.own.settle_move("virt_server", "m1") == "aborted"
+    assert not await b.own.decide_move(ticket, "m1", commit=True)
     owner = await b.own.owner("virt_server")
     assert owner is not None and owner.host == "xen_host_1"
+
+
+async def test_a_target_that_aborts_in_etcd_makes_a_late_commit_fail(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    await a.own.take("virt_server", [DISK])
+    ticket = await b.own.expect_move("virt_server", "xen_host_1", [DISK])
+    assert not await b.own.decide_move(ticket, "m1", commit=False)
+    assert not await b.own.decide_move(ticket, "m1", commit=True)
+    owner = await a.own.owner("virt_server")
+    assert owner is not None and owner.host == "xen_host_1"
+    # The source's own lease still holds the key: a's death still frees it.
+    entry = await a.etcd.get(KEYS.domain("virt_server"))
+    assert entry is not None and entry.lease == a.lease.id
 
 
 async def test_the_target_refuses_a_domain_the_source_does_not_own(
@@ -138,7 +155,7 @@ async def test_lease_goes_late_then_lost_without_quorum_and_nothing_new_is_taken
     try:
         await wait_until(lambda: host.lease.state is LeaseState.LOST, timeout=10,
                          what="the lease to be lost")  # fmt: skip
-        assert seen == [LeaseState.LATE, LeaseState.LOST]
+        assert seen == [LeaseState.LATE, LeaseState.EXPIRING, LeaseState.LOST]
         with pytest.raises(ClusterError, match="holds no valid etcd lease"):
             await host.own.take("virt_server", [DISK])
         with pytest.raises(ClusterUnavailable, match="no etcd member answered"):

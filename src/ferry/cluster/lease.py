@@ -31,14 +31,16 @@ log = logging.getLogger("ferryd")
 
 class LeaseState(enum.Enum):
     HELD = "held"  # renewed in time
-    LATE = "late"  # renewals fail; still valid until valid_until
+    LATE = "late"  # renewals fail; still valid for more than the fencing margin
+    EXPIRING = "expiring"  # valid for less than the margin: the host must fence now
     LOST = "lost"  # expired (or never granted): nothing is owned under it
 
 
 _TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
     LeaseState.LOST: frozenset({LeaseState.HELD}),
-    LeaseState.HELD: frozenset({LeaseState.LATE, LeaseState.LOST}),
-    LeaseState.LATE: frozenset({LeaseState.HELD, LeaseState.LOST}),
+    LeaseState.HELD: frozenset({LeaseState.LATE, LeaseState.EXPIRING, LeaseState.LOST}),
+    LeaseState.LATE: frozenset({LeaseState.HELD, LeaseState.EXPIRING, LeaseState.LOST}),
+    LeaseState.EXPIRING: frozenset({LeaseState.HELD, LeaseState.LOST}),
 }
 
 Listener = Callable[[LeaseState, LeaseState], None]
@@ -56,12 +58,19 @@ class HostLease:
         self.valid_until = 0.0  # monotonic
         self.confirmed_at = 0.0  # monotonic: when the last good renewal was sent
         self._listeners: list[Listener] = []
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        # Set on every confirmation: the deadline watcher starts its count again.
         self._wake = asyncio.Event()
 
     @property
     def interval(self) -> float:
         # Three tries within one TTL (ttl > 2 x loop_wait, with a retry to spare).
+        return self.ttl / 4
+
+    @property
+    def margin(self) -> float:
+        """Fence this long before the lease may expire: pausing every VM takes
+        milliseconds; the rest covers a host that was itself slow to run."""
         return self.ttl / 4
 
     def on_change(self, listener: Listener) -> None:
@@ -108,6 +117,7 @@ class HostLease:
     def _confirmed(self, sent: float, left: int) -> None:
         self.confirmed_at = sent
         self.valid_until = sent + left
+        self._wake.set()
         self._move(LeaseState.HELD)
 
     async def renew(self) -> None:
@@ -116,43 +126,59 @@ class HostLease:
         try:
             left = await self.etcd.keepalive(self.id)
         except ClusterUnavailable as err:
-            if time.monotonic() >= self.valid_until:
-                self._move(LeaseState.LOST)
-            else:
-                log.warning("etcd lease %x not renewed: %s", self.id, err)
+            log.warning("etcd lease %x not renewed: %s", self.id, err)
+            if self.state is LeaseState.HELD:
                 self._move(LeaseState.LATE)
+            self._check_deadline()
             return
+        if self.state is LeaseState.LOST:
+            return  # too late: declared lost on this host's clock, whatever etcd says
         if left <= 0:
             self.valid_until = 0.0
             self._move(LeaseState.LOST)
             return
         self._confirmed(sent, left)
 
-    def start(self) -> None:
-        self._task = spawn(self._loop(), f"etcd lease {self.id:x}")
+    def _check_deadline(self) -> None:
+        if self.state is LeaseState.LOST:
+            return
+        left = self.valid_until - time.monotonic()
+        if left <= 0:
+            self._move(LeaseState.LOST)
+        elif left <= self.margin and self.state is not LeaseState.EXPIRING:
+            self._move(LeaseState.EXPIRING)
 
-    async def _loop(self) -> None:
+    def start(self) -> None:
+        self._tasks = [
+            spawn(self._renewals(), f"renew etcd lease {self.id:x}"),
+            spawn(self._deadlines(), f"deadlines of etcd lease {self.id:x}"),
+        ]
+
+    async def _renewals(self) -> None:
         while self.state is not LeaseState.LOST:
+            # Late, retry at once (each try is bounded by the client's timeout).
+            await asyncio.sleep(self.interval if self.state is LeaseState.HELD else 0.2)
+            await self.renew()
+
+    async def _deadlines(self) -> None:
+        """Declare EXPIRING and LOST on time, even while a renewal hangs."""
+        while self.state is not LeaseState.LOST:
+            left = self.valid_until - time.monotonic()
+            wait = left - self.margin if left > self.margin else left
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._next_wait()):
+                async with asyncio.timeout(max(0.0, wait) + 0.001):
                     await self._wake.wait()
             self._wake.clear()
-            await self.renew()
+            self._check_deadline()
         log.error("etcd lease %x is lost: this host owns nothing in the cluster now", self.id)
-
-    def _next_wait(self) -> float:
-        if self.state is LeaseState.LATE:
-            # Keep trying, but also wake exactly at the deadline to declare the loss.
-            return max(0.05, min(0.5, self.remaining()))
-        return self.interval
 
     async def close(self, revoke: bool = False) -> None:
         """Stop renewing. ``revoke``: give everything up now (a host leaving the cluster)."""
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         if revoke and self.id:
             with contextlib.suppress(ClusterError):
                 await self.etcd.revoke(self.id)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ferry.cluster.etcd import Compare, Delete, EtcdClient, Get, Put
+from ferry.cluster.etcd import Compare, Delete, Entry, EtcdClient, Get, Put
 from ferry.cluster.keys import Keys, decode, encode
 from ferry.cluster.lease import HostLease, LeaseState
 from ferry.errors import ClusterError, OwnedElsewhere
@@ -52,9 +52,9 @@ class Ownership(Protocol):
 
     async def expect_move(self, name: str, source: str, disks: Sequence[str]) -> MoveTicket: ...
 
-    async def commit_move(self, ticket: MoveTicket, migration_id: str) -> bool: ...
+    async def decide_move(self, ticket: MoveTicket, migration_id: str, commit: bool) -> bool: ...
 
-    async def settle_move(self, name: str, migration_id: str, target: str) -> str | None: ...
+    async def settle_move(self, name: str, migration_id: str) -> str | None: ...
 
 
 class LocalOwnership:
@@ -77,11 +77,11 @@ class LocalOwnership:
     async def expect_move(self, name: str, source: str, disks: Sequence[str]) -> MoveTicket:
         return MoveTicket(name, source, tuple(disks), 0)
 
-    async def commit_move(self, ticket: MoveTicket, migration_id: str) -> bool:
+    async def decide_move(self, ticket: MoveTicket, migration_id: str, commit: bool) -> bool:
         # The target's durable outcome file is the commit point (migration.incoming).
-        return True
+        return commit
 
-    async def settle_move(self, name: str, migration_id: str, target: str) -> str | None:
+    async def settle_move(self, name: str, migration_id: str) -> str | None:
         return None  # only the target can say: ask it
 
 
@@ -179,31 +179,41 @@ class EtcdOwnership:
                 )
         return MoveTicket(name, source, tuple(disks), entry.mod_revision)
 
-    async def commit_move(self, ticket: MoveTicket, migration_id: str) -> bool:
-        """The commit point: domain and disks become this host's, if still the source's.
+    async def decide_move(self, ticket: MoveTicket, migration_id: str, commit: bool) -> bool:
+        """The target's decision, made in etcd; True if the domain is this host's now.
 
-        Safe to retry after a lost answer: once applied, the domain key's
-        revision has moved on and a second try only reads who won.
+        ``commit``: the commit point, domain and disks become this host's if
+        they are still the source's as checked at prepare. Not ``commit``: the
+        source's key is rewritten as it is, so that no commit sent earlier (and
+        whose answer was lost) can apply any more. Safe to retry: a decision
+        applied once moves the key's revision on, and a retry only reads it.
         """
-        lease = self._lease_id(f"commit domain '{ticket.name}'")
         dkey = self.keys.domain(ticket.name)
+        if commit:
+            lease = self._lease_id(f"commit domain '{ticket.name}'")
+            ops: list[Put] = [
+                Put(dkey, self._domain_value(migration_id), lease),
+                *(Put(self.keys.disk(d), self._disk_value(ticket.name), lease)
+                  for d in ticket.disks),
+            ]  # fmt: skip
+        else:
+            entry = await self.etcd.get(dkey)
+            if entry is None or entry.mod_revision != ticket.revision:
+                return self._won(entry, migration_id)
+            ops = [Put(dkey, entry.value, entry.lease)]
         result = await self.etcd.txn(
-            [Compare(dkey, "mod", "==", ticket.revision)],
-            [Put(dkey, self._domain_value(migration_id), lease),
-             *(Put(self.keys.disk(d), self._disk_value(ticket.name), lease)
-               for d in ticket.disks)],
-            [Get(dkey)],
-        )  # fmt: skip
-        if result.succeeded:
-            return True
-        entry = result.found[0]
-        if entry is not None:
-            value = decode(entry.value, dkey)
-            if value.get("host") == self.host and value.get("migration") == migration_id:
-                return True  # an earlier try was applied; its answer was lost
-        return False
+            [Compare(dkey, "mod", "==", ticket.revision)], ops, [Get(dkey)]
+        )
+        return commit if result.succeeded else self._won(result.found[0], migration_id)
 
-    async def settle_move(self, name: str, migration_id: str, target: str) -> str | None:
+    def _won(self, entry: Entry | None, migration_id: str) -> bool:
+        """Whether ``entry`` says this host won the domain by ``migration_id``."""
+        if entry is None:
+            return False
+        value = decode(entry.value, entry.key)
+        return value.get("host") == self.host and value.get("migration") == migration_id
+
+    async def settle_move(self, name: str, migration_id: str) -> str | None:
         """On the source, commit answer lost: ``committed``, ``aborted`` or ``unowned``.
 
         If the target has not committed yet, rewriting our own key makes its
@@ -215,7 +225,7 @@ class EtcdOwnership:
         if entry is None:
             return "unowned"
         value = decode(entry.value, dkey)
-        if value.get("host") == target and value.get("migration") == migration_id:
+        if value.get("host") != self.host and value.get("migration") == migration_id:
             return "committed"
         if value.get("host") != self.host:
             return "unowned"
@@ -224,4 +234,4 @@ class EtcdOwnership:
             [Compare.unchanged(entry)],
             [Put(dkey, entry.value, lease)],
         )
-        return "aborted" if result.succeeded else await self.settle_move(name, migration_id, target)
+        return "aborted" if result.succeeded else await self.settle_move(name, migration_id)

@@ -11,6 +11,9 @@
     hosts_allow = ['xen_host_2', '192\\.168\\.1\\.\\d+']
     [control]                       # the control API for the management station
     port = 8003                     # (mutual TLS; admin and viewer certificates)
+    [cluster]                       # absent: a standalone host (local ownership only)
+    etcd = ["https://10.0.0.5:2379", "https://10.0.0.6:2379", "https://10.0.0.7:2379"]
+    lease_ttl = 6                   # seconds; the host fences its VMs before it ends
 
 ``insecure = true`` turns TLS off on the relocation port (xend's plain
 protocol) and the TCP control API off altogether; ferryd then says so loudly.
@@ -53,6 +56,20 @@ class ControlConfig:
     address: str = ""  # '' = all addresses
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    # etcd's client URLs; none: a standalone host whose ownership is local only.
+    etcd: tuple[str, ...] = ()
+    lease_ttl: int = 6
+    # The cluster's name in etcd's keys when insecure = true (no certificate
+    # to take it from); with TLS it is the certificate's organisation.
+    name: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd)
+
+
 DEFAULT_PKI_DIR = Path("/etc/ferry/pki")
 
 
@@ -68,6 +85,7 @@ class HostConfig:
     qemu_binary: str = "qemu-system-x86_64"
     relocation: RelocationConfig = field(default_factory=RelocationConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # This host's credentials, from the cluster CA (ferry.pki).
     pki_dir: Path = DEFAULT_PKI_DIR
     # Plain TCP relocation, as xend had it: only when a config says so.
@@ -117,8 +135,9 @@ def split_hosts_allow(text: str) -> tuple[str, ...]:
 _TOP_KEYS = frozenset(
     {"name", "state_dir", "run_dir", "accel", "storage_roots", "qemu_binary", "dom0_min_mem"}
     | {"storage_servers", "pki_dir", "insecure"}
-    | {"relocation", "migration", "control"}
+    | {"relocation", "migration", "control", "cluster"}
 )
+_CLUSTER_KEYS = frozenset({"etcd", "lease_ttl", "name"})
 _RELOCATION_KEYS = frozenset({"enabled", "port", "address", "hosts_allow"})
 _CONTROL_KEYS = frozenset({"enabled", "port", "address"})
 
@@ -145,6 +164,8 @@ class _TomlHost:
         self.no_unknown(relocation, _RELOCATION_KEYS, "relocation.")
         control = self.table(data, "control")
         self.no_unknown(control, _CONTROL_KEYS, "control.")
+        cluster = self.table(data, "cluster")
+        self.no_unknown(cluster, _CLUSTER_KEYS, "cluster.")
         defaults = HostConfig(name="")
         roots = data.get("storage_roots", [str(p) for p in defaults.storage_roots])
         if not isinstance(roots, list):
@@ -172,6 +193,7 @@ class _TomlHost:
                 ),
             ),
             control=ControlConfig(**self.endpoint(control, "control", 8003)),
+            cluster=self.cluster(cluster),
             pki_dir=self.path(data, "pki_dir", DEFAULT_PKI_DIR),
             insecure=self.flag(data, "insecure", "insecure", default=False),
             dom0_min_mem=self.integer(data, "dom0_min_mem", 0, "dom0_min_mem"),
@@ -188,6 +210,21 @@ class _TomlHost:
             ),
             "address": self.text(table, "address", "", f"{name}.address", empty=True),
         }
+
+    def cluster(self, table: Mapping[str, Any]) -> ClusterConfig:
+        urls = table.get("etcd", [])
+        if not isinstance(urls, list) or not all(
+            isinstance(u, str) and re.fullmatch(r"https?://[A-Za-z0-9_.:\[\]-]{1,260}/?", u)
+            for u in urls
+        ):
+            raise self.fail("cluster.etcd", "expected a list of http(s)://HOST:PORT URLs")
+        ttl = self.integer(table, "lease_ttl", ClusterConfig.lease_ttl, "cluster.lease_ttl")
+        if not 3 <= ttl <= 120:
+            raise self.fail("cluster.lease_ttl", f"{ttl} s is outside 3..120")
+        name = self.text(table, "name", "", "cluster.name", empty=True)
+        if name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise self.fail("cluster.name", "expected letters, digits, '_', '.' or '-'")
+        return ClusterConfig(etcd=tuple(u.rstrip("/") for u in urls), lease_ttl=ttl, name=name)
 
     def table(self, data: Mapping[str, Any], key: str) -> dict[str, Any]:
         value = data.get(key, {})

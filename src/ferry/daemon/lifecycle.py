@@ -85,15 +85,15 @@ class Lifecycle:
                 self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot = self.launcher.boot_files(cfg)
                 accel = (await self.launcher.accel(boot)).accel
-                leases = self.launcher.acquire_leases(cfg)
+                owned, leases = await self.launcher.claim(cfg)
             except FerryError as err:
                 raise type(err)(f"cannot create domain '{cfg.name}': {err}") from err
             record = self.launcher.new_record(cfg, accel, cfg.name, self.table.next_domid())
-            record.leases = leases
+            record.owned_disks, record.leases = owned, leases
             try:
                 dom = await self.launcher.launch(record, boot)
             except FerryError:
-                self.launcher.release_leases(record)
+                await self.launcher.release(record)
                 raise
             self.table.transition(dom, Event.START)
             self.table.add(dom)

@@ -27,6 +27,7 @@ from ferry.host.table import DomainTable, event_for_qemu_status
 from ferry.host.watcher import DomainWatcher
 from ferry.hypervisor import process
 from ferry.hypervisor.monitor import Monitor
+from ferry.migration.incoming import decide_in_store
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.outgoing import OutgoingMigrations
 from ferry.migration.source import wait_migration_settled
@@ -98,9 +99,22 @@ class Reattach:
         log.info("re-attached domain %s (pid %d, %s)", name, pid, record.state.value)
 
     async def _arriving(self, dom: RunningDomain) -> bool:
-        """Keep an arriving domain if its commit was written; else end it."""
+        """Keep an arriving domain if its commit was written; else end it.
+
+        In a cluster the store has the last word: a commit whose answer the
+        old ferryd never heard may have made the domain ours.
+        """
         mid = str(dom.record.migration_id)
         outcome = self.table.outcomes.get(mid)
+        clustered = self.launcher.ownership.clustered
+        if (
+            outcome is not Outcome.COMMITTED
+            and clustered
+            and await decide_in_store(self.launcher.ownership, dom, commit=False)
+        ):
+            log.info("etcd says migration %s made %s ours before the restart", mid[:8], dom.name)
+            self.table.decide(mid, Outcome.COMMITTED)
+            outcome = Outcome.COMMITTED
         if outcome is Outcome.COMMITTED:
             resumed = False
             if dom.record.migration_was_running:

@@ -1,4 +1,5 @@
-"""Starting and ending QEMU for a domain, and what goes with it: taps, run files, leases.
+"""Starting and ending QEMU for a domain, and what goes with it: taps, run files, leases,
+and the domain's ownership in the cluster store.
 
 The launcher owns the machine-level resources of a domain; the table owns
 its state. A launch that fails halfway undoes what it made.
@@ -16,10 +17,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ferry.cluster.keys import disk_id
+from ferry.cluster.ownership import LocalOwnership, Ownership
 from ferry.config.host import HostConfig
 from ferry.domain.config import DomainConfig
 from ferry.domain.state import DomainState
-from ferry.errors import FerryError, HypervisorError, ImageError, QmpError, StorageError
+from ferry.errors import (
+    ClusterError,
+    FerryError,
+    HypervisorError,
+    ImageError,
+    QmpError,
+    StorageError,
+)
 from ferry.host.layout import HostLayout
 from ferry.host.record import DomainRecord
 from ferry.host.running import BootFilesProvider, RunningDomain
@@ -29,6 +39,7 @@ from ferry.hypervisor.cmdline import BootFiles, MachinePaths, build_qemu_args
 from ferry.hypervisor.monitor import Monitor
 from ferry.network import tap
 from ferry.storage import lease
+from ferry.storage.disks import resolve_disk
 
 log = logging.getLogger("ferryd")
 
@@ -47,8 +58,11 @@ class Launcher:
         boot_files: BootFilesProvider,
         accel_cache: Path | None = None,
         boot_dirs: Sequence[Path] = (),
+        ownership: Ownership | None = None,
     ) -> None:
         self.host = host
+        # Who runs what: etcd in a cluster, this host alone when standalone.
+        self.ownership: Ownership = ownership or LocalOwnership(host.name)
         self.layout = layout
         self.boot_files = boot_files
         # Where a kernel or initrd named by a migration's source may come from:
@@ -111,7 +125,41 @@ class Launcher:
             key=key,
         )
 
-    # -- leases ----------------------------------------------------------------
+    # -- ownership and leases --------------------------------------------------
+
+    def owned_disks(self, cfg: DomainConfig) -> list[str]:
+        """The disks ``cfg`` writes, by their cluster-wide id (checked disks only)."""
+        roots = self.host.storage_roots
+        return [disk_id(resolve_disk(d, roots)) for d in cfg.disks if d.writable]
+
+    async def claim(self, cfg: DomainConfig) -> tuple[list[str], list[str]]:
+        """Own the domain and the disks it writes, in the cluster, then by lease file.
+
+        All or nothing: a refusal names who has what and leaves nothing taken.
+        Returns the owned disk ids and the lease files, for the domain's record.
+        """
+        disks = self.owned_disks(cfg)
+        await self.ownership.take(cfg.name, disks)
+        try:
+            return disks, self.acquire_leases(cfg)
+        except StorageError:
+            await self._disown(cfg.name, disks)
+            raise
+
+    async def release(self, record: DomainRecord) -> None:
+        """Give up what :meth:`claim` took (what this host still holds of it)."""
+        self.release_leases(record)
+        await self._disown(record.config.name, record.owned_disks)
+
+    async def _disown(self, name: str, disks: list[str]) -> None:
+        try:
+            await self.ownership.release(name, disks)
+        except ClusterError as err:
+            log.error(
+                "domain %s is not running here but etcd may still name this host its owner "
+                "(%s); the key goes when this host's lease does",
+                name, err,
+            )  # fmt: skip
 
     def acquire_leases(self, cfg: DomainConfig) -> list[str]:
         taken: list[str] = []

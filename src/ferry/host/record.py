@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry.cluster.ownership import MoveTicket
 from ferry.domain.config import DomainConfig
 from ferry.domain.state import DomainState
 from ferry.errors import FerryError
@@ -32,6 +33,12 @@ class DomainRecord:
     # restores. A domain paused before the migration stays paused after it.
     migration_was_running: bool = False
     leases: list[str] = field(default_factory=list)
+    # Disk ids this host owns for the domain in the cluster store (cluster.keys).
+    owned_disks: list[str] = field(default_factory=list)
+    # An arriving domain: the source host that owned it, and the revision of
+    # its ownership key when prepared (what the commit transaction compares).
+    migration_source: str | None = None
+    move_revision: int = 0
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -51,6 +58,9 @@ class DomainRecord:
             "migration_target": self.migration_target,
             "migration_was_running": self.migration_was_running,
             "leases": self.leases,
+            "owned_disks": self.owned_disks,
+            "migration_source": self.migration_source,
+            "move_revision": self.move_revision,
         }
 
     @classmethod
@@ -69,9 +79,21 @@ class DomainRecord:
                 migration_target=data.get("migration_target"),
                 migration_was_running=bool(data.get("migration_was_running", False)),
                 leases=[str(x) for x in data.get("leases", [])],
+                owned_disks=[str(x) for x in data.get("owned_disks", [])],
+                migration_source=data.get("migration_source"),
+                move_revision=int(data.get("move_revision", 0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise FerryError(f"{source}: damaged domain record: {err}") from err
+
+    def move_ticket(self) -> MoveTicket:
+        """What the target checked at prepare, for the commit (or abort) in the store."""
+        return MoveTicket(
+            self.config.name,
+            self.migration_source or "",
+            tuple(self.owned_disks),
+            self.move_revision,
+        )
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,9 @@ class Incoming:
     peer: str
     streaming: bool = False
     events: EventListener | None = None
+    # The decision is being made in the cluster store: whatever happens, this
+    # QEMU may not be ended until the store has answered.
+    deciding: bool = False
 
 
 BootFilesProvider = Callable[[DomainConfig], BootFiles]

@@ -81,5 +81,5 @@ class DomainWatcher:
         log.info("domain %s (id %d) ended", dom.name, dom.record.domid)
         self.table.discard(dom)
         if not dom.handed_over:
-            self.launcher.release_leases(dom.record)
+            await self.launcher.release(dom.record)
         await asyncio.to_thread(self.launcher.cleanup_files, dom.record, dom.paths)

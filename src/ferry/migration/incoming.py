@@ -20,10 +20,13 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
+from ferry.cluster.ownership import Ownership
 from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import UNKNOWN, Outcome
 from ferry.domain.state import Event, next_state
 from ferry.errors import (
+    ClusterError,
+    ClusterUnavailable,
     FerryError,
     ImageError,
     MigrationError,
@@ -80,6 +83,7 @@ class IncomingMigrations:
         boot: Mapping[str, Any],
         peer: str,
         source: Identity | None,
+        source_host: str,
     ) -> str:
         """Check everything, then start QEMU waiting for the stream; return its token."""
         cfg = DomainConfig.from_mapping(mapping, f"domain config from {peer}")
@@ -104,11 +108,17 @@ class IncomingMigrations:
                 boot_files = self.launcher.boot_files(cfg)
                 await self._check_same_boot(cfg, boot)
                 accel = (await self.launcher.accel(boot_files)).accel
+                ticket = await self.launcher.ownership.expect_move(
+                    cfg.name, source_host, self.launcher.owned_disks(cfg)
+                )
             except FerryError as err:
                 raise MigrationRefused(f"{where}: {err}") from err
             key = f"{cfg.name}@{migration_id[:8]}"
             record = self.launcher.new_record(cfg, accel, key, self.table.next_domid())
             record.migration_id = migration_id
+            record.migration_source = source_host
+            record.move_revision = ticket.revision
+            record.owned_disks = list(ticket.disks)
             record.state = next_state(cfg.name, record.state, Event.MIGRATE_IN)
             # On disk before QEMU starts: a restart finds the migration either
             # way, and the outcome is never "unknown" for an id we prepared.
@@ -219,7 +229,15 @@ class IncomingMigrations:
         await self._wait_stream_complete(dom)
         dom.record.migration_was_running = resume
         self.table.save(dom)
-        # The commit point: from here on this host owns the domain.
+        # In a cluster, the commit point: the transaction that makes the domain
+        # and its disks this host's. Recorded here (durably) right after.
+        arriving.deciding = True
+        if not await self.decide_in_store(dom, commit=True):
+            arriving.deciding = False
+            raise MigrationError(
+                f"the cluster store no longer names {dom.record.migration_source} the owner of "
+                f"'{dom.name}' (or this host holds no valid lease): not committed"
+            )
         self.table.decide(migration_id, Outcome.COMMITTED)
         self.table.commit_incoming(migration_id)
         loaded_ts = _event_time(arriving.events, "completed")
@@ -238,6 +256,9 @@ class IncomingMigrations:
             await dom.monitor.execute("announce-self", _ANNOUNCE)
         log.info("committed incoming %s (migration %s)", dom.name, migration_id[:8])
         return {"resume_ts": resume_ts, "loaded_ts": loaded_ts}
+
+    async def decide_in_store(self, dom: RunningDomain, commit: bool) -> bool:
+        return await decide_in_store(self.launcher.ownership, dom, commit)
 
     def _take_leases(self, dom: RunningDomain) -> None:
         for path in dom.record.leases:
@@ -305,7 +326,32 @@ class IncomingMigrations:
     async def close(self) -> None:
         """ferryd is stopping: nobody will be left here to commit arriving domains."""
         for mid in self.table.incoming_ids():
+            arriving = self.table.incoming(mid)
+            if arriving is not None and arriving.deciding:
+                # Left as it is (paused, pending): the next ferryd asks the store.
+                continue
             await self.abort_incoming(mid, "ferryd is stopping")
+
+
+async def decide_in_store(ownership: Ownership, dom: RunningDomain, commit: bool) -> bool:
+    """The cluster store's answer, however long it takes: a lost answer is no answer.
+
+    Until it comes, the arriving QEMU stays, paused: ending it could lose a
+    domain that the store has already made this host's. True: it is ours.
+    """
+    mid = str(dom.record.migration_id)
+    delay = 0.2
+    while True:
+        try:
+            return await ownership.decide_move(dom.record.move_ticket(), mid, commit)
+        except ClusterUnavailable as err:
+            log.warning("migration %s of %s waits for etcd: %s", mid[:8], dom.name, err)
+        except ClusterError as err:
+            # Refused before anything was sent (no valid lease): nothing applied.
+            log.error("migration %s of %s: %s", mid[:8], dom.name, err)
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def _event_time(events: EventListener | None, status: str) -> float | None:

@@ -7,6 +7,10 @@ relocation server, again and again, until the answer is a decision:
 ``committed`` (end our copy) or ``aborted`` (the domain is ours again, and runs
 again only if it ran before the migration). ``pending`` and ``unknown`` are
 not decisions; nor is silence.
+
+In a cluster, etcd decides instead, without the target: the domain key names
+the target with this migration (committed), or the source rewrites its own key
+so that the target's commit can never apply (aborted).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from ferry.domain.migration_state import UNKNOWN, Outcome
 from ferry.domain.state import Event
-from ferry.errors import MigrationError, QmpError
+from ferry.errors import ClusterError, MigrationError, QmpError
 from ferry.host.launcher import Launcher
 from ferry.host.running import RunningDomain
 from ferry.host.table import DomainTable
@@ -87,7 +91,10 @@ class SourceEnd:
         self.table.transition(dom, event)
 
     async def resolve_in_doubt(self, dom: RunningDomain) -> None:
-        """Ask the target, until it decides, whether it resumed the domain."""
+        """Ask the store (in a cluster) or the target, until it decides."""
+        if self.launcher.ownership.clustered:
+            await self._settle_in_store(dom)
+            return
         target = dom.record.migration_target or ""
         host, _, port = target.rpartition(":")
         mid = str(dom.record.migration_id)
@@ -114,3 +121,32 @@ class SourceEnd:
                 )  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_S)
+
+    async def _settle_in_store(self, dom: RunningDomain) -> None:
+        mid = str(dom.record.migration_id)
+        delay = self.retry_s
+        while True:
+            try:
+                verdict = await self.launcher.ownership.settle_move(dom.name, mid)
+                break
+            except ClusterError as err:
+                log.warning("migration %s of %s still in doubt: %s", mid[:8], dom.name, err)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_S)
+        if verdict == "committed":
+            log.info(
+                "etcd says the target runs %s (migration %s); ending our copy", dom.name, mid[:8]
+            )
+            await self.hand_over(dom)
+        elif verdict == "aborted":
+            log.info("etcd keeps %s ours (migration %s never committed)", dom.name, mid[:8])
+            await self.keep(dom)
+        else:
+            # Nobody owns it (our lease expired): it may already run elsewhere.
+            log.error(
+                "domain %s: migration %s in doubt and etcd names no owner (this host's lease "
+                "expired?); it stays paused here, never resumed by ferry",
+                dom.name, mid[:8],
+            )  # fmt: skip
+            dom.record.migration_was_running = False
+            await self.keep(dom)

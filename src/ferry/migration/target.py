@@ -42,6 +42,7 @@ class TargetHost(Protocol):
         boot: Mapping[str, Any],
         peer: str,
         source: Identity | None,
+        source_host: str,
     ) -> str: ...
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None: ...
@@ -126,6 +127,9 @@ async def _session(
             dict(boot or {}),
             _describe(channel, hello),
             channel.identity,
+            # Who owns the domain now: the certificate's name, else what the
+            # (unauthenticated, insecure = true) source said it is.
+            channel.identity.name if channel.identity else str(hello.get("host"))[:64],
         )
     except FerryError as err:
         refusal = err if isinstance(err, MigrationRefused) else MigrationRefused(str(err))
