@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ferry.config.host import HostConfig, RelocationConfig
+from ferry.config.host import ClusterConfig, HostConfig, RelocationConfig
+from ferry.daemon.cluster_member import ClusterMember
 from ferry.daemon.relocation import RelocationServer
 from ferry.daemon.services import Services
 from ferry.host.layout import HostLayout
@@ -56,6 +57,9 @@ class FakeHost:
     credentials: Credentials | None
     services: Services | None = None
     relocation: RelocationServer | None = None
+    # Its ferryd's membership of the cluster (etcd configured); the fencer it
+    # started lives on across crashes and restarts, as on a real host.
+    member: ClusterMember | None = None
     port: int = 0
     progress: list[dict[str, Any]] = field(default_factory=list)
 
@@ -67,14 +71,20 @@ class FakeHost:
     async def start(self) -> None:
         layout = HostLayout(self.config.state_dir, self.config.run_dir)
         layout.create()
+        member = None
+        if self.config.cluster.enabled:
+            member = self.member = ClusterMember(self.config, layout, self.credentials)
+            await member.ensure_fencer()
         self.services = Services.build(
             self.config,
             layout,
             lambda cfg: self.boot,
             self.credentials,
             boot_dirs=(self.boot.kernel.parent,),
+            cluster=member,
         )
         await self.services.reattach.all()
+        await self.services.start_cluster()
         # The same port again after a restart: a source in doubt asks there.
         relocation = replace(self.config.relocation, port=self.port)
         self.relocation = RelocationServer(
@@ -110,6 +120,8 @@ class FakeHost:
         await services.background.close()
         for dom in services.table.everyone():
             await services.watcher.stop(dom)
+        if services.cluster is not None:
+            await services.cluster.close()
 
     async def restart(self) -> None:
         await self.crash()
@@ -140,13 +152,19 @@ async def running(cluster: Cluster, start: bool = True) -> AsyncIterator[Cluster
                 if host.services is not None:
                     await host.crash()
         finally:
+            for host in cluster.hosts:
+                if host.member is not None:
+                    await host.member.stop_fencer()
             cluster.kill_all()
 
 
 class Cluster:
-    def __init__(self, tmp: Path, secure: bool = True) -> None:
+    def __init__(self, tmp: Path, secure: bool = True, etcd: list[str] | None = None,
+                 lease_ttl: int = 4) -> None:  # fmt: skip
         self.tmp = tmp
         self.ca = TestCA(tmp / "pki") if secure else None
+        # etcd's client URLs: the hosts form a cluster (each with its fencer).
+        self.etcd = ClusterConfig(etcd=tuple(etcd or ()), lease_ttl=lease_ttl)
         self.storage = tmp / "xen"
         self.storage.mkdir()
         self.plan_file = tmp / "plan.json"
@@ -165,9 +183,17 @@ class Cluster:
             storage_roots=(self.storage,),
             qemu_binary=str(qemu),
             relocation=RelocationConfig(address="127.0.0.1", port=0),
+            cluster=self.etcd,
+            insecure=self.ca is None,
         )
         credentials = self.ca.credentials(name) if self.ca else None
         return FakeHost(name, config, BootFiles(kernel, None), credentials)
+
+    def use_etcd(self, url: str) -> None:
+        """Point every host at the etcd member at ``url`` (before they start)."""
+        self.etcd = replace(self.etcd, etcd=(url,))
+        for host in self.hosts:
+            host.config = replace(host.config, cluster=self.etcd)
 
     def domain(self, name: str = "vm") -> dict[str, Any]:
         disk = self.storage / f"{name}.img"

@@ -58,6 +58,7 @@ class HostLease:
         self.valid_until = 0.0  # monotonic
         self.confirmed_at = 0.0  # monotonic: when the last good renewal was sent
         self._listeners: list[Listener] = []
+        self._renewed: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         # Set on every confirmation: the deadline watcher starts its count again.
         self._wake = asyncio.Event()
@@ -75,6 +76,9 @@ class HostLease:
 
     def on_change(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def on_renewed(self, listener: Callable[[], None]) -> None:
+        self._renewed.append(listener)
 
     def remaining(self) -> float:
         return max(0.0, self.valid_until - time.monotonic())
@@ -94,8 +98,15 @@ class HostLease:
         for listener in self._listeners:
             listener(old, new)
 
-    async def acquire(self) -> None:
-        """Take up the lease of a previous run if it is still alive, else a new one."""
+    def previous_id(self) -> int:
+        """The lease id a previous run left in the id file (0: none)."""
+        return _read_id(self.id_file)
+
+    async def acquire(self) -> bool:
+        """Take up the lease of a previous run if it is still alive, else a new one.
+
+        True if the previous lease was taken up (what it owned is still ours).
+        """
         previous = _read_id(self.id_file)
         if previous:
             sent = time.monotonic()
@@ -104,7 +115,7 @@ class HostLease:
                 self.id = previous
                 self._confirmed(sent, left)
                 log.info("etcd lease %x of the previous run taken up (%d s left)", previous, left)
-                return
+                return True
         sent = time.monotonic()
         self.id = await self.etcd.grant(self.ttl)
         self.id_file.parent.mkdir(parents=True, exist_ok=True)
@@ -113,12 +124,15 @@ class HostLease:
         tmp.replace(self.id_file)
         self._confirmed(sent, self.ttl)
         log.info("etcd lease %x granted (TTL %d s)", self.id, self.ttl)
+        return False
 
     def _confirmed(self, sent: float, left: int) -> None:
         self.confirmed_at = sent
         self.valid_until = sent + left
         self._wake.set()
         self._move(LeaseState.HELD)
+        for listener in self._renewed:
+            listener()
 
     async def renew(self) -> None:
         """One renewal; the state follows what etcd said (or that it said nothing)."""

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from ferry.cluster.etcd import Compare, Delete, Entry, EtcdClient, Get, Put
 from ferry.cluster.keys import Keys, decode, encode
-from ferry.cluster.lease import HostLease, LeaseState
+from ferry.cluster.lease import LeaseState
 from ferry.errors import ClusterError, OwnedElsewhere
 
 log = logging.getLogger("ferryd")
@@ -39,6 +39,16 @@ class MoveTicket:
     source: str
     disks: tuple[str, ...]
     revision: int
+
+
+class LeaseHolder(Protocol):
+    """The lease keys are bound to: the fencer's (``LeaseView``) or one held here."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def state(self) -> LeaseState: ...
 
 
 class Ownership(Protocol):
@@ -88,7 +98,7 @@ class LocalOwnership:
 class EtcdOwnership:
     clustered = True
 
-    def __init__(self, etcd: EtcdClient, keys: Keys, host: str, lease: HostLease) -> None:
+    def __init__(self, etcd: EtcdClient, keys: Keys, host: str, lease: LeaseHolder) -> None:
         self.etcd = etcd
         self.keys = keys
         self.host = host
@@ -146,6 +156,24 @@ class EtcdOwnership:
             [Compare.unchanged(entry)],
             [Delete(dkey), *(Delete(self.keys.disk(d)) for d in disks)],
         )
+
+    async def forget(self, name: str) -> bool:
+        """Give up ``name`` and every disk key naming it here, found by reading them all.
+
+        For a domain this host no longer runs but whose keys it still holds (a
+        reboot within the TTL): its disks are not known any more.
+        """
+        dkey = self.keys.domain(name)
+        entry = await self.etcd.get(dkey)
+        if entry is None or decode(entry.value, dkey).get("host") != self.host:
+            return False
+        mine = [
+            d.key
+            for d in await self.etcd.get_prefix(self.keys.disk(""))
+            if decode(d.value, d.key) == {"domain": name, "host": self.host}
+        ]
+        await self.etcd.txn([Compare.unchanged(entry)], [Delete(dkey), *(Delete(k) for k in mine)])
+        return True
 
     async def owner(self, name: str) -> Owner | None:
         dkey = self.keys.domain(name)

@@ -41,7 +41,7 @@ log = logging.getLogger("ferryd")
 
 MAX_REQUEST = 1 << 20
 # What a viewer's certificate may ask: what reads, nothing that changes.
-VIEWER_OPS = frozenset({"ping", "list", "info"})
+VIEWER_OPS = frozenset({"ping", "list", "info", "list_all", "host_list"})
 CONSOLE_CHUNK = 65536
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 _DETACHED = object()  # the request took the connection over (a console)
@@ -86,6 +86,8 @@ class ControlServer:
             "ping": self._ping,
             "list": self._list,
             "info": self._info,
+            "list_all": self._list_all,
+            "host_list": self._host_list,
             "create": self._create,
             "pause": self._pause,
             "unpause": self._unpause,
@@ -216,6 +218,12 @@ class ControlServer:
 
     async def _list(self, args: dict[str, Any]) -> Any:
         return self.domains.list_rows()
+
+    async def _list_all(self, args: dict[str, Any]) -> Any:
+        return await self.services.cluster_domains()
+
+    async def _host_list(self, args: dict[str, Any]) -> Any:
+        return await self.services.cluster_hosts()
 
     async def _info(self, args: dict[str, Any]) -> Any:
         return self.domains.info(_arg(args, "name", str))

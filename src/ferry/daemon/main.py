@@ -14,6 +14,7 @@ from pathlib import Path
 from ferry.config.host import HostConfig, load_host_config
 from ferry.daemon.api import ControlServer
 from ferry.daemon.boot_files import guest_boot_files
+from ferry.daemon.cluster_member import ClusterMember
 from ferry.daemon.relocation import RelocationServer
 from ferry.daemon.services import Services
 from ferry.errors import FerryError, PkiError
@@ -95,6 +96,14 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     become_subreaper()
     reaper = ChildReaper()
     reaper.start()
+    member = ClusterMember(cfg, layout, credentials) if cfg.cluster.enabled else None
+    if member is None:
+        log.warning(
+            "no [cluster] etcd configured: standalone host, ownership is local only "
+            "(another host on the same storage is not kept from running these domains)"
+        )
+    else:
+        await member.ensure_fencer()
     services = Services.build(
         cfg,
         layout,
@@ -102,8 +111,10 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
         credentials,
         accel_cache=image_cache.parent / "accel-probe.json",
         boot_dirs=(image_cache,),
+        cluster=member,
     )
     await services.reattach.all()
+    await services.start_cluster()
     server = ControlServer(services, layout.control_socket, cfg.control)
     await server.start()
     relocation = None

@@ -8,11 +8,15 @@ part holds the whole daemon.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ferry.cluster.ownership import Ownership
 from ferry.config.host import HostConfig
+from ferry.daemon.cluster_member import ClusterMember
 from ferry.daemon.lifecycle import Lifecycle
 from ferry.daemon.reattach import Reattach
 from ferry.host.launcher import Launcher
@@ -44,6 +48,8 @@ class Services:
     source_end: SourceEnd
     reattach: Reattach
     background: Background
+    # This host's membership of a cluster (etcd); None: a standalone host.
+    cluster: ClusterMember | None = None
 
     @classmethod
     def build(
@@ -54,10 +60,14 @@ class Services:
         credentials: Credentials | None,
         accel_cache: Path | None = None,
         boot_dirs: Sequence[Path] = (),
+        ownership: Ownership | None = None,
+        cluster: ClusterMember | None = None,
     ) -> Services:
         defaults = MigrationParams.from_wire(host.migration, f"host {host.name}: [migration]")
         table = DomainTable(host.name, layout)
-        launcher = Launcher(host, layout, boot_files, accel_cache, boot_dirs)
+        if cluster is not None:
+            ownership = cluster.ownership
+        launcher = Launcher(host, layout, boot_files, accel_cache, boot_dirs, ownership)
         watcher = DomainWatcher(table, launcher)
         background = Background()
         end = SourceEnd(table, launcher, functools.partial(ask_outcome, credentials=credentials))
@@ -76,7 +86,33 @@ class Services:
             source_end=end,
             reattach=Reattach(table, launcher, watcher, outgoing, end),
             background=background,
+            cluster=cluster,
         )
+
+    async def start_cluster(self) -> None:
+        """Join the cluster with what runs here (after re-attach)."""
+        if self.cluster is not None:
+            await self.cluster.start(self.table, self.launcher)
+
+    async def cluster_domains(self) -> list[dict[str, Any]]:
+        """Every domain of the cluster (this host's alone when standalone)."""
+        if self.cluster is not None:
+            return await self.cluster.domains()
+        return [{"host": self.host.name} | row for row in self.lifecycle.list_rows()]
+
+    async def cluster_hosts(self) -> list[dict[str, Any]]:
+        if self.cluster is not None:
+            return await self.cluster.hosts()
+        return [
+            {
+                "host": self.host.name,
+                "health": "up",
+                "mode": "standalone (local ownership only: no etcd configured)",
+                "maintenance": False,
+                "cpus": os.cpu_count(),
+                "domains": len(self.table.everyone()),
+            }
+        ]
 
     async def close(self) -> None:
         """Stop watching (ferryd is exiting); the QEMUs keep running.
@@ -85,5 +121,7 @@ class Services:
         """
         await self.incoming.close()
         await self.background.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         for dom in self.table.everyone():
             await self.watcher.stop(dom)

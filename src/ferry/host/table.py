@@ -37,6 +37,9 @@ class DomainTable:
         # Held while a name, a disk or memory is being claimed (create, prepare),
         # so that two requests never both see the same thing free.
         self.claim_lock = asyncio.Lock()
+        # Set on every change of who is here or in what state (for whoever
+        # publishes this host's domains); the waiter clears it.
+        self.changed = asyncio.Event()
 
     # -- lookups ---------------------------------------------------------------
 
@@ -90,14 +93,17 @@ class DomainTable:
 
     def add(self, dom: RunningDomain) -> None:
         self._domains[dom.name] = dom
+        self.changed.set()
 
     def add_incoming(self, arriving: Incoming) -> None:
         self._incoming[arriving.migration_id] = arriving
+        self.changed.set()
 
     def commit_incoming(self, migration_id: str) -> RunningDomain:
         """The arriving domain is this host's now: a running domain like any other."""
         arriving = self._incoming.pop(migration_id)
         self._domains[arriving.dom.name] = arriving.dom
+        self.changed.set()
         return arriving.dom
 
     def drop_incoming(self, migration_id: str) -> Incoming | None:
@@ -105,6 +111,7 @@ class DomainTable:
 
     def discard(self, dom: RunningDomain) -> None:
         """``dom``'s QEMU has ended: it is no longer here, whatever it was."""
+        self.changed.set()
         if self._domains.get(dom.name) is dom:
             del self._domains[dom.name]
         for mid, arriving in list(self._incoming.items()):
@@ -116,6 +123,7 @@ class DomainTable:
         """Apply a lifecycle event to ``dom``; saved before the caller goes on."""
         dom.record.state = next_state(dom.name, dom.record.state, event)
         self.save(dom)
+        self.changed.set()
         return dom.record.state
 
     def save(self, dom: RunningDomain) -> None:

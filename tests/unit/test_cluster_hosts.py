@@ -1,0 +1,201 @@
+"""Two hosts, a real etcd (TLS, the cluster CA's certificates) and each host's real fencer process.
+
+The issue's repro first: a domain running on one host cannot be created on the
+other. Then ownership through a migration, the whole cluster in one list, and
+fencing: a host cut from etcd stops its QEMUs before its lease can expire,
+and ends them once it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ferry.cluster.keys import Keys, decode
+from ferry.cluster.lease import LeaseState
+from ferry.errors import OwnedElsewhere
+from ferry.hypervisor import process
+from ferry.util.wait import wait_until
+
+from .etcd_support import EtcdMember
+from .migration_harness import Cluster, FakeHost, running, until
+from .pki_support import TestCA
+
+
+def etcd_for(tmp: Path, ca: TestCA) -> EtcdMember:
+    return EtcdMember(tmp / "etcd", tls=ca.credentials("etcd").dir)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Cluster, EtcdMember]]:
+    ca = TestCA(tmp_path / "etcd-pki")
+    c = Cluster(tmp_path, etcd=["https://127.0.0.1:1"])  # the real URL once etcd runs
+    c.ca = ca
+    for host in c.hosts:
+        host.credentials = ca.credentials(host.name)
+    member = etcd_for(tmp_path, ca)
+    c.use_etcd(member.url)
+    try:
+        async with running(c) as started:
+            yield started, member
+    finally:
+        member.stop()
+
+
+async def owner(h: FakeHost, name: str = "vm") -> dict[str, object] | None:
+    assert h.member is not None
+    entry = await h.member.etcd.get(Keys("ferry").domain(name))
+    return decode(entry.value, entry.key) if entry else None
+
+
+def qemu_state(pid: int) -> str | None:
+    return process.process_state(pid)
+
+
+async def test_a_domain_running_on_one_host_cannot_be_created_on_the_other(
+    cluster: tuple[Cluster, EtcdMember],
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    with pytest.raises(
+        OwnedElsewhere, match="cannot create domain 'vm': domain 'vm' already runs on host h1"
+    ):
+        await h2.s.lifecycle.create(c.domain())
+    assert h2.s.table.find("vm") is None
+    await c.assert_runs_once("h1")
+
+
+async def test_a_disk_in_use_cannot_be_written_by_another_domain_elsewhere(
+    cluster: tuple[Cluster, EtcdMember],
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    other = c.domain("other")
+    other["disk"] = c.domain()["disk"]
+    with pytest.raises(OwnedElsewhere, match="in use by domain 'vm' on host h1"):
+        await h2.s.lifecycle.create(other)
+    assert await owner(h1, "other") is None
+
+
+async def test_migration_moves_ownership_in_the_commit(cluster: tuple[Cluster, EtcdMember]) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    result = await h1.migrate("vm", h2)
+    await c.assert_runs_once("h2")
+    held = await owner(h1)
+    assert held is not None and held["host"] == "h2"
+    assert held["migration"] == result["migration_id"]
+    with pytest.raises(OwnedElsewhere, match="already runs on host h2"):
+        await h1.s.lifecycle.create(c.domain())
+    # Destroyed, the domain is free for any host again.
+    await h2.s.lifecycle.destroy("vm")
+    await until(lambda: h2.s.table.find("vm") is None, "the domain to end")
+    assert await owner(h1) is None
+    await h1.s.lifecycle.create(c.domain())
+
+
+async def test_the_whole_cluster_in_one_list(cluster: tuple[Cluster, EtcdMember]) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    await h2.s.lifecycle.create(c.domain("web"))
+
+    async def listed() -> list[dict[str, object]] | None:
+        rows = await h2.s.cluster_domains()
+        states = {(r["host"], r["name"]): r["state"] for r in rows}
+        ok = states == {("h1", "vm"): "running", ("h2", "web"): "running"}
+        return rows if ok else None
+
+    await wait_until(listed, timeout=15, what="both domains in h2's cluster list")
+    hosts = await h1.s.cluster_hosts()
+    assert [h["host"] for h in hosts] == ["h1", "h2"]
+    for row in hosts:
+        assert row["health"] == "up" and row["domains"] == 1
+        assert 0 < int(row["lease_ttl_left"]) <= c.etcd.lease_ttl  # type: ignore[call-overload]
+
+
+async def test_a_host_cut_from_etcd_stops_its_vms_before_its_lease_expires_then_ends_them(
+    cluster: tuple[Cluster, EtcdMember],
+) -> None:
+    c, member = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    pid = h1.s.table.get("vm").pid
+    assert h1.member is not None
+    ttl = c.etcd.lease_ttl
+    member.freeze()
+    frozen = time.monotonic()
+    try:
+        await until(lambda: qemu_state(pid) == "T", "the fencer to stop the QEMU", timeout=ttl)
+        stopped = time.monotonic() - frozen
+        assert stopped < ttl, f"stopped {stopped:.2f} s after etcd froze (TTL {ttl} s)"
+        await until(
+            lambda: not process.is_alive(pid), "the fencer to end the QEMU", timeout=ttl + 2
+        )
+    finally:
+        member.thaw()
+    # The lease expired in etcd too: the domain is free, and the other host takes it.
+    await until(lambda: h1.member is not None and h1.member.lease.state is LeaseState.HELD,
+                "h1 to hold a new lease", timeout=3 * ttl)  # fmt: skip
+
+    async def freed() -> bool:
+        return await owner(h2) is None
+
+    await wait_until(freed, timeout=2 * ttl, what="the domain's key to expire")
+    await h2.s.lifecycle.create(c.domain())
+    await c.assert_runs_once("h2")
+
+
+async def test_a_host_that_renews_in_time_runs_its_vms_again(
+    tmp_path: Path,
+) -> None:
+    ca = TestCA(tmp_path / "etcd-pki")
+    c = Cluster(tmp_path, etcd=["https://127.0.0.1:1"], lease_ttl=8)
+    c.ca = ca
+    for host in c.hosts:
+        host.credentials = ca.credentials(host.name)
+    member = etcd_for(tmp_path, ca)
+    c.use_etcd(member.url)
+    try:
+        async with running(c):
+            h1 = c.hosts[0]
+            await h1.s.lifecycle.create(c.domain())
+            pid = h1.s.table.get("vm").pid
+            member.freeze()
+            try:
+                await until(lambda: qemu_state(pid) == "T", "the QEMU to be stopped", timeout=8)
+            finally:
+                member.thaw()
+            await until(lambda: qemu_state(pid) in ("S", "R"), "the QEMU to run again", timeout=4)
+            await c.assert_runs_once("h1")
+            held = await owner(h1)
+            assert held is not None and held["host"] == "h1"
+    finally:
+        member.stop()
+
+
+async def test_a_crashed_ferryd_leaves_the_lease_and_the_domain_owned(
+    cluster: tuple[Cluster, EtcdMember],
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    await h1.crash()
+    # Longer than the TTL: the fencer, not ferryd, keeps the lease alive.
+    assert h1.member is not None
+    lease = h1.member.lease.id
+    deadline = time.monotonic() + c.etcd.lease_ttl + 1
+    while time.monotonic() < deadline:
+        with pytest.raises(OwnedElsewhere, match="already runs on host h1"):
+            await h2.s.lifecycle.create(c.domain())
+        await asyncio.sleep(0.5)  # sampling the refusal over the window
+    await h1.start()
+    assert h1.member.lease.id == lease
+    await c.assert_runs_once("h1")
