@@ -71,7 +71,24 @@ def format_list(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_cluster_list(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [f"{'Host':<16} {'Name':<32} {'ID':>5} {'Mem':>6} {'VCPUs':>5} {'State':>14}"]
+    for row in rows:
+        cells = [("-" if row.get(k) is None else row[k]) for k in ("id", "mem", "vcpus")]
+        lines.append(
+            f"{row['host']:<16} {row['name']:<32} {cells[0]:>5} {cells[1]:>6} {cells[2]:>5} "
+            f"{row['state']:>14}"
+        )
+    return "\n".join(lines)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.all:
+        rows = _client(args).call("list_all")
+        if args.names:
+            rows = [r for r in rows if r["name"] in args.names]
+        print(json.dumps(rows, indent=1) if args.json else format_cluster_list(rows))
+        return 0
     rows = _client(args).call("list")
     if args.names:
         missing = sorted(set(args.names) - {r["name"] for r in rows})
@@ -246,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
     p = add("list", cmd_list, "list domains: Name ID Mem VCPUs State Time(s)")
+    p.add_argument("-a", "--all", action="store_true", help="every host's domains (from etcd)")
     p.add_argument("--json", action="store_true")
     p.add_argument("names", nargs="*", metavar="DOMAIN")
 
@@ -293,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_parser(sub)
 
     from ferry.cli.ca_cli import add_ca_parser
+    from ferry.cli.host_cli import add_host_parser
 
     add_ca_parser(sub)
+    add_host_parser(sub, _client)
 
     image = sub.add_parser("image", help="the guest image").add_subparsers(
         dest="image_command", required=True, metavar="ACTION"

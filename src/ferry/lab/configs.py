@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ferry.lab import topology
@@ -38,7 +39,13 @@ netmask = "255.255.255.0"
 
 
 def host_config_text(
-    host: str, state_dir: Path, run_dir: Path, export_dir: Path, pki_dir: Path
+    host: str,
+    state_dir: Path,
+    run_dir: Path,
+    export_dir: Path,
+    pki_dir: Path,
+    etcd: Sequence[str] = (),
+    lease_ttl: int = 6,
 ) -> str:
     allow = ", ".join(f"'{p}'" for p in HOSTS_ALLOW)  # TOML literal strings: no escapes
     return f"""\
@@ -55,4 +62,12 @@ enabled = true
 port = {RELOCATION_PORT}
 address = ""
 hosts_allow = [{allow}]
+""" + (
+        f"""
+[cluster]
+etcd = [{", ".join(f'"{u}"' for u in etcd)}]
+lease_ttl = {lease_ttl}
 """
+        if etcd
+        else ""
+    )

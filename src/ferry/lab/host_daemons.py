@@ -8,15 +8,18 @@ state/, ferryd.log); its run directory (control socket) is
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from pathlib import Path
 
 from ferry.errors import FerryError
-from ferry.lab import topology
+from ferry.hypervisor import process
+from ferry.lab import etcd_cluster, topology
 from ferry.lab.configs import host_config_text
 from ferry.lab.ferryd_process import FerrydProcess
 from ferry.lab.pki import bundle_dir, ensure_lab_pki
 from ferry.lab.state import HostDaemon, Lab
-from ferry.lab.storage import LabProcess
+from ferry.lab.storage import LabProcess, wait_gone
 
 RUN_ROOT = Path("/run/ferrylab")
 
@@ -30,7 +33,16 @@ def start_ferryd(lab: Lab, host: str, config_text: str | None = None) -> None:
     ensure_lab_pki(lab.workdir)
     pki_dir = bundle_dir(lab.workdir, host)
     config.write_text(
-        config_text or host_config_text(host, state_dir, run_dir, lab.export_dir, pki_dir)
+        config_text
+        or host_config_text(
+            host,
+            state_dir,
+            run_dir,
+            lab.export_dir,
+            pki_dir,
+            etcd_cluster.client_urls(),
+            etcd_cluster.LEASE_TTL,
+        )
     )
     daemon = HostDaemon(host, str(config), str(state_dir), str(run_dir), str(base / "ferryd.log"))
     ferryd = FerrydProcess(
@@ -76,4 +88,22 @@ def stop_host(daemon: HostDaemon) -> list[str]:
                 done.append(f"destroyed {row['name']} on {daemon.host}")
     if daemon.process.stop(timeout=20):
         done.append(f"stopped ferryd of {daemon.host}")
+    if stop_fencer(Path(daemon.run_dir)):
+        done.append(f"stopped the fencer of {daemon.host}")
     return done
+
+
+def stop_fencer(run_dir: Path) -> bool:
+    """End the host's fencer (its pid file, checked against its command line)."""
+    try:
+        pid = int((run_dir / "fencer.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    found = process.processes(b"ferry.daemon.fencer", str(run_dir).encode())
+    if pid not in found:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    if not wait_gone(pid, 10):
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, 5)
+    return True

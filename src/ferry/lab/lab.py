@@ -9,6 +9,7 @@ half-way through ``up``) finds everything again. The workdir::
     lab.json            what the lab made: nodes, disk, processes
     virt_server         the VM's xm config, for `ferry create`
     xen/                the shared export: virt_server.img, scratch.img
+    etcd/<node>/        the data of the three etcd members (lab.etcd_cluster)
     hosts/<host>/       ferryd.toml, state/, ferryd.log
     storage/            the storage servers' configs and logs
 
@@ -25,8 +26,9 @@ from pathlib import Path
 
 from ferry.errors import FerryError, ImageError
 from ferry.guest.image import build_image, load_image, make_domain_disk
-from ferry.lab import storage, topology
+from ferry.lab import etcd_cluster, storage, topology
 from ferry.lab.host_daemons import RUN_ROOT, restart_ferryd, start_ferryd, stop_host
+from ferry.lab.pki import ensure_lab_pki
 from ferry.lab.state import DEFAULT_WORKDIR, Lab
 from ferry.lab.storage import StorageSpec
 from ferry.lab.sweep import kill_namespace_processes
@@ -46,7 +48,15 @@ __all__ = [
 SCRATCH = "scratch"  # a small image for storage checks, never a VM's disk
 SCRATCH_SIZE = 64 << 20
 DEFAULT_MEMORY = 256
-_MADE = ("lab.json", "xen", "hosts", "storage", "pki", VM_NAME)  # workdir entries `down` may remove
+_MADE = (
+    "lab.json",
+    "xen",
+    "hosts",
+    "storage",
+    "pki",
+    "etcd",
+    VM_NAME,
+)  # workdir entries `down` may remove
 
 Log = Callable[[str], None]
 
@@ -79,6 +89,10 @@ def up(
         lab.servers = storage.start(spec, [VM_NAME, SCRATCH], workdir / "storage")
         lab.save()
         log(f"storage: {storage_kind}, virt_server's disk {lab.disk}")
+        ensure_lab_pki(workdir)
+        lab.servers += etcd_cluster.start(workdir, workdir / "storage")
+        lab.save()
+        log(f"etcd: {len(etcd_cluster.MEMBERS)} members ({', '.join(etcd_cluster.MEMBERS)}), TLS")
         for host in HOSTS:
             start_ferryd(lab, host.name)
             log(f"{host.name}: ferryd answering on {lab.daemons[host.name].socket}")

@@ -143,7 +143,7 @@ def stop(procs: list[LabProcess]) -> list[str]:
     return [p.name for p in reversed(procs) if p.stop()]
 
 
-def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         # A session of its own: a Ctrl-C at `ferry lab up` must not reach the servers.
         return subprocess.Popen(
@@ -200,7 +200,7 @@ def _start_nfs(spec: StorageSpec, logdir: Path) -> list[LabProcess]:
         rpcbind_log = logdir / "rpcbind.log"
         argv = ["unshare", "--mount", "--propagation", "private", sys.executable,
                 "-m", "ferry.lab.storage", "private-run", "rpcbind", "-f"]  # fmt: skip
-        rpcbind = _spawn(netns.popen_argv(STORAGE.ns, argv), rpcbind_log)
+        rpcbind = spawn(netns.popen_argv(STORAGE.ns, argv), rpcbind_log)
         _wait_for(lambda: _is_exec_of(rpcbind.pid, "rpcbind"), rpcbind, "rpcbind", rpcbind_log)
         procs.append(LabProcess.started("rpcbind", rpcbind, "rpcbind", rpcbind_log))
         _wait_for(lambda: _listening(STORAGE.ns, 111), rpcbind, "rpcbind", rpcbind_log)
@@ -209,7 +209,7 @@ def _start_nfs(spec: StorageSpec, logdir: Path) -> list[LabProcess]:
         argv = ["nsenter", "-t", str(rpcbind.pid), "-m", "-n",
                 "ganesha.nfsd", "-F", "-f", str(config), "-L", str(ganesha_log),
                 "-p", str(logdir / "ganesha.pid"), "-N", "NIV_EVENT"]  # fmt: skip
-        ganesha = _spawn(argv, logdir / "ganesha.out")
+        ganesha = spawn(argv, logdir / "ganesha.out")
         procs.append(LabProcess.started("ganesha", ganesha, str(config), ganesha_log))
         _wait_for(lambda: _nfs_registered(), ganesha, "nfs-ganesha", ganesha_log)
     except BaseException:
@@ -247,7 +247,7 @@ def _start_nbd(spec: StorageSpec, images: list[str], logdir: Path) -> LabProcess
     for i, image in enumerate(images):
         argv += ["--export", f"type=nbd,id=export{i},node-name=disk{i},name={image},writable=on"]
     log = logdir / "qemu-storage-daemon.log"
-    proc = _spawn(netns.popen_argv(STORAGE.ns, argv), log)
+    proc = spawn(netns.popen_argv(STORAGE.ns, argv), log)
     _wait_for(lambda: _listening(STORAGE.ns, NBD_PORT), proc, "qemu-storage-daemon", log)
     return LabProcess.started("qemu-storage-daemon", proc, "qemu-storage-daemon", log)
 
