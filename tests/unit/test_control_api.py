@@ -125,10 +125,15 @@ async def test_a_viewer_reads_and_changes_nothing(
 ) -> None:
     srv, ca = remote
     viewer = ca.credentials("vic", Role.VIEWER)
-    listing, pause = await tls_exchange(
-        srv, viewer, b'{"op": "list"}', b'{"op": "pause", "args": {"name": "ghost"}}'
-    )
+    listing, pause, everything, hosts = await tls_exchange(
+        srv, viewer, b'{"op": "list"}', b'{"op": "pause", "args": {"name": "ghost"}}',
+        b'{"op": "list_all"}', b'{"op": "host_list"}',
+    )  # fmt: skip
     assert listing == {"ok": True, "result": []}
+    assert everything == {"ok": True, "result": []}
+    # A host with no etcd says so: nothing keeps another host from its domains.
+    [host] = hosts["result"]  # type: ignore[misc]
+    assert host["host"] == "h1" and host["mode"].startswith("standalone (local ownership only")
     assert pause["error"] == {  # type: ignore[comparison-overlap]
         "type": "AccessDenied",
         "message": "viewer vic may not 'pause': only an admin's certificate may",

@@ -72,10 +72,12 @@ async def domain_rows(etcd: EtcdClient, keys: Keys) -> list[dict[str, Any]]:
             if isinstance(row, dict):
                 published[(host, str(row.get("name")))] = row
     rows = []
+    owned: set[tuple[str, str]] = set()
     for entry in owners:
         name = keys.name_of(entry.key, keys.domains)
         owner = decode(entry.value, entry.key)
         host = str(owner.get("host"))
+        owned.add((host, name))
         row = published.get((host, name), {})
         state = row.get("state", "unknown") if host in alive else "host lost"
         rows.append(
@@ -91,4 +93,12 @@ async def domain_rows(etcd: EtcdClient, keys: Keys) -> list[dict[str, Any]]:
                 "migration": owner.get("migration"),
             }
         )
+    # A copy that a host publishes but does not own: arriving by migration.
+    for (host, name), row in published.items():
+        if (host, name) not in owned:
+            rows.append(
+                {"host": host, "name": name, "id": row.get("id"), "mem": row.get("mem"),
+                 "vcpus": row.get("vcpus"), "state": row.get("state", "unknown"),
+                 "flags": row.get("flags", ""), "since": None, "migration": None}
+            )  # fmt: skip
     return sorted(rows, key=lambda r: (str(r["host"]), str(r["name"])))
