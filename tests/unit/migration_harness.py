@@ -92,6 +92,8 @@ class FakeHost:
         )
         await self.relocation.start()
         self.port = self.relocation.port
+        if member is not None:
+            member.relocation_port = self.port
 
     async def stop(self) -> None:
         """As ferryd on SIGTERM: arriving domains are aborted, the others live on."""

@@ -12,13 +12,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ferry.cluster.keys import Keys, decode
 from ferry.cluster.lease import LeaseState
-from ferry.errors import OwnedElsewhere
+from ferry.daemon.evacuation import Evacuation
+from ferry.domain.state import DomainState
+from ferry.errors import ClusterError, MigrationRefused, OwnedElsewhere
 from ferry.hypervisor import process
+from ferry.migration.params import MigrationParams
 from ferry.util.wait import wait_until
 
 from .etcd_support import EtcdMember
@@ -198,4 +202,71 @@ async def test_a_crashed_ferryd_leaves_the_lease_and_the_domain_owned(
         await asyncio.sleep(0.5)  # sampling the refusal over the window
     await h1.start()
     assert h1.member.lease.id == lease
+    await c.assert_runs_once("h1")
+
+
+# -- evacuation --------------------------------------------------------------------
+
+
+async def test_evacuation_empties_the_host_and_keeps_new_domains_away(
+    cluster: tuple[Cluster, EtcdMember],
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    for name in ("vm", "web", "db"):
+        await h1.s.lifecycle.create(c.domain(name))
+    events: list[dict[str, object]] = []
+    result = await Evacuation(h1.s).run(
+        [], 2, MigrationParams.from_wire({"live": True}), events.append
+    )
+    assert sorted(m["domain"] for m in result["moved"]) == ["db", "vm", "web"]
+    assert result["failed"] == [] and result["left"] == []
+    assert events[0] == {"event": "maintenance", "host": "h1"}
+    assert {e["domain"] for e in events if e["event"] == "done"} == {"db", "vm", "web"}
+    for name in ("vm", "web", "db"):
+        held = await owner(h1, name)
+        assert held is not None and held["host"] == "h2"
+    with pytest.raises(ClusterError, match="host h1 is in maintenance"):
+        await h1.s.lifecycle.create(c.domain("new"))
+    hosts = {h["host"]: h for h in await h2.s.cluster_hosts()}
+    assert hosts["h1"]["maintenance"] and not hosts["h2"]["maintenance"]
+    await Evacuation(h2.s).activate("h1")
+    await h1.s.lifecycle.create(c.domain("new"))
+
+
+async def test_a_failed_migration_leaves_its_domain_and_the_evacuation_reports_it(
+    cluster: tuple[Cluster, EtcdMember], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    for name in ("vm", "web"):
+        await h1.s.lifecycle.create(c.domain(name))
+    real_prepare = h2.s.incoming.prepare_incoming
+
+    async def refuse_web(migration_id: str, mapping: Any, *args: Any) -> str:
+        if mapping["name"] == "web":
+            raise MigrationRefused("injected: no room for web")
+        return await real_prepare(migration_id, mapping, *args)
+
+    monkeypatch.setattr(h2.s.incoming, "prepare_incoming", refuse_web)
+    result = await Evacuation(h1.s).run([], 1, MigrationParams.from_wire({"live": True}), print)
+    assert [m["domain"] for m in result["moved"]] == ["vm"]
+    [failed] = result["failed"]
+    assert failed["domain"] == "web" and "no room for web" in failed["error"]
+    assert result["left"] == ["web"]
+    assert h1.s.table.get("web").record.state is DomainState.RUNNING
+    held = await owner(h1, "web")
+    assert held is not None and held["host"] == "h1"
+
+
+async def test_evacuation_with_nowhere_to_go_says_so(cluster: tuple[Cluster, EtcdMember]) -> None:
+    c, _ = cluster
+    h1 = c.hosts[0]
+    await h1.s.lifecycle.create(c.domain())
+    assert h1.member is not None
+    await h1.member.ownership.set_maintenance("h2", True, by="test")
+    with pytest.raises(ClusterError, match="cannot evacuate h1 to h2: h2 is in maintenance"):
+        await Evacuation(h1.s).run(["h2"], 1, MigrationParams.from_wire({}), print)
+    with pytest.raises(ClusterError, match="no host is up and out of maintenance"):
+        await Evacuation(h1.s).run([], 1, MigrationParams.from_wire({}), print)
     await c.assert_runs_once("h1")

@@ -122,16 +122,23 @@ class EtcdOwnership:
         """Own ``name`` and its ``disks``, all or nothing; else say who has them."""
         lease = self._lease_id(f"start domain '{name}'")
         dkey = self.keys.domain(name)
+        maintenance = self.keys.maintenance(self.host)
         disk_keys = [self.keys.disk(d) for d in disks]
         result = await self.etcd.txn(
-            [Compare.absent(dkey), *(Compare.absent(k) for k in disk_keys)],
+            [Compare.absent(maintenance), Compare.absent(dkey),
+             *(Compare.absent(k) for k in disk_keys)],
             [Put(dkey, self._domain_value(), lease),
              *(Put(k, self._disk_value(name), lease) for k in disk_keys)],
-            [Get(dkey), *(Get(k) for k in disk_keys)],
+            [Get(maintenance), Get(dkey), *(Get(k) for k in disk_keys)],
         )  # fmt: skip
         if result.succeeded:
             return
-        domain_entry, *disk_entries = result.found
+        in_maintenance, domain_entry, *disk_entries = result.found
+        if in_maintenance is not None:
+            raise ClusterError(
+                f"host {self.host} is in maintenance: it takes no new domain "
+                f"(`ferry host activate {self.host}` ends it)"
+            )
         if domain_entry is not None:
             held = decode(domain_entry.value, dkey)
             raise OwnedElsewhere(
@@ -156,6 +163,12 @@ class EtcdOwnership:
             [Compare.unchanged(entry)],
             [Delete(dkey), *(Delete(self.keys.disk(d)) for d in disks)],
         )
+
+    async def set_maintenance(self, host: str, on: bool, by: str) -> None:
+        """Put ``host`` in maintenance (no new domain there) or take it out."""
+        key = self.keys.maintenance(host)
+        op = Put(key, encode({"since": round(time.time(), 3), "by": by})) if on else Delete(key)
+        await self.etcd.txn([], [op])
 
     async def forget(self, name: str) -> bool:
         """Give up ``name`` and every disk key naming it here, found by reading them all.
@@ -191,6 +204,8 @@ class EtcdOwnership:
     async def expect_move(self, name: str, source: str, disks: Sequence[str]) -> MoveTicket:
         """At prepare, on the target: the source must own the domain and its disks."""
         self._lease_id(f"receive domain '{name}'")
+        if await self.etcd.get(self.keys.maintenance(self.host)) is not None:
+            raise ClusterError(f"host {self.host} is in maintenance: it takes no new domain")
         dkey = self.keys.domain(name)
         entry = await self.etcd.get(dkey)
         if entry is None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.config.host import ControlConfig
+from ferry.daemon.evacuation import Evacuation
 from ferry.daemon.listener import Connection, Limits, Listener
 from ferry.daemon.services import Services
 from ferry.errors import AccessDenied, FerryError, ProtocolError, error_to_wire
@@ -55,6 +56,16 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
+
+
+def _emitter(writer: asyncio.StreamWriter) -> Callable[[dict[str, Any]], None]:
+    def emit(progress: dict[str, Any]) -> None:
+        # The client may have gone (Ctrl-C, closed terminal): the work carries
+        # on regardless, and so does the daemon.
+        if not writer.is_closing():
+            writer.write(json.dumps({"progress": progress}).encode() + b"\n")
+
+    return emit
 
 
 def _arg(args: dict[str, Any], key: str, kind: type) -> Any:
@@ -94,9 +105,14 @@ class ControlServer:
             "shutdown": self._shutdown,
             "destroy": self._destroy,
             "migrate_abort": self._migrate_abort,
+            "host_activate": self._host_activate,
         }
         # Requests that write progress lines before their one final reply.
-        self.streaming: dict[str, StreamingHandler] = {"migrate": self._migrate}
+        self.streaming: dict[str, StreamingHandler] = {
+            "migrate": self._migrate,
+            "evacuate": self._evacuate,
+        }
+        self.evacuation = Evacuation(services)
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -276,24 +292,36 @@ class ControlServer:
             await asyncio.gather(*tasks, return_exceptions=True)
             console_writer.close()
 
-    async def _migrate(self, args: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
-        """Streams ``{"progress": ...}`` lines, then the one final reply."""
-
-        def emit(progress: dict[str, Any]) -> None:
-            # The client may have gone (Ctrl-C, closed terminal): the migration
-            # carries on regardless, and so does the daemon.
-            if not writer.is_closing():
-                writer.write(json.dumps({"progress": progress}).encode() + b"\n")
-
+    def _params(self, args: dict[str, Any]) -> MigrationParams:
         settings = args.get("params", {})
         if not isinstance(settings, dict):
             raise ProtocolError("request argument 'params' must be an object")
         defaults = self.services.migration_defaults.to_wire()
-        params = MigrationParams.from_wire(defaults | settings)
+        return MigrationParams.from_wire(defaults | settings)
+
+    async def _migrate(self, args: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
+        """Streams ``{"progress": ...}`` lines, then the one final reply."""
+        emit = _emitter(writer)
+        params = self._params(args)
         port = args.get("port") or self.services.host.relocation.port
         return await self.services.outgoing.migrate(
             _arg(args, "name", str), _arg(args, "host", str), int(port), params, emit
         )
+
+    async def _evacuate(self, args: dict[str, Any], writer: asyncio.StreamWriter) -> Any:
+        host = _arg(args, "host", str)
+        if host != self.services.host.name:
+            raise FerryError(
+                f"host {self.services.host.name} cannot evacuate {host}: ask {host}'s own ferryd"
+            )
+        targets = args.get("to", [])
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ProtocolError("request argument 'to' must be a list of host names")
+        parallel = int(args.get("parallel", 2))
+        return await self.evacuation.run(targets, parallel, self._params(args), _emitter(writer))
+
+    async def _host_activate(self, args: dict[str, Any]) -> Any:
+        await self.evacuation.activate(_arg(args, "host", str))
 
     async def _migrate_abort(self, args: dict[str, Any]) -> Any:
         await self.services.outgoing.abort_migration(_arg(args, "name", str))

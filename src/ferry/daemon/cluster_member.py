@@ -72,6 +72,8 @@ class ClusterMember:
         self.lease = LeaseView(self.files["status"])
         self.ownership = EtcdOwnership(self.etcd, self.keys, cfg.name, self.lease)
         self.fencer_pid: int | None = None
+        # Where other hosts reach this one's relocation server (the one bound).
+        self.relocation_port = cfg.relocation.port
         self._tasks: list[asyncio.Task[None]] = []
         self._table: DomainTable | None = None
         self._launcher: Launcher | None = None
@@ -202,7 +204,7 @@ class ClusterMember:
         return {
             "name": self.cfg.name,
             "address": self.cfg.relocation.address or None,
-            "relocation_port": self.cfg.relocation.port,
+            "relocation_port": self.relocation_port,
             "control_port": self.cfg.control.port,
             "cpus": os.cpu_count(),
             "memory_mib": total,
