@@ -122,6 +122,8 @@ class FakeHost:
         await services.background.close()
         for dom in services.table.everyone():
             await services.watcher.stop(dom)
+        if services.ha is not None:
+            await services.ha.close()
         if services.cluster is not None:
             await services.cluster.close()
 

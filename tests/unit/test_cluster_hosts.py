@@ -9,6 +9,8 @@ and ends them once it has.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -270,3 +272,77 @@ async def test_evacuation_with_nowhere_to_go_says_so(cluster: tuple[Cluster, Etc
     with pytest.raises(ClusterError, match="no host is up and out of maintenance"):
         await Evacuation(h1.s).run([], 1, MigrationParams.from_wire({}), print)
     await c.assert_runs_once("h1")
+
+
+# -- HA restart ----------------------------------------------------------------------
+
+
+async def kill_host(c: Cluster, h: FakeHost) -> None:
+    """The whole host dies at once: ferryd, its fencer and its QEMUs."""
+    await h.crash()
+    assert h.member is not None
+    fencer = h.member._running_fencer()
+    assert fencer is not None
+    os.kill(fencer, signal.SIGKILL)
+    for pid, qmp in c.qemus().items():
+        if qmp.startswith(str(h.config.run_dir)):
+            os.kill(pid, signal.SIGKILL)
+    await until(lambda: not process.is_alive(fencer), "the fencer to be gone")
+
+
+async def test_a_failed_hosts_ha_domain_restarts_once_elsewhere_and_the_others_do_not(
+    cluster: tuple[Cluster, EtcdMember],
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain("vm") | {"on_host_failure": "restart"})
+    await h1.s.lifecycle.create(c.domain("plain"))
+    await kill_host(c, h1)
+    died = time.monotonic()
+    assert h2.s.ha is not None
+    await until(lambda: h2.s.table.find("vm") is not None, "h2 to restart vm", timeout=20)
+    took = time.monotonic() - died
+    # Only after the lease expired (TTL), never before: the dead host was fenced.
+    assert took >= c.etcd.lease_ttl - 1, took
+    await c.assert_runs_once("h2")
+    held = await owner(h2)
+    assert held is not None and held["host"] == "h2"
+    assert h2.member is not None
+    ha = await h2.member.etcd.get(Keys("ferry").ha("vm"))
+    assert ha is not None and decode(ha.value, ha.key)["state"] == "armed"
+    assert decode(ha.value, ha.key)["restarts"] == 1
+    assert h2.s.table.find("plain") is None and await owner(h2, "plain") is None
+    assert [r["name"] for r in h2.s.ha.restarted] == ["vm"]
+
+
+async def test_of_two_restarts_racing_exactly_one_wins(cluster: tuple[Cluster, EtcdMember]) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain("vm") | {"on_host_failure": "restart"})
+    await kill_host(c, h1)
+    assert h2.s.ha is not None and h2.member is not None
+    await h2.s.ha.close()  # the test drives it
+
+    async def orphan() -> Any:
+        gone = await h2.member.etcd.get(Keys("ferry").domain("vm")) is None  # type: ignore[union-attr]
+        return gone and await h2.member.etcd.get(Keys("ferry").ha("vm"))  # type: ignore[union-attr]
+
+    entry = await wait_until(orphan, timeout=3 * c.etcd.lease_ttl, what="vm to be orphaned")
+    record = decode(entry.value, entry.key)
+    won = await asyncio.gather(
+        h2.s.ha.restart("vm", entry, record), h2.s.ha.restart("vm", entry, record)
+    )
+    assert sorted(won) == [False, True]
+    await c.assert_runs_once("h2")
+
+
+async def test_a_domain_ended_on_purpose_is_not_restarted(
+    cluster: tuple[Cluster, EtcdMember],
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain("vm") | {"on_host_failure": "restart"})
+    await h1.s.lifecycle.destroy("vm")
+    await until(lambda: h1.s.table.find("vm") is None, "vm to end")
+    assert h2.member is not None
+    assert await h2.member.etcd.get(Keys("ferry").ha("vm")) is None

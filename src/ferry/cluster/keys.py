@@ -10,6 +10,8 @@ key                      lease      value (JSON)
 ``domains/<name>``       owner's    ``{"host", "migration", "since"}``: who runs it
 ``disks/<disk id>``      owner's    ``{"domain", "host"}``: who writes it
 ``maintenance/<host>``   none       ``{"since", "by"}``: no new domains there
+``ha/<name>``            none       ``{"config", "state", "restarts", ...}``: a domain
+                                    to restart elsewhere if its host fails
 =======================  =========  ===============================================
 
 A domain key and its disks' keys are only ever written together, in one
@@ -57,6 +59,13 @@ class Keys:
 
     def maintenance(self, host: str) -> str:
         return f"{self.root}maintenance/{host}"
+
+    def ha(self, name: str) -> str:
+        return f"{self.root}ha/{name}"
+
+    @property
+    def has(self) -> str:
+        return f"{self.root}ha/"
 
     @property
     def maintenances(self) -> str:

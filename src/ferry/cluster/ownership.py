@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ferry.cluster.etcd import Compare, Delete, Entry, EtcdClient, Get, Put
 from ferry.cluster.keys import Keys, decode, encode
@@ -54,7 +54,15 @@ class LeaseHolder(Protocol):
 class Ownership(Protocol):
     clustered: bool
 
-    async def take(self, name: str, disks: Sequence[str]) -> None: ...
+    async def take(
+        self,
+        name: str,
+        disks: Sequence[str],
+        also: Sequence[Put] = (),
+        guard: Sequence[Compare] = (),
+    ) -> None: ...
+
+    def arm_ha(self, config: Mapping[str, Any], restarts: int = 0) -> list[Put]: ...
 
     async def release(self, name: str, disks: Sequence[str]) -> None: ...
 
@@ -75,8 +83,17 @@ class LocalOwnership:
     def __init__(self, host: str) -> None:
         self.host = host
 
-    async def take(self, name: str, disks: Sequence[str]) -> None:
+    async def take(
+        self,
+        name: str,
+        disks: Sequence[str],
+        also: Sequence[Put] = (),
+        guard: Sequence[Compare] = (),
+    ) -> None:
         return None
+
+    def arm_ha(self, config: Mapping[str, Any], restarts: int = 0) -> list[Put]:
+        return []  # no other host to restart it on
 
     async def release(self, name: str, disks: Sequence[str]) -> None:
         return None
@@ -118,17 +135,27 @@ class EtcdOwnership:
     def _disk_value(self, name: str) -> bytes:
         return encode({"domain": name, "host": self.host})
 
-    async def take(self, name: str, disks: Sequence[str]) -> None:
-        """Own ``name`` and its ``disks``, all or nothing; else say who has them."""
+    async def take(
+        self,
+        name: str,
+        disks: Sequence[str],
+        also: Sequence[Put] = (),
+        guard: Sequence[Compare] = (),
+    ) -> None:
+        """Own ``name`` and its ``disks``, all or nothing; else say who has them.
+
+        ``also``: writes that go with it in the same transaction (its HA record);
+        ``guard``: further conditions (the HA record unchanged since read).
+        """
         lease = self._lease_id(f"start domain '{name}'")
         dkey = self.keys.domain(name)
         maintenance = self.keys.maintenance(self.host)
         disk_keys = [self.keys.disk(d) for d in disks]
         result = await self.etcd.txn(
             [Compare.absent(maintenance), Compare.absent(dkey),
-             *(Compare.absent(k) for k in disk_keys)],
+             *(Compare.absent(k) for k in disk_keys), *guard],
             [Put(dkey, self._domain_value(), lease),
-             *(Put(k, self._disk_value(name), lease) for k in disk_keys)],
+             *(Put(k, self._disk_value(name), lease) for k in disk_keys), *also],
             [Get(maintenance), Get(dkey), *(Get(k) for k in disk_keys)],
         )  # fmt: skip
         if result.succeeded:
@@ -153,15 +180,27 @@ class EtcdOwnership:
                 )
         raise ClusterError(f"etcd refused to give domain '{name}' to host {self.host}")
 
+    def arm_ha(self, config: Mapping[str, Any], restarts: int = 0) -> list[Put]:
+        """The HA record of a domain to restart elsewhere if this host fails (no lease:
+        it outlives the host)."""
+        value = {"config": dict(config), "state": "armed", "restarts": restarts,
+                 "by": self.host, "at": round(time.time(), 3)}  # fmt: skip
+        return [Put(self.keys.ha(str(config["name"])), encode(value))]
+
     async def release(self, name: str, disks: Sequence[str]) -> None:
-        """Give ``name`` and its disks up, if this host still owns them."""
+        """Give ``name`` and its disks up, if this host still owns them.
+
+        Its HA record goes too: a domain its owner ended is not to be restarted.
+        A host whose lease expired owns nothing any more, so the record stays,
+        and another host restarts the domain.
+        """
         dkey = self.keys.domain(name)
         entry = await self.etcd.get(dkey)
         if entry is None or decode(entry.value, dkey).get("host") != self.host:
             return
         await self.etcd.txn(
             [Compare.unchanged(entry)],
-            [Delete(dkey), *(Delete(self.keys.disk(d)) for d in disks)],
+            [Delete(dkey), *(Delete(self.keys.disk(d)) for d in disks), Delete(self.keys.ha(name))],
         )
 
     async def set_maintenance(self, host: str, on: bool, by: str) -> None:

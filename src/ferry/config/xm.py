@@ -43,6 +43,7 @@ DIRECT_KEYS = frozenset(
     {
         "name", "uuid", "memory", "vcpus", "kernel", "ramdisk", "extra", "ip",
         "netmask", "gateway", "hostname", "on_poweroff", "on_reboot", "on_crash",
+        "on_host_failure",
     }
 )  # fmt: skip
 

@@ -70,7 +70,8 @@ class Lifecycle:
 
     # -- create ----------------------------------------------------------------
 
-    async def create(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
+    async def create(self, mapping: Mapping[str, Any], ha_restart: bool = False) -> dict[str, Any]:
+        """Start a domain. ``ha_restart``: its HA restart, already owned here in etcd."""
         cfg = DomainConfig.from_mapping(mapping, "domain config")
         async with self.table.claim_lock:
             if self.table.find(cfg.name) or self.table.arriving(cfg.name):
@@ -85,7 +86,7 @@ class Lifecycle:
                 self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot = self.launcher.boot_files(cfg)
                 accel = (await self.launcher.accel(boot)).accel
-                owned, leases = await self.launcher.claim(cfg)
+                owned, leases = await self.launcher.claim(cfg, taken_in_store=ha_restart)
             except FerryError as err:
                 raise type(err)(f"cannot create domain '{cfg.name}': {err}") from err
             record = self.launcher.new_record(cfg, accel, cfg.name, self.table.next_domid())

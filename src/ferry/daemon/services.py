@@ -17,6 +17,7 @@ from typing import Any
 from ferry.cluster.ownership import Ownership
 from ferry.config.host import HostConfig
 from ferry.daemon.cluster_member import ClusterMember
+from ferry.daemon.ha import HaRestarts
 from ferry.daemon.lifecycle import Lifecycle
 from ferry.daemon.reattach import Reattach
 from ferry.host.launcher import Launcher
@@ -50,6 +51,7 @@ class Services:
     background: Background
     # This host's membership of a cluster (etcd); None: a standalone host.
     cluster: ClusterMember | None = None
+    ha: HaRestarts | None = None
 
     @classmethod
     def build(
@@ -93,6 +95,8 @@ class Services:
         """Join the cluster with what runs here (after re-attach)."""
         if self.cluster is not None:
             await self.cluster.start(self.table, self.launcher)
+            self.ha = HaRestarts(self.cluster, self.lifecycle)
+            self.ha.start()
 
     async def cluster_domains(self) -> list[dict[str, Any]]:
         """Every domain of the cluster (this host's alone when standalone)."""
@@ -121,6 +125,8 @@ class Services:
         """
         await self.incoming.close()
         await self.background.close()
+        if self.ha is not None:
+            await self.ha.close()
         if self.cluster is not None:
             await self.cluster.close()
         for dom in self.table.everyone():

@@ -20,6 +20,8 @@ Canonical keys::
     netmask     str dotted netmask or prefix length (default 255.255.255.0)
     gateway     str IPv4 address or absent
     on_poweroff, on_reboot, on_crash   "destroy" | "restart" | "preserve"
+    on_host_failure   "ignore" (default) | "restart": restarted on another healthy
+                host from its shared disk once its host has lost its lease (HA)
     vnc, sdl    bool (accepted; ferry runs QEMU headless)
     disk        list of {path, target, mode}
     vif         list of {mac, bridge}
@@ -64,6 +66,7 @@ KNOWN_KEYS = frozenset(
         "on_poweroff",
         "on_reboot",
         "on_crash",
+        "on_host_failure",
         "vnc",
         "sdl",
         "disk",
@@ -122,6 +125,7 @@ class DomainConfig:
     on_poweroff: str = "destroy"
     on_reboot: str = "restart"
     on_crash: str = "restart"
+    on_host_failure: str = "ignore"
     vnc: bool = False
     sdl: bool = False
     disks: tuple[DiskSpec, ...] = ()
@@ -144,6 +148,7 @@ class DomainConfig:
             "on_poweroff": self.on_poweroff,
             "on_reboot": self.on_reboot,
             "on_crash": self.on_crash,
+            "on_host_failure": self.on_host_failure,
             "vnc": self.vnc,
             "sdl": self.sdl,
             "disk": [d.to_mapping() for d in self.disks],
@@ -205,6 +210,7 @@ class _Validator:
             on_poweroff=self.action(data, "on_poweroff", "destroy"),
             on_reboot=self.action(data, "on_reboot", "restart"),
             on_crash=self.action(data, "on_crash", "restart"),
+            on_host_failure=self.choice(data, "on_host_failure", ("ignore", "restart")),
             vnc=self.boolean(data, "vnc"),
             sdl=self.boolean(data, "sdl"),
             disks=disks,
@@ -283,6 +289,12 @@ class _Validator:
             return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
         except ValueError:
             raise self.fail("netmask", f"{text!r} is not a netmask or prefix length") from None
+
+    def choice(self, data: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+        value = data.get(key, allowed[0])
+        if value not in allowed:
+            raise self.fail(key, f"{value!r} is not one of {', '.join(allowed)}")
+        return str(value)
 
     def action(self, data: Mapping[str, Any], key: str, default: str) -> str:
         value = data.get(key, default)

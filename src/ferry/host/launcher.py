@@ -132,16 +132,22 @@ class Launcher:
         roots = self.host.storage_roots
         return [disk_id(resolve_disk(d, roots)) for d in cfg.disks if d.writable]
 
-    async def claim(self, cfg: DomainConfig) -> tuple[list[str], list[str]]:
+    async def claim(
+        self, cfg: DomainConfig, taken_in_store: bool = False
+    ) -> tuple[list[str], list[str]]:
         """Own the domain and the disks it writes, in the cluster, then by lease file.
 
         All or nothing: a refusal names who has what and leaves nothing taken.
         Returns the owned disk ids and the lease files, for the domain's record.
+        ``taken_in_store``: an HA restart already owns it in etcd, which proves
+        the old host fenced; its lease files, left behind, are taken over.
         """
         disks = self.owned_disks(cfg)
-        await self.ownership.take(cfg.name, disks)
+        if not taken_in_store:
+            ha = self.ownership.arm_ha(cfg.to_mapping()) if cfg.on_host_failure == "restart" else []
+            await self.ownership.take(cfg.name, disks, also=ha)
         try:
-            return disks, self.acquire_leases(cfg)
+            return disks, self.acquire_leases(cfg, take_over=taken_in_store)
         except StorageError:
             await self._disown(cfg.name, disks)
             raise
@@ -161,12 +167,15 @@ class Launcher:
                 name, err,
             )  # fmt: skip
 
-    def acquire_leases(self, cfg: DomainConfig) -> list[str]:
+    def acquire_leases(self, cfg: DomainConfig, take_over: bool = False) -> list[str]:
         taken: list[str] = []
         try:
             for disk in cfg.disks:
                 if disk.writable and not disk.is_url:
-                    lease.acquire(disk.path, self.host.name, cfg.name)
+                    if take_over:
+                        lease.write_lease(disk.path, self.host.name, cfg.name)
+                    else:
+                        lease.acquire(disk.path, self.host.name, cfg.name)
                     taken.append(disk.path)
         except StorageError:
             for path in taken:
