@@ -22,14 +22,16 @@ from ferry.cluster.keys import Keys, decode
 from ferry.cluster.lease import LeaseState
 from ferry.daemon.evacuation import Evacuation
 from ferry.domain.state import DomainState
-from ferry.errors import ClusterError, MigrationRefused, OwnedElsewhere
+from ferry.errors import ClusterError, MigrationInDoubt, MigrationRefused, OwnedElsewhere
 from ferry.hypervisor import process
+from ferry.migration import source as source_mod
 from ferry.migration.params import MigrationParams
 from ferry.util.wait import wait_until
 
 from .etcd_support import EtcdMember
 from .migration_harness import Cluster, FakeHost, running, until
 from .pki_support import TestCA
+from .test_migration_protocol import drop_message
 
 
 def etcd_for(tmp: Path, ca: TestCA) -> EtcdMember:
@@ -346,3 +348,52 @@ async def test_a_domain_ended_on_purpose_is_not_restarted(
     await until(lambda: h1.s.table.find("vm") is None, "vm to end")
     assert h2.member is not None
     assert await h2.member.etcd.get(Keys("ferry").ha("vm")) is None
+
+
+# -- the commit in etcd --------------------------------------------------------------
+
+
+async def test_a_lost_commit_answer_is_resolved_by_etcd_while_the_target_is_down(
+    cluster: tuple[Cluster, EtcdMember], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Standalone, the source would wait for the target's word; in a cluster etcd says."""
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    drop_message(monkeypatch, "committed", then=h2.crash)
+    with pytest.raises(MigrationInDoubt):
+        await h1.migrate("vm", h2)
+    # h2's ferryd is down (its QEMU and fencer live on): h1 learns from etcd alone.
+    await until(lambda: h1.s.table.find("vm") is None, "h1 to hand the domain over")
+    held = await owner(h1)
+    assert held is not None and held["host"] == "h2"
+    await h2.start()
+    await c.assert_runs_once("h2")
+
+
+async def test_a_source_in_doubt_takes_its_domain_back_in_etcd_before_the_target_commits(
+    cluster: tuple[Cluster, EtcdMember], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit never reached the target's etcd transaction: the source settles it as
+    aborted in etcd, so that the target's late commit cannot apply, and runs the domain."""
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    real_decide = h2.s.launcher.ownership.decide_move
+    settled = asyncio.Event()
+
+    async def late_decide(ticket: Any, migration_id: str, commit: bool) -> bool:
+        await settled.wait()  # the target's commit comes only after the source settled
+        return await real_decide(ticket, migration_id, commit)
+
+    monkeypatch.setattr(h2.s.launcher.ownership, "decide_move", late_decide)
+    monkeypatch.setattr(source_mod, "COMMIT_TIMEOUT", 1.0)
+    with pytest.raises(MigrationInDoubt):
+        await h1.migrate("vm", h2)
+    await until(
+        lambda: h1.s.table.get("vm").record.state is DomainState.RUNNING, "h1 to run it again"
+    )
+    settled.set()
+    await c.assert_runs_once("h1")
+    held = await owner(h1)
+    assert held is not None and held["host"] == "h1"
