@@ -146,4 +146,52 @@ MUTANTS = [
         'kinds = frozenset({"data"})',
         'kinds = frozenset({"data", "hello", "status"})',
     ),
+    Mutant(
+        "create takes no ownership in etcd",
+        "host/launcher.py",
+        "            await self.ownership.take(cfg.name, disks, also=ha)",
+        "            pass",
+    ),
+    Mutant(
+        "the commit applies whatever the source's key became",
+        "cluster/ownership.py",
+        '[Compare(dkey, "mod", "==", ticket.revision)], ops, [Get(dkey)]',
+        "[], ops, [Get(dkey)]",
+    ),
+    Mutant(
+        "the target resumes without winning the commit in etcd",
+        "migration/incoming.py",
+        "        if not await self.decide_in_store(dom, commit=True):",
+        "        if False:",
+    ),
+    Mutant(
+        "the fencer lets QEMUs run while the lease expires",
+        "daemon/fencer.py",
+        "        if new is LeaseState.EXPIRING:",
+        "        if False:",
+    ),
+    Mutant(
+        "the fencer leaves QEMUs alive once the lease is lost",
+        "daemon/fencer.py",
+        "        elif new is LeaseState.LOST:",
+        "        elif False:",
+    ),
+    Mutant(
+        "a source in doubt waits for the target even in a cluster",
+        "migration/indoubt.py",
+        "        if self.launcher.ownership.clustered:",
+        "        if False:",
+    ),
+    Mutant(
+        "a domain ended on purpose keeps its HA record",
+        "cluster/ownership.py",
+        "*(Delete(self.keys.disk(d)) for d in disks), Delete(self.keys.ha(name))]",
+        "*(Delete(self.keys.disk(d)) for d in disks)]",
+    ),
+    Mutant(
+        "a host in maintenance still takes new domains",
+        "cluster/ownership.py",
+        "[Compare.absent(maintenance), Compare.absent(dkey),",
+        "[Compare.absent(dkey),",
+    ),
 ]

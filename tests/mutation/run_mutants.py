@@ -29,6 +29,8 @@ TESTS = [
     "tests/unit/test_migration_prepare.py",
     "tests/unit/test_migration_state.py",
     "tests/unit/test_relocation_tls.py",
+    "tests/unit/test_cluster_ownership.py",
+    "tests/unit/test_cluster_hosts.py",
 ]
 TIMEOUT_S = 600
 
@@ -68,6 +70,11 @@ def end_leftovers(tree: Path) -> None:
     for pid in process.processes(b"fake_qemu.py", str(tree).encode()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    # Fencers and etcd members of the cluster tests, in pytest's directories.
+    for marker in (b"ferry.daemon.fencer", b"etcd"):
+        for pid in process.processes(marker, b"/pytest-of-"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def main() -> int:
