@@ -397,3 +397,37 @@ async def test_a_source_in_doubt_takes_its_domain_back_in_etcd_before_the_target
     await c.assert_runs_once("h1")
     held = await owner(h1)
     assert held is not None and held["host"] == "h1"
+
+
+async def test_a_fencer_that_dies_is_replaced_and_takes_up_its_lease_and_stopped_vms(
+    tmp_path: Path,
+) -> None:
+    ca = TestCA(tmp_path / "etcd-pki")
+    c = Cluster(tmp_path, etcd=["https://127.0.0.1:1"], lease_ttl=12)
+    c.ca = ca
+    for host in c.hosts:
+        host.credentials = ca.credentials(host.name)
+    member = etcd_for(tmp_path, ca)
+    c.use_etcd(member.url)
+    try:
+        async with running(c):
+            h1 = c.hosts[0]
+            assert h1.member is not None
+            await h1.s.lifecycle.create(c.domain())
+            pid = h1.s.table.get("vm").pid
+            lease = h1.member.lease.id
+            member.freeze()
+            try:
+                await until(lambda: qemu_state(pid) == "T", "the QEMU to be stopped", timeout=12)
+                fencer = h1.member._running_fencer()
+                assert fencer is not None
+                os.kill(fencer, signal.SIGKILL)
+            finally:
+                member.thaw()
+            # ferryd starts a new fencer, which takes up the same lease and lets the VM go.
+            await until(lambda: qemu_state(pid) in ("S", "R"), "the QEMU to run again", timeout=8)
+            assert h1.member.fencer_pid != fencer
+            assert h1.member.lease.id == lease
+            await c.assert_runs_once("h1")
+    finally:
+        member.stop()

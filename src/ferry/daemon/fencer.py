@@ -59,8 +59,12 @@ class Fencer:
         self.lease = lease
         self.run_dir = run_dir
         self.files = fencer_files(run_dir)
-        self.stopped: set[int] = set()
-        self.events: list[dict[str, object]] = []
+        # QEMUs a previous fencer stopped are ours to let go or kill now.
+        previous = LeaseStatus.read(self.files["status"])
+        self.stopped: set[int] = {
+            pid for pid in (previous.stopped if previous else []) if process.is_alive(pid)
+        }
+        self.events: list[dict[str, object]] = previous.events if previous else []
         self.lost_at: float | None = None
         lease.on_change(self._changed)
         lease.on_renewed(self.write_status)
