@@ -52,7 +52,7 @@ async def host_rows(etcd: EtcdClient, keys: Keys) -> list[dict[str, Any]]:
                 "domains": len(info.get("domains", [])),
                 "accel": info.get("accel"),
                 "version": info.get("version"),
-                "mode": "cluster",
+                "mode": "cluster, INSECURE (no TLS)" if info.get("insecure") else "cluster",
             }
         )
     for name in sorted(set(in_maintenance) - {r["host"] for r in rows}):

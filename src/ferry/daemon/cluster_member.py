@@ -212,6 +212,7 @@ class ClusterMember:
             "domains": domains,
             "fenced": bool(status and status.stopped),
             "lease_ttl": self.cfg.cluster.lease_ttl,
+            "insecure": self.cfg.insecure,
             "version": __version__,
             "updated": round(time.time(), 3),
         }

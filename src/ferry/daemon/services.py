@@ -111,7 +111,8 @@ class Services:
             {
                 "host": self.host.name,
                 "health": "up",
-                "mode": "standalone (local ownership only: no etcd configured)",
+                "mode": "standalone (local ownership only: no etcd configured)"
+                + (", INSECURE (no TLS)" if self.credentials is None else ""),
                 "maintenance": False,
                 "cpus": os.cpu_count(),
                 "domains": len(self.table.everyone()),
