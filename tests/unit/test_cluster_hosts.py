@@ -9,6 +9,7 @@ and ends them once it has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -38,20 +39,27 @@ def etcd_for(tmp: Path, ca: TestCA) -> EtcdMember:
     return EtcdMember(tmp / "etcd", tls=ca.credentials("etcd").dir)
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Cluster, EtcdMember]]:
-    ca = TestCA(tmp_path / "etcd-pki")
-    c = Cluster(tmp_path, etcd=["https://127.0.0.1:1"])  # the real URL once etcd runs
+@contextlib.asynccontextmanager
+async def etcd_cluster(tmp: Path, lease_ttl: int = 4) -> AsyncIterator[tuple[Cluster, EtcdMember]]:
+    """Two started hosts on one etcd member (TLS), their certificates of one CA."""
+    ca = TestCA(tmp / "etcd-pki")
+    c = Cluster(tmp, etcd=["https://127.0.0.1:1"], lease_ttl=lease_ttl)  # the URL once etcd runs
     c.ca = ca
     for host in c.hosts:
         host.credentials = ca.credentials(host.name)
-    member = etcd_for(tmp_path, ca)
+    member = etcd_for(tmp, ca)
     c.use_etcd(member.url)
     try:
         async with running(c) as started:
             yield started, member
     finally:
         member.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Cluster, EtcdMember]]:
+    async with etcd_cluster(tmp_path) as started:
+        yield started
 
 
 async def owner(h: FakeHost, name: str = "vm") -> dict[str, object] | None:
@@ -164,29 +172,19 @@ async def test_a_host_cut_from_etcd_stops_its_vms_before_its_lease_expires_then_
 async def test_a_host_that_renews_in_time_runs_its_vms_again(
     tmp_path: Path,
 ) -> None:
-    ca = TestCA(tmp_path / "etcd-pki")
-    c = Cluster(tmp_path, etcd=["https://127.0.0.1:1"], lease_ttl=8)
-    c.ca = ca
-    for host in c.hosts:
-        host.credentials = ca.credentials(host.name)
-    member = etcd_for(tmp_path, ca)
-    c.use_etcd(member.url)
-    try:
-        async with running(c):
-            h1 = c.hosts[0]
-            await h1.s.lifecycle.create(c.domain())
-            pid = h1.s.table.get("vm").pid
-            member.freeze()
-            try:
-                await until(lambda: qemu_state(pid) == "T", "the QEMU to be stopped", timeout=8)
-            finally:
-                member.thaw()
-            await until(lambda: qemu_state(pid) in ("S", "R"), "the QEMU to run again", timeout=4)
-            await c.assert_runs_once("h1")
-            held = await owner(h1)
-            assert held is not None and held["host"] == "h1"
-    finally:
-        member.stop()
+    async with etcd_cluster(tmp_path, lease_ttl=8) as (c, member):
+        h1 = c.hosts[0]
+        await h1.s.lifecycle.create(c.domain())
+        pid = h1.s.table.get("vm").pid
+        member.freeze()
+        try:
+            await until(lambda: qemu_state(pid) == "T", "the QEMU to be stopped", timeout=8)
+        finally:
+            member.thaw()
+        await until(lambda: qemu_state(pid) in ("S", "R"), "the QEMU to run again", timeout=4)
+        await c.assert_runs_once("h1")
+        held = await owner(h1)
+        assert held is not None and held["host"] == "h1"
 
 
 async def test_a_crashed_ferryd_leaves_the_lease_and_the_domain_owned(
@@ -402,32 +400,22 @@ async def test_a_source_in_doubt_takes_its_domain_back_in_etcd_before_the_target
 async def test_a_fencer_that_dies_is_replaced_and_takes_up_its_lease_and_stopped_vms(
     tmp_path: Path,
 ) -> None:
-    ca = TestCA(tmp_path / "etcd-pki")
-    c = Cluster(tmp_path, etcd=["https://127.0.0.1:1"], lease_ttl=12)
-    c.ca = ca
-    for host in c.hosts:
-        host.credentials = ca.credentials(host.name)
-    member = etcd_for(tmp_path, ca)
-    c.use_etcd(member.url)
-    try:
-        async with running(c):
-            h1 = c.hosts[0]
-            assert h1.member is not None
-            await h1.s.lifecycle.create(c.domain())
-            pid = h1.s.table.get("vm").pid
-            lease = h1.member.lease.id
-            member.freeze()
-            try:
-                await until(lambda: qemu_state(pid) == "T", "the QEMU to be stopped", timeout=12)
-                fencer = h1.member._running_fencer()
-                assert fencer is not None
-                os.kill(fencer, signal.SIGKILL)
-            finally:
-                member.thaw()
-            # ferryd starts a new fencer, which takes up the same lease and lets the VM go.
-            await until(lambda: qemu_state(pid) in ("S", "R"), "the QEMU to run again", timeout=8)
-            assert h1.member.fencer_pid != fencer
-            assert h1.member.lease.id == lease
-            await c.assert_runs_once("h1")
-    finally:
-        member.stop()
+    async with etcd_cluster(tmp_path, lease_ttl=12) as (c, member):
+        h1 = c.hosts[0]
+        assert h1.member is not None
+        await h1.s.lifecycle.create(c.domain())
+        pid = h1.s.table.get("vm").pid
+        lease = h1.member.lease.id
+        member.freeze()
+        try:
+            await until(lambda: qemu_state(pid) == "T", "the QEMU to be stopped", timeout=12)
+            fencer = h1.member._running_fencer()
+            assert fencer is not None
+            os.kill(fencer, signal.SIGKILL)
+        finally:
+            member.thaw()
+        # ferryd starts a new fencer, which takes up the same lease and lets the VM go.
+        await until(lambda: qemu_state(pid) in ("S", "R"), "the QEMU to run again", timeout=8)
+        assert h1.member.fencer_pid != fencer
+        assert h1.member.lease.id == lease
+        await c.assert_runs_once("h1")
