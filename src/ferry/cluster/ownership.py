@@ -161,6 +161,8 @@ class EtcdOwnership:
         if result.succeeded:
             return
         in_maintenance, domain_entry, *disk_entries = result.found
+        if self._already_mine(name, domain_entry, disk_entries):
+            return  # an earlier try applied and its answer was lost
         if in_maintenance is not None:
             raise ClusterError(
                 f"host {self.host} is in maintenance: it takes no new domain "
@@ -186,6 +188,14 @@ class EtcdOwnership:
         value = {"config": dict(config), "state": "armed", "restarts": restarts,
                  "by": self.host, "at": round(time.time(), 3)}  # fmt: skip
         return [Put(self.keys.ha(str(config["name"])), encode(value))]
+
+    def _already_mine(self, name: str, domain: Entry | None, disks: Sequence[Entry | None]) -> bool:
+        if domain is None or domain.lease != self.lease.id:
+            return False
+        if decode(domain.value, domain.key).get("host") != self.host:
+            return False
+        mine = {"domain": name, "host": self.host}
+        return all(d is not None and decode(d.value, d.key) == mine for d in disks)
 
     async def release(self, name: str, disks: Sequence[str]) -> None:
         """Give ``name`` and its disks up, if this host still owns them.

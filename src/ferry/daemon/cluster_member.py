@@ -142,8 +142,6 @@ class ClusterMember:
     async def start(self, table: DomainTable, launcher: Launcher) -> None:
         self._table, self._launcher = table, launcher
         await self.ensure_fencer()
-        if self.lease.state is LeaseState.HELD:
-            await self.adopt()
         self._tasks = [
             spawn(self._supervise(), "fencer supervision"),
             spawn(self._publish_loop(), "publish this host in etcd"),
@@ -157,17 +155,22 @@ class ClusterMember:
         by ferry: two copies must never both run.
         """
         assert self._table is not None and self._launcher is not None
-        here = {d.name: d for d in self._table.running()}
+        # As create and prepare do: nothing is claimed halfway while we look.
+        async with self._table.claim_lock:
+            await self._adopt(self._table, self._launcher)
+
+    async def _adopt(self, table: DomainTable, launcher: Launcher) -> None:
+        here = {d.name: d for d in table.running()}
         for dom in here.values():
             if dom.record.state is DomainState.MIGRATING_OUT:
                 continue  # its migration's end decides (settled in etcd)
             try:
                 owner = await self.ownership.owner(dom.name)
                 if owner is None:
-                    disks = self._launcher.owned_disks(dom.record.config)
+                    disks = launcher.owned_disks(dom.record.config)
                     await self.ownership.take(dom.name, disks)
                     dom.record.owned_disks = disks
-                    self._table.save(dom)
+                    table.save(dom)
                     log.info("domain %s now owned by this host in etcd", dom.name)
                 elif owner.host != self.cfg.name:
                     raise OwnedElsewhere(f"etcd gives domain '{dom.name}' to host {owner.host}")
@@ -179,7 +182,7 @@ class ClusterMember:
                 log.error("cannot adopt domain %s in etcd: %s", dom.name, err)
         for entry in await self.etcd.get_prefix(self.keys.domains):
             name = self.keys.name_of(entry.key, self.keys.domains)
-            if name in here or self._table.arriving(name):
+            if name in here or table.arriving(name):
                 continue
             if await self.ownership.forget(name):
                 log.warning("etcd named this host owner of %s, which is not here: freed", name)
@@ -226,8 +229,13 @@ class ClusterMember:
     async def _publish_loop(self) -> None:
         assert self._table is not None
         changed = self._table.changed
+        adopted = False
         while True:
             try:
+                if not adopted and self.lease.state is LeaseState.HELD:
+                    # At start, or once a lease is held if etcd was away then.
+                    await self.adopt()
+                    adopted = True
                 await self.publish()
             except ClusterError as err:
                 log.warning("cannot publish this host in etcd: %s", err)
