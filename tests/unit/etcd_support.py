@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from ferry.lab.etcd_cluster import auth_commands, etcdctl_argv
+
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
@@ -62,6 +64,11 @@ class EtcdMember:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"etcd not ready in {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def enable_auth(self, root: Path, hosts: list[str]) -> None:
+        """etcd's authorization as the lab sets it: the hosts' CNs, one role on /ferry/."""
+        for command in auth_commands(hosts):
+            subprocess.run(etcdctl_argv(self.url, root, command), check=True, capture_output=True)
 
     def freeze(self) -> None:
         os.kill(self.proc.pid, signal.SIGSTOP)

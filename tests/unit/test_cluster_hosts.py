@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from ferry.cluster.etcd import EtcdClient, Put, parse_endpoints
 from ferry.cluster.keys import Keys, decode
 from ferry.cluster.lease import LeaseState
 from ferry.daemon.evacuation import Evacuation
@@ -27,6 +28,7 @@ from ferry.errors import ClusterError, MigrationInDoubt, MigrationRefused, Owned
 from ferry.hypervisor import process
 from ferry.migration import source as source_mod
 from ferry.migration.params import MigrationParams
+from ferry.pki.identity import Role
 from ferry.util.wait import wait_until
 
 from .etcd_support import EtcdMember
@@ -48,6 +50,7 @@ async def etcd_cluster(tmp: Path, lease_ttl: int = 4) -> AsyncIterator[tuple[Clu
     for host in c.hosts:
         host.credentials = ca.credentials(host.name)
     member = etcd_for(tmp, ca)
+    member.enable_auth(ca.credentials("root", Role.VIEWER).dir, [h.name for h in c.hosts])
     c.use_etcd(member.url)
     try:
         async with running(c) as started:
@@ -205,6 +208,21 @@ async def test_a_crashed_ferryd_leaves_the_lease_and_the_domain_owned(
     await h1.start()
     assert h1.member.lease.id == lease
     await c.assert_runs_once("h1")
+
+
+async def test_etcd_takes_writes_from_the_hosts_only(cluster: tuple[Cluster, EtcdMember]) -> None:
+    """An operator's certificate of the same CA reaches etcd but may not touch it."""
+    c, member = cluster
+    assert c.ca is not None
+    operator = c.ca.credentials("client_1", Role.ADMIN)
+    etcd = EtcdClient(parse_endpoints([member.url], "test"), operator, timeout=2.0)
+    try:
+        with pytest.raises(ClusterError, match="permission denied"):
+            await etcd.txn([], [Put(Keys("ferry").domain("vm"), b"{}")])
+        with pytest.raises(ClusterError, match="permission denied"):
+            await etcd.get(Keys("ferry").domain("vm"))
+    finally:
+        await etcd.close()
 
 
 # -- evacuation --------------------------------------------------------------------

@@ -4,14 +4,22 @@ With three members, one host cut from the LAN is a minority: it loses its
 lease (and fences its VMs) while the other two keep the quorum. Clients and
 peers speak TLS with certificates of the lab's CA (``etcd-<node>`` bundles,
 naming the node's LAN address). Data under ``<workdir>/etcd/<node>``.
+
+etcd's own authorization is on: with ``--client-cert-auth`` etcd takes a
+client certificate's CN for its user, and only the hosts' users have the
+``ferry-host`` role, which may read and write ``/ferry/``. Any other
+certificate of the CA (an operator's) is refused by etcd itself. The ``root``
+user (a viewer's certificate named ``etcd-root``, kept beside the CA) only
+sets this up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ferry.errors import FerryError
-from ferry.lab import topology
+from ferry.lab import netns, topology
 from ferry.lab.pki import bundle_dir
 from ferry.lab.storage import LabProcess, spawn
 from ferry.pki.ca import CertificateAuthority
@@ -39,6 +47,48 @@ def _bundle(workdir: Path, node: str) -> Path:
         ca = CertificateAuthority.open(workdir / "pki" / "ca")
         ca.issue(f"etcd-{node}", Role.HOST, (), (topology.node(node).address,), out=out)
     return out
+
+
+ROLE = "ferry-host"
+
+
+def auth_commands(hosts: Sequence[str]) -> list[list[str]]:
+    """The etcdctl commands (after its connection flags) that turn authorization on:
+    each host a user of its certificate's CN with the one role on /ferry/."""
+    commands = [
+        ["user", "add", "root", "--no-password"],
+        ["user", "grant-role", "root", "root"],
+        ["role", "add", ROLE],
+        ["role", "grant-permission", ROLE, "--prefix=true", "readwrite", "/ferry/"],
+    ]
+    for host in hosts:
+        commands += [["user", "add", host, "--no-password"], ["user", "grant-role", host, ROLE]]
+    return [*commands, ["auth", "enable"]]
+
+
+def etcdctl_argv(endpoint: str, bundle: Path, command: Sequence[str]) -> list[str]:
+    return [
+        "etcdctl", "--endpoints", endpoint, "--cacert", str(bundle / "ca.pem"),
+        "--cert", str(bundle / "cert.pem"), "--key", str(bundle / "key.pem"), *command,
+    ]  # fmt: skip
+
+
+def root_bundle(workdir: Path) -> Path:
+    out = bundle_dir(workdir, "etcd-root")
+    if not (out / "cert.pem").exists():
+        ca = CertificateAuthority.open(workdir / "pki" / "ca")
+        # CN "root": etcd's root user. A viewer's role: no rights on ferry's control API.
+        ca.issue("root", Role.VIEWER, out=out)
+    return out
+
+
+def enable_auth(workdir: Path) -> None:
+    bundle = root_bundle(workdir)
+    endpoint = client_urls()[-1]  # the storage node's member
+    for command in auth_commands([h.name for h in topology.HOSTS]):
+        result = netns.run(topology.STORAGE.ns, etcdctl_argv(endpoint, bundle, command))
+        if result.returncode != 0:
+            raise FerryError(f"etcdctl {' '.join(command)}: {result.stderr.strip()[-300:]}")
 
 
 def start(workdir: Path, logdir: Path) -> list[LabProcess]:
@@ -72,6 +122,7 @@ def start(workdir: Path, logdir: Path) -> list[LabProcess]:
         proc = spawn(topology.exec_argv(member, argv), log)
         started.append(LabProcess.started(f"etcd-{member}", proc, str(data), log))
     _wait_ready(started)
+    enable_auth(workdir)
     return started
 
 
