@@ -180,3 +180,27 @@ async def test_a_restarted_daemon_takes_up_its_live_lease(etcd: EtcdMember, tmp_
         assert owner is not None and owner.host == "xen_host_1"
     finally:
         await again.close()
+
+
+async def test_keys_under_an_old_lease_are_rebound_to_the_new_one(
+    etcd: EtcdMember, tmp_path: Path
+) -> None:
+    """A host whose lease changed while its domain ran: the keys must not expire with the
+    old lease (another host could then start the domain)."""
+    old = Host("xen_host_1", etcd, tmp_path / "old")
+    await old.lease.acquire()
+    await old.own.take("virt_server", [DISK])
+    new = Host("xen_host_1", etcd, tmp_path / "new")
+    await new.lease.acquire()
+    try:
+        owner = await new.own.owner("virt_server")
+        assert owner is not None and owner.lease == old.lease.id != new.lease.id
+        assert await new.own.rebind("virt_server", [DISK])
+        await old.etcd.revoke(old.lease.id)  # the old lease ends
+        owner = await new.own.owner("virt_server")
+        assert owner is not None and owner.lease == new.lease.id
+        disk = await new.etcd.get(KEYS.disk(DISK))
+        assert disk is not None and disk.lease == new.lease.id
+    finally:
+        await old.close()
+        await new.close()

@@ -29,6 +29,7 @@ class Owner:
     host: str
     migration: str | None  # the migration that brought the domain to ``host``
     revision: int  # the domain key's mod revision when read (0: not in a store)
+    lease: int = 0  # the lease the key is bound to
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,23 @@ class EtcdOwnership:
             str(value.get("host")),
             migration if isinstance(migration, str) else None,
             entry.mod_revision,
+            entry.lease,
         )
+
+    async def rebind(self, name: str, disks: Sequence[str]) -> bool:
+        """Bind this host's keys of ``name`` to its current lease (they were under an
+        older one, which would expire with them while the domain runs here)."""
+        lease = self._lease_id(f"keep domain '{name}'")
+        dkey = self.keys.domain(name)
+        entry = await self.etcd.get(dkey)
+        if entry is None or decode(entry.value, dkey).get("host") != self.host:
+            return False
+        result = await self.etcd.txn(
+            [Compare.unchanged(entry)],
+            [Put(dkey, entry.value, lease),
+             *(Put(self.keys.disk(d), self._disk_value(name), lease) for d in disks)],
+        )  # fmt: skip
+        return result.succeeded
 
     async def expect_move(self, name: str, source: str, disks: Sequence[str]) -> MoveTicket:
         """At prepare, on the target: the source must own the domain and its disks."""

@@ -129,6 +129,7 @@ class ClusterMember:
             if pid is not None and not await process.wait_exit(pid, 3600):
                 continue
             log.error("the fencer (pid %s) ended; starting it again", pid)
+            await asyncio.sleep(1.0)  # at most one start a second, should it keep failing
             self.fencer_pid = self._spawn_fencer()
 
     async def stop_fencer(self) -> None:
@@ -174,6 +175,9 @@ class ClusterMember:
                     log.info("domain %s now owned by this host in etcd", dom.name)
                 elif owner.host != self.cfg.name:
                     raise OwnedElsewhere(f"etcd gives domain '{dom.name}' to host {owner.host}")
+                elif owner.lease != self.lease.id:
+                    await self.ownership.rebind(dom.name, dom.record.owned_disks)
+                    log.info("domain %s: its keys moved to this host's current lease", dom.name)
             except OwnedElsewhere as err:
                 log.error("%s: stopping its copy here", err)
                 with contextlib.suppress(FerryError):
