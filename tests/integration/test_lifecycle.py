@@ -156,7 +156,12 @@ def test_console_gives_a_shell_and_ctrl_bracket_detaches(booted: LabHost) -> Non
 
     try:
         assert read_until(b"Escape character", 10)
-        os.write(leader, b"\n")
+        # The shell comes after getty's autologin, which may still be on its way
+        # (a line typed before it is lost): wait for the prompt, nudging with Enter.
+        deadline = time.monotonic() + 60
+        while not read_until(b"root@virt_server", 2) and time.monotonic() < deadline:
+            os.write(leader, b"\n")
+        assert b"root@virt_server" in seen, seen[-500:]
         os.write(leader, b"echo ferry-$((6*7))\n")
         assert read_until(b"ferry-42", 30), seen[-500:]
         os.write(leader, b"\x1d")
