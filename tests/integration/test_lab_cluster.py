@@ -36,6 +36,11 @@ def station_json(lab: Lab, *args: str) -> list[dict[str, object]]:
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
+def _listed_all(lab: Lab) -> list[dict[str, object]] | None:
+    result = station(lab, "list", "--all", "--json")
+    return json.loads(result.stdout) if result.returncode == 0 else None  # type: ignore[no-any-return]
+
+
 def watch_fencing_and_restart(pid: int, timeout: float) -> dict[str, float]:
     """When the old QEMU was stopped and killed, and when the new one appeared on
     xen_host_1, each first seen (every 50 ms; the QEMUs' own states)."""
@@ -108,5 +113,11 @@ def test_one_truth_evacuation_fencing_and_ha_restart(fast_lab: Lab, tmp_path: Pa
     after = s.status()
     assert after["boot_id"] != before["boot_id"], "an HA restart boots the VM afresh"
     assert vm_qemus("xen_host_2") == []
-    rows = station_json(lab, "list", "--all")
+    # The healed partition may hold an etcd election: a moment without answers.
+    rows = wait_until_sync(
+        lambda: _listed_all(lab),
+        timeout=30,
+        interval=1.0,
+        what="the station's list once etcd answers after the partition healed",
+    )
     assert [(r["host"], r["name"]) for r in rows] == [("xen_host_1", VM)]

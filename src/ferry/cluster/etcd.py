@@ -115,6 +115,31 @@ class TxnResult:
     found: list[Entry | None]
 
 
+def _raise_every_error(error: Exception) -> None:
+    """aetcd maps some gRPC codes to its exceptions and *returns None* for the others,
+    so an unmapped error would read as "no such key". Every error raises here."""
+    _aetcd_handle_exception(error)
+    if isinstance(error, aetcd.rpc.AioRpcError):
+        raise aetcd.exceptions.ClientError(f"{error.code().name}: {error.details()}") from error
+    raise error
+
+
+_aetcd_handle_exception = aetcd.exceptions._handle_exception
+aetcd.exceptions._handle_exception = _raise_every_error
+
+# What a member answers while it cannot serve (no leader, an election after a
+# partition heals, a slow disk): another member, or a moment later, may.
+_TRANSIENT = ("deadline exceeded", "timed out", "leader", "unhealthy", "UNAVAILABLE", "UNKNOWN")
+
+
+def _transient(err: Exception) -> bool:
+    if isinstance(
+        err, aetcd.exceptions.ConnectionFailedError | aetcd.exceptions.ConnectionTimeoutError
+    ):
+        return True
+    return isinstance(err, aetcd.exceptions.ClientError) and any(t in str(err) for t in _TRANSIENT)
+
+
 _COMPARE = {
     "value": aetcd.transactions.Value,
     "mod": aetcd.transactions.Mod,
