@@ -437,3 +437,23 @@ async def test_a_fencer_that_dies_is_replaced_and_takes_up_its_lease_and_stopped
         assert h1.member.fencer_pid != fencer
         assert h1.member.lease.id == lease
         await c.assert_runs_once("h1")
+
+
+async def test_an_ha_restart_that_fails_is_marked_and_listed_not_retried(
+    cluster: tuple[Cluster, EtcdMember],
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain("vm") | {"on_host_failure": "restart"})
+    await kill_host(c, h1)
+    (c.storage / "vm.img").unlink()  # the disk is gone: no host can start it
+
+    async def failed() -> list[dict[str, Any]] | None:
+        rows = await h2.s.cluster_domains()
+        return rows if rows and rows[0]["state"] == "restart failed" else None
+
+    [row] = await wait_until(failed, timeout=4 * c.etcd.lease_ttl, what="the restart to fail")
+    assert row["name"] == "vm" and row["host"] == "h2"
+    assert "vm.img" in str(row["error"])
+    assert h2.s.table.find("vm") is None and await owner(h2) is None
+    assert h2.s.ha is not None and h2.s.ha.restarted == []

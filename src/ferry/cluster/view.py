@@ -61,8 +61,11 @@ async def host_rows(etcd: EtcdClient, keys: Keys) -> list[dict[str, Any]]:
 
 
 async def domain_rows(etcd: EtcdClient, keys: Keys) -> list[dict[str, Any]]:
-    """Every owned domain, with its state as its owner last published it."""
-    owners, hosts = await asyncio.gather(etcd.get_prefix(keys.domains), etcd.get_prefix(keys.hosts))
+    """Every owned domain, with its state as its owner last published it; and the HA
+    domains that nobody runs: waiting for their restart, or whose restart failed."""
+    owners, hosts, has = await asyncio.gather(
+        etcd.get_prefix(keys.domains), etcd.get_prefix(keys.hosts), etcd.get_prefix(keys.has)
+    )
     published: dict[tuple[str, str], dict[str, Any]] = {}
     alive: set[str] = set()
     for entry in hosts:
@@ -101,4 +104,20 @@ async def domain_rows(etcd: EtcdClient, keys: Keys) -> list[dict[str, Any]]:
                  "vcpus": row.get("vcpus"), "state": row.get("state", "unknown"),
                  "flags": row.get("flags", ""), "since": None, "migration": None}
             )  # fmt: skip
+    owned_names = {name for _, name in owned}
+    for entry in has:
+        name = keys.name_of(entry.key, keys.has)
+        if name in owned_names:
+            continue
+        record = decode(entry.value, entry.key)
+        found = record.get("config")
+        config: dict[str, Any] = found if isinstance(found, dict) else {}
+        failed = record.get("state") == "failed"
+        rows.append(
+            {"host": str(record.get("by") or "-"), "name": name, "id": None,
+             "mem": config.get("memory"), "vcpus": config.get("vcpus"),
+             "state": "restart failed" if failed else "awaiting restart",
+             "flags": "", "since": record.get("at"), "migration": None,
+             "error": record.get("error")}
+        )  # fmt: skip
     return sorted(rows, key=lambda r: (str(r["host"]), str(r["name"])))

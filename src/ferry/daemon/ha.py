@@ -116,7 +116,12 @@ class HaRestarts:
             log.info("HA restart of %s: another host won or it changed (%s)", name, err)
             return False
         except FerryError as err:
-            log.error("HA restart of %s cannot even begin here: %s", name, err)
+            # Its config cannot be honoured here (a disk gone, a bad record): that is
+            # the one attempt. Marked so, unless the record changed meanwhile.
+            log.error("HA restart of %s cannot begin: %s; marked failed", name, err)
+            failed = {**record, "state": "failed", "by": self.host, "error": str(err),
+                      "at": round(time.time(), 3)}  # fmt: skip
+            await self.member.etcd.txn([Compare.unchanged(entry)], [Put(entry.key, encode(failed))])
             return False
         log.warning("HA: domain %s lost its host; restarting it here (restart %d)", name, restarts)
         try:
