@@ -142,7 +142,8 @@ class ClusterMember:
 
     async def start(self, table: DomainTable, launcher: Launcher) -> None:
         self._table, self._launcher = table, launcher
-        await self.ensure_fencer()
+        if self.fencer_pid is None:  # ferryd's start ensured it before re-attaching
+            await self.ensure_fencer()
         self._tasks = [
             spawn(self._supervise(), "fencer supervision"),
             spawn(self._publish_loop(), "publish this host in etcd"),
