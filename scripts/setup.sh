@@ -11,6 +11,8 @@ packages=(
   nfs-ganesha nfs-ganesha-vfs rpcbind
   ffmpeg fonts-dejavu-core
   etcd-server etcd-client
+  ovmf seabios fdisk extlinux syslinux-common grub-efi-amd64-bin grub-common mtools dosfstools
+  cloud-image-utils
 )
 
 if [ "$(id -u)" != 0 ]; then

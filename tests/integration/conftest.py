@@ -42,7 +42,7 @@ XM_TEMPLATE = """\
 name = "{name}"
 memory = 256
 vcpus = 1
-bootloader = "/usr/bin/pygrub"
+kernel = "ferry"
 disk = [ "tap:aio:{disk},xvda,w" ]
 vif = [ "mac={mac},bridge={bridge}" ]
 ip = "{ip}"

@@ -35,6 +35,7 @@ import os
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -61,7 +62,7 @@ class Machine:
         self.params: dict[str, Any] = {}
         self.cancel = threading.Event()
         self.plan: dict[str, Any] = {}
-        self.disks: dict[str, str] = {}  # qdev id -> file
+        self.disks: dict[str, tuple[str, str]] = {}  # qdev id -> (file, format)
         self.objects: dict[str, dict[str, Any]] = {}
         self.tls_peer: str | None = None  # the subject of the last TLS peer
         self.workdir = Path(tempfile.gettempdir())
@@ -262,6 +263,16 @@ def receive_stream(machine: Machine, fd: int) -> None:
         sock.close()
 
 
+def _image_info(path: str, fmt: str) -> dict[str, Any]:
+    """What QEMU's query-block says of an image: qemu-img's own reading of it."""
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", "-f", fmt, path],
+        capture_output=True, check=True, text=True,
+    ).stdout  # fmt: skip
+    info = json.loads(out)
+    return {"virtual-size": info["virtual-size"], "format": info["format"]}
+
+
 def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
     if command == "qmp_capabilities":
         return {}
@@ -285,8 +296,8 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
         return {}
     if command == "query-block":
         return [
-            {"qdev": qdev, "inserted": {"image": {"virtual-size": os.path.getsize(path)}}}
-            for qdev, path in machine.disks.items()
+            {"qdev": qdev, "inserted": {"image": _image_info(path, fmt)}}
+            for qdev, (path, fmt) in machine.disks.items()
         ]
     if command == "migrate-set-capabilities":
         machine.caps.update({c["capability"]: c["state"] for c in args["capabilities"]})
@@ -411,7 +422,9 @@ def main(argv: list[str]) -> None:
     for i, arg in enumerate(argv[:-1]):
         if arg == "-drive":
             opts = dict(o.split("=", 1) for o in argv[i + 1].split(",") if "=" in o)
-            machine.disks["vd" + opts["id"].removeprefix("disk")] = opts["file"]
+            if "id" in opts:
+                qdev = "vd" + opts["id"].removeprefix("disk")
+                machine.disks[qdev] = (opts["file"], opts.get("format", "raw"))
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if "-daemonize" in argv:
         ready_r, ready_w = os.pipe()

@@ -206,6 +206,7 @@ class Cluster:
         return {
             "name": name,
             "memory": 64,
+            "kernel": "ferry",  # the harness's boot files stand in for ferry's own
             "disk": [{"path": str(disk), "target": "xvda", "mode": "w"}],
         }
 

@@ -9,6 +9,7 @@ import pytest
 
 from ferry.config.loader import find_domain_file, load_domain_file
 from ferry.config.xm import load_xm, parse_xm
+from ferry.domain.config import DomainConfig
 from ferry.errors import ConfigError
 
 CLASSIC = Path(__file__).resolve().parents[3] / "shared" / "classic"
@@ -66,7 +67,11 @@ def test_classic_virt_server_imports_as_it_is(classic_vm: Path) -> None:
 def test_classic_virt_server_says_what_it_ignores(classic_vm: Path) -> None:
     notes = load_xm(classic_vm).ignored
     assert any(
-        n.startswith("bootloader='/usr/bin/pygrub' ignored: ferry boots its own") for n in notes
+        n.startswith(
+            "bootloader='/usr/bin/pygrub' mapped: the disk's own bootloader boots the guest's "
+            "kernel (firmware bios)"
+        )
+        for n in notes
     )
     assert any(n.startswith("maxmem=512 ignored: no ballooning") for n in notes)
     assert any(n.startswith("sdl=1 ignored: ferry runs QEMU headless") for n in notes)
@@ -175,6 +180,31 @@ def test_root_is_renamed_to_virtio_and_flags_move_to_extra() -> None:
 def test_bootloader_with_a_kernel_says_the_kernel_is_used() -> None:
     mapping = parse_xm("name='a'\nkernel='/boot/vmlinuz'\nbootloader='/usr/bin/pygrub'\n", "vm")
     assert any("kernel '/boot/vmlinuz' is booted directly" in n for n in mapping["ignored"])
+
+
+def test_pygrub_config_boots_from_its_disk() -> None:
+    mapping = parse_xm("name='a'\nbootloader='/usr/bin/pygrub'\n", "vm")
+    config = DomainConfig.from_mapping(mapping)
+    assert config.boots_from_disk and config.firmware == "bios" and config.kernel is None
+
+
+def test_hvmloader_is_mapped_to_the_bios() -> None:
+    mapping = parse_xm("name='w'\nkernel='/usr/lib/xen/boot/hvmloader'\nbuilder='hvm'\n", "vm")
+    assert "kernel" not in mapping
+    assert any("hvmloader' mapped: Xen's HVM firmware" in n for n in mapping["ignored"])
+
+
+def test_uefi_firmware_is_taken_with_a_bootloader() -> None:
+    mapping = parse_xm("name='a'\nfirmware='uefi'\nbootloader='pygrub'\n", "vm")
+    assert mapping["firmware"] == "uefi"
+    assert any("(firmware uefi)" in n for n in mapping["ignored"])
+
+
+def test_qcow2_disk_states_its_format() -> None:
+    mapping = parse_xm("name='a'\ndisk=['tap:qcow2:/xen/a.qcow2,xvda,w']\n", "vm")
+    assert mapping["disk"] == [
+        {"path": "/xen/a.qcow2", "target": "xvda", "mode": "w", "format": "qcow2"}
+    ]
 
 
 def test_kernel_ip_keys_and_none_values() -> None:

@@ -43,6 +43,7 @@ async def target(tmp_path: Path) -> AsyncIterator[tuple[Cluster, FakeHost]]:
 
 def prepare_message(c: Cluster, h: FakeHost, name: str = "vm", **changes: Any) -> dict[str, Any]:
     config = c.domain(name)
+    config["disk"][0]["format"] = "raw"  # as the source pinned it at create
     disk = config["disk"][0]["path"]
     held = lease.acquire(disk, "h1", "vm")
     kernel = h.boot.kernel

@@ -3,7 +3,13 @@ from pathlib import Path
 import pytest
 
 from ferry.domain.config import DomainConfig
-from ferry.hypervisor.cmdline import BootFiles, MachinePaths, build_qemu_args, kernel_command_line
+from ferry.hypervisor.cmdline import (
+    BootFiles,
+    MachinePaths,
+    Uefi,
+    build_qemu_args,
+    kernel_command_line,
+)
 
 PATHS = MachinePaths(
     run_dir=Path("/run/ferry/domains/vm"), log_dir=Path("/var/lib/ferry/domains/vm")
@@ -16,7 +22,7 @@ def config(**extra: object) -> DomainConfig:
         "name": "virt_server",
         "memory": 256,
         "vcpus": 2,
-        "disk": [{"path": "/xen/virt_server.img", "target": "xvda", "mode": "w"}],
+        "disk": [{"path": "/xen/virt_server.img", "target": "xvda", "mode": "w", "format": "raw"}],
         "vif": [{"mac": "00:16:3e:4a:21:07", "bridge": "xenbr0"}],
         "ip": "10.0.0.5",
         "gateway": "10.0.0.1",
@@ -62,7 +68,7 @@ def test_kvm_keeps_a_named_cpu_model_for_migration() -> None:
 def test_disk_and_nic_wiring() -> None:
     args = args_for(config())
     (drive,) = option(args, "-drive")
-    assert drive.startswith("file=/xen/virt_server.img,if=none,id=disk0,format=raw")
+    assert drive == "file=/xen/virt_server.img,if=none,id=disk0,format=raw,cache=none"
     assert "virtio-blk-pci,drive=disk0,id=vd0,addr=0x8" in option(args, "-device")
     (netdev,) = option(args, "-netdev")
     assert netdev == "tap,id=net0,ifname=vif3.0,script=no,downscript=no"
@@ -73,7 +79,9 @@ def test_disk_and_nic_wiring() -> None:
 
 
 def test_readonly_disk_and_url_disk() -> None:
-    cfg = config(disk=[{"path": "nbd://10.0.0.9:10809/vm", "target": "xvdb", "mode": "r"}])
+    cfg = config(
+        disk=[{"path": "nbd://10.0.0.9:10809/vm", "target": "xvdb", "mode": "r", "format": "raw"}]
+    )
     (drive,) = option(args_for(cfg), "-drive")
     assert drive.startswith("file=nbd://10.0.0.9:10809/vm,")
     assert drive.endswith("readonly=on")
@@ -120,3 +128,37 @@ def test_commas_in_paths_are_escaped() -> None:
 def test_tap_count_must_match() -> None:
     with pytest.raises(ValueError):
         build_qemu_args(config(), qemu_binary="q", accel="tcg", boot=BOOT, paths=PATHS, taps=[])
+
+
+def test_format_and_cache_come_from_the_disk() -> None:
+    disk = {"path": "/xen/a.qcow2", "format": "qcow2", "cache": "writeback"}
+    (drive,) = option(args_for(config(disk=[disk])), "-drive")
+    assert "format=qcow2,cache=writeback" in drive
+
+
+def test_an_unpinned_format_is_never_left_to_qemu() -> None:
+    with pytest.raises(ValueError, match="no format pinned"):
+        args_for(config(disk=[{"path": "/xen/a.img"}]))
+
+
+def test_disk_boot_with_seabios_boots_the_first_disk() -> None:
+    args = build_qemu_args(
+        config(), qemu_binary="q", accel="tcg", boot=BootFiles(None), paths=PATHS, taps=["t"]
+    )
+    assert "-kernel" not in args and "-append" not in args
+    devices = option(args, "-device")
+    assert "virtio-blk-pci,drive=disk0,id=vd0,addr=0x8,bootindex=0" in devices
+    # No network boot ROM: firmware would try PXE before giving up on the disk.
+    assert any(d.startswith("virtio-net-pci") and d.endswith(",romfile=") for d in devices)
+    assert not any("pflash" in d for d in option(args, "-drive"))
+
+
+def test_uefi_adds_the_code_read_only_and_the_domains_own_vars() -> None:
+    uefi = Uefi(Path("/fw/CODE.fd"), Path("/var/lib/ferry/nvram/vm.fd"), Path("/fw/VARS.fd"))
+    args = build_qemu_args(
+        config(), qemu_binary="q", accel="tcg", boot=BootFiles(None, uefi=uefi), paths=PATHS,
+        taps=["t"],
+    )  # fmt: skip
+    drives = option(args, "-drive")
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd" in drives
+    assert "if=pflash,format=raw,unit=1,file=/var/lib/ferry/nvram/vm.fd" in drives

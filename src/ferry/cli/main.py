@@ -140,6 +140,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         params["auto_converge"] = args.auto_converge
     if args.xbzrle:
         params["xbzrle"] = True
+    if args.unsafe:
+        params["unsafe_cache"] = True
     request = {"name": args.domain, "host": args.host, "port": args.port, "params": params}
     with MigrationView(args.domain, args.host) as view:
         try:
@@ -209,7 +211,13 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_image_disk(args: argparse.Namespace) -> int:
     from ferry.guest.image import load_image, make_domain_disk
 
-    make_domain_disk(load_image(args.cache_dir), args.path)
+    image = load_image(args.cache_dir)
+    if args.boot == "kernel":
+        make_domain_disk(image, args.path)
+    else:
+        from ferry.guest.boot_disk import make_bootable_disk
+
+        make_bootable_disk(image, args.path, args.boot, args.append)
     print(f"wrote {args.path}")
     return 0
 
@@ -284,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-converge", dest="auto_converge", action="store_true", default=None)
     p.add_argument("--no-auto-converge", dest="auto_converge", action="store_false")
     p.add_argument("--xbzrle", action="store_true", help="compress re-sent pages (XBZRLE)")
+    p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="migrate even a disk cached in the page cache of a shared file system (risk of "
+        "stale reads on the target)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("domain")
     p.add_argument("host", nargs="?")
@@ -311,10 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_parser(sub)
 
     from ferry.cli.ca_cli import add_ca_parser
+    from ferry.cli.disk_cli import add_disk_parser
     from ferry.cli.host_cli import add_host_parser
 
     add_ca_parser(sub)
     add_host_parser(sub, _client)
+    add_disk_parser(sub, _client)
 
     image = sub.add_parser("image", help="the guest image").add_subparsers(
         dest="image_command", required=True, metavar="ACTION"
@@ -327,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = image.add_parser("disk", help="write a new root disk for a domain from the guest image")
     p.set_defaults(func=cmd_image_disk)
     p.add_argument("--cache-dir", type=Path)
+    p.add_argument(
+        "--boot",
+        choices=["kernel", "bios", "uefi"],
+        default="kernel",
+        help='kernel: a bare file system for kernel = "ferry" (default); bios/uefi: a '
+        "partitioned disk with its own bootloader and the kernel in its /boot",
+    )
+    p.add_argument(
+        "--append", default="", metavar="ARGS", help="kernel arguments the disk's bootloader gives"
+    )
     p.add_argument("path", type=Path)
     return parser
 

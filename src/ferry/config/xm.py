@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ferry.config._common import MAX_CONFIG_BYTES, build_domain, line_of, read_config_text
-from ferry.domain.config import URL_SCHEMES, DomainConfig
+from ferry.domain.config import DomainConfig
+from ferry.domain.disks import URL_SCHEMES
 from ferry.errors import ConfigError
 
 # Real xm values are flat lists of strings; deeper nesting only serves abuse.
@@ -42,7 +43,7 @@ MAX_DEPTH = 3
 DIRECT_KEYS = frozenset(
     {
         "name", "uuid", "memory", "vcpus", "kernel", "ramdisk", "extra", "ip",
-        "netmask", "gateway", "hostname", "on_poweroff", "on_reboot", "on_crash",
+        "netmask", "gateway", "hostname", "on_poweroff", "on_reboot", "on_crash", "firmware",
         "on_host_failure",
     }
 )  # fmt: skip
@@ -112,7 +113,7 @@ _RAW_PREFIXES = frozenset(
         "tap2:aio:", "tap2:tapdisk:aio:",
     }
 )  # fmt: skip
-_FORMATS = ("qcow", "qcow2", "vhd", "ram", "vmdk")
+_FORMATS = ("qcow", "vhd", "ram", "vmdk")
 _TYPE_PREFIX = re.compile(r"^((?:[A-Za-z0-9_]+:)+)(.*)$")
 _PARTITION = re.compile(r"^(xvd|sd|hd|vd)[a-z]\d+$")
 _XEN_ROOT = re.compile(r"^/dev/(?:xvd|sd|hd)([a-z])(\d*)$")
@@ -303,16 +304,26 @@ class _Translator:
         return self.mapping, self.where
 
     def bootloader(self) -> None:
+        """pygrub read the kernel from the guest's own /boot; the disk's bootloader
+        does that here. hvmloader was Xen's firmware for HVM guests: the BIOS."""
+        kernel = self.mapping.get("kernel")
+        if isinstance(kernel, str) and kernel.rsplit("/", 1)[-1] == "hvmloader":
+            del self.mapping["kernel"]
+            self.ignored.append(
+                f"kernel={kernel!r} mapped: Xen's HVM firmware; the BIOS boots the disk"
+            )
+            kernel = None
         assignment = self.assignments.get("bootloader")
         if assignment is None or assignment.value is None:
             return
-        kernel = self.mapping.get("kernel")
-        why = (
-            "ferry boots its own guest kernel when none is given"
-            if kernel is None
-            else f"kernel {kernel!r} is booted directly"
-        )
-        self.ignored.append(f"{_shown('bootloader', assignment.value)} ignored: {why}")
+        shown = _shown("bootloader", assignment.value)
+        if kernel is None:
+            self.ignored.append(
+                f"{shown} mapped: the disk's own bootloader boots the guest's kernel "
+                f"(firmware {self.mapping.get('firmware', 'bios')})"
+            )
+        else:
+            self.ignored.append(f"{shown} ignored: kernel {kernel!r} is booted directly")
 
     def root(self, value: Any) -> None:
         if not isinstance(value, str) or not value.split():
@@ -394,25 +405,32 @@ def parse_disk_entry(entry: Any, at: str) -> tuple[dict[str, str] | None, list[s
         notes.append(
             f"disk {target} mode 'w!' taken as 'w': ferry never lets two domains write one disk"
         )
-    return {"path": _disk_path(uname, entry, at), "target": target, "mode": mode}, notes
+    path, fmt = _disk_path(uname, entry, at)
+    disk = {"path": path, "target": target, "mode": mode}
+    if fmt is not None:
+        disk["format"] = fmt
+    return disk, notes
 
 
-def _disk_path(uname: str, entry: str, at: str) -> str:
+def _disk_path(uname: str, entry: str, at: str) -> tuple[str, str | None]:
+    """The disk's path and the format the entry states (None: read from the image)."""
     if uname.startswith(URL_SCHEMES):
-        return uname
+        return uname, None
     match = _TYPE_PREFIX.match(uname)
     if match is None:
-        return uname  # no type: a path, taken as given
+        return uname, None  # no type: a path, taken as given
     prefix, rest = match.groups()
     if prefix in _RAW_PREFIXES:
-        return rest
+        return rest, None
     if prefix == "phy:":
-        return rest if rest.startswith("/") else "/dev/" + rest
+        return (rest if rest.startswith("/") else "/dev/" + rest), None
     fmt = prefix.rstrip(":").rsplit(":", 1)[-1]
+    if prefix.startswith(("tap:", "tap2:")) and fmt == "qcow2":
+        return rest, "qcow2"
     if prefix.startswith(("tap:", "tap2:")) and fmt in _FORMATS:
         raise ConfigError(
-            f"{at}: disk {entry!r}: image format {fmt!r} is not supported: ferry uses raw "
-            "images (convert with qemu-img convert -O raw)"
+            f"{at}: disk {entry!r}: image format {fmt!r} is not supported: ferry runs raw and "
+            "qcow2 images (convert with qemu-img convert -O qcow2)"
         )
     raise ConfigError(
         f"{at}: disk {entry!r}: disk type {prefix!r} is not supported: give file:, tap:aio:, "

@@ -36,6 +36,7 @@ from ferry.daemon.services import Services
 from ferry.errors import AccessDenied, FerryError, ProtocolError, error_to_wire
 from ferry.migration.params import MigrationParams
 from ferry.pki.identity import Role
+from ferry.storage import images
 from ferry.util.text import one_line
 
 log = logging.getLogger("ferryd")
@@ -106,6 +107,7 @@ class ControlServer:
             "destroy": self._destroy,
             "migrate_abort": self._migrate_abort,
             "host_activate": self._host_activate,
+            "disk_create": self._disk_create,
         }
         # Requests that write progress lines before their one final reply.
         self.streaming: dict[str, StreamingHandler] = {
@@ -322,6 +324,12 @@ class ControlServer:
 
     async def _host_activate(self, args: dict[str, Any]) -> Any:
         await self.evacuation.activate(_arg(args, "host", str))
+
+    async def _disk_create(self, args: dict[str, Any]) -> Any:
+        size = images.parse_size(str(_arg(args, "size", str)))
+        fmt = str(args.get("format", "raw"))
+        roots = self.services.host.storage_roots
+        return await images.create_disk(_arg(args, "path", str), size, fmt, roots)
 
     async def _migrate_abort(self, args: dict[str, Any]) -> Any:
         await self.services.outgoing.abort_migration(_arg(args, "name", str))

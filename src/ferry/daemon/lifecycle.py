@@ -21,6 +21,7 @@ from ferry.host.watcher import DomainWatcher
 from ferry.hypervisor import process
 from ferry.network import tap
 from ferry.storage.disks import check_disks
+from ferry.storage.images import pin_formats
 
 log = logging.getLogger("ferryd")
 
@@ -80,12 +81,15 @@ class Lifecycle:
                     f"running on host {self.host.name}"
                 )
             try:
-                roots = self.host.storage_roots
-                check_disks(cfg, roots, self.table.disks_in_use(roots), self.host.storage_servers)
+                roots, servers = self.host.storage_roots, self.host.storage_servers
+                in_use = self.table.disks_in_use(roots)
+                check_disks(cfg, roots, in_use, servers)
+                # Read once from the images, checked, then pinned: QEMU never probes.
+                cfg = await pin_formats(cfg, roots, servers, in_use)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot = self.launcher.boot_files(cfg)
-                accel = (await self.launcher.accel(boot)).accel
+                accel = (await self.launcher.accel()).accel
                 owned, leases = await self.launcher.claim(cfg, taken_in_store=ha_restart)
             except FerryError as err:
                 raise type(err)(f"cannot create domain '{cfg.name}': {err}") from err

@@ -107,7 +107,7 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     services = Services.build(
         cfg,
         layout,
-        guest_boot_files(lambda: load_image(image_cache)),
+        guest_boot_files(lambda: load_image(image_cache), layout.nvram_dir),
         credentials,
         accel_cache=image_cache.parent / "accel-probe.json",
         boot_dirs=(image_cache,),

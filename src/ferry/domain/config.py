@@ -11,8 +11,11 @@ Canonical keys::
     uuid        str (RFC 4122) or absent
     memory      int MiB, 16..1048576
     vcpus       int, 1..64
-    kernel      str path or absent (absent: ferry's own guest kernel)
-    ramdisk     str path or absent
+    kernel      str absolute path, "ferry" (ferry's own guest kernel and initramfs),
+                or absent: the firmware boots the disk's own bootloader
+    ramdisk     str path or absent (with a kernel path only)
+    firmware    "bios" (SeaBIOS, default) | "uefi" (OVMF, variables kept per domain);
+                what boots the disk when there is no kernel
     root        str, kernel root device (default /dev/vda)
     extra       str, appended to the kernel command line
     hostname    str, the guest's host name (default: name)
@@ -23,7 +26,7 @@ Canonical keys::
     on_host_failure   "ignore" (default) | "restart": restarted on another healthy
                 host from its shared disk once its host has lost its lease (HA)
     vnc, sdl    bool (accepted; ferry runs QEMU headless)
-    disk        list of {path, target, mode}
+    disk        list of {path, target, mode, format, cache} (see ferry.domain.disks)
     vif         list of {mac, bridge}
     ignored     list of str: what an import could not honour, said to the user
 """
@@ -34,9 +37,10 @@ import ipaddress
 import re
 import uuid as uuidlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ferry.domain.disks import DiskSpec, parse_disks
 from ferry.errors import ConfigError
 
 # Matched whole (fullmatch): "$" alone would let a trailing newline through.
@@ -44,10 +48,11 @@ from ferry.errors import ConfigError
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 BRIDGE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
-TARGET_RE = re.compile(r"(xvd|vd|sd|hd)[a-z]")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
-URL_SCHEMES = ("nbd://", "nbd+unix://", "nfs://", "iscsi://")
 LIFECYCLE_ACTIONS = ("destroy", "restart", "preserve")
+FIRMWARES = ("bios", "uefi")
+# The kernel value that names ferry's own guest kernel and initramfs.
+FERRY_KERNEL = "ferry"
 
 KNOWN_KEYS = frozenset(
     {
@@ -57,6 +62,7 @@ KNOWN_KEYS = frozenset(
         "vcpus",
         "kernel",
         "ramdisk",
+        "firmware",
         "root",
         "extra",
         "hostname",
@@ -74,27 +80,6 @@ KNOWN_KEYS = frozenset(
         "ignored",
     }
 )
-
-
-@dataclass(frozen=True)
-class DiskSpec:
-    """One disk: a file path or a network block URL QEMU opens itself."""
-
-    path: str
-    target: str = "xvda"
-    writable: bool = True
-
-    @property
-    def is_url(self) -> bool:
-        return self.path.startswith(URL_SCHEMES)
-
-    @property
-    def guest_device(self) -> str:
-        """The device name the guest kernel gives it (virtio: /dev/vdX)."""
-        return "/dev/vd" + self.target[-1]
-
-    def to_mapping(self) -> dict[str, Any]:
-        return {"path": self.path, "target": self.target, "mode": "w" if self.writable else "r"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +101,7 @@ class DomainConfig:
     uuid: str | None = None
     kernel: str | None = None
     ramdisk: str | None = None
+    firmware: str = "bios"
     root: str = "/dev/vda"
     extra: str = ""
     hostname: str | None = None
@@ -143,6 +129,7 @@ class DomainConfig:
             "memory": self.memory,
             "vcpus": self.vcpus,
             "root": self.root,
+            "firmware": self.firmware,
             "extra": self.extra,
             "netmask": self.netmask,
             "on_poweroff": self.on_poweroff,
@@ -160,6 +147,18 @@ class DomainConfig:
             if value is not None:
                 out[key] = value
         return out
+
+    def with_disks(self, disks: tuple[DiskSpec, ...]) -> DomainConfig:
+        return replace(self, disks=disks)
+
+    @property
+    def boots_from_disk(self) -> bool:
+        """No kernel given: the firmware boots the disk's own bootloader."""
+        return self.kernel is None
+
+    @property
+    def boots_ferry_kernel(self) -> bool:
+        return self.kernel == FERRY_KERNEL
 
     @property
     def guest_hostname(self) -> str:
@@ -192,14 +191,15 @@ class _Validator:
                 f"{name!r} is not a valid domain name "
                 "(1-64 letters, digits and '_.-', not starting with '.' or '-')",
             )
-        disks = self.disks(data.get("disk", []))
+        disks = parse_disks(data.get("disk", []), self.fail)
         return DomainConfig(
             name=name,
             memory=self.integer(data, "memory", 512, 16, 1 << 20),
             vcpus=self.integer(data, "vcpus", 1, 1, 64),
             uuid=self.uuid(data),
-            kernel=self.optional_string(data, "kernel"),
+            kernel=self.kernel(data),
             ramdisk=self.optional_string(data, "ramdisk"),
+            firmware=self.choice(data, "firmware", FIRMWARES),
             root=self.optional_string(data, "root")
             or (disks[0].guest_device if disks else "/dev/vda"),
             extra=self.optional_string(data, "extra") or "",
@@ -215,8 +215,20 @@ class _Validator:
             sdl=self.boolean(data, "sdl"),
             disks=disks,
             vifs=self.vifs(data.get("vif", [])),
-            ignored=tuple(str(x) for x in self.sequence(data, "ignored")),
+            ignored=self.notes(data),
         )
+
+    def notes(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        notes = [str(x) for x in self.sequence(data, "ignored")]
+        if data.get("kernel") is None:
+            unused = [k for k in ("ip", "extra") if data.get(k)]
+            note = (
+                f"{' and '.join(unused)} not given to the guest: it boots its own kernel "
+                "from its disk, with the command line its bootloader holds"
+            )
+            if unused and note not in notes:
+                notes.append(note)
+        return tuple(notes)
 
     # -- scalar checks -------------------------------------------------------
 
@@ -254,6 +266,16 @@ class _Validator:
         if not isinstance(value, list | tuple):
             raise self.fail(key, f"expected a list, got {type(value).__name__}")
         return list(value)
+
+    def kernel(self, data: Mapping[str, Any]) -> str | None:
+        text = self.optional_string(data, "kernel")
+        if text is not None and text != FERRY_KERNEL and not text.startswith("/"):
+            raise self.fail(
+                "kernel", f"{text!r} must be an absolute path, or {FERRY_KERNEL!r} for ferry's own"
+            )
+        if data.get("ramdisk") is not None and text in (None, FERRY_KERNEL):
+            raise self.fail("ramdisk", "a ramdisk goes with a kernel path")
+        return text
 
     def uuid(self, data: Mapping[str, Any]) -> str | None:
         text = self.optional_string(data, "uuid")
@@ -307,42 +329,6 @@ class _Validator:
         return str(value)
 
     # -- devices -------------------------------------------------------------
-
-    def disks(self, value: Any) -> tuple[DiskSpec, ...]:
-        if not isinstance(value, list | tuple):
-            raise self.fail("disk", f"expected a list, got {type(value).__name__}")
-        disks: list[DiskSpec] = []
-        for index, item in enumerate(value):
-            where = f"disk[{index}]"
-            if not isinstance(item, Mapping):
-                raise self.fail(where, "expected a table with path, target, mode")
-            extra = sorted(set(item) - {"path", "target", "mode"})
-            if extra:
-                raise self.fail(f"{where}.{extra[0]}", "unknown key")
-            path = item.get("path")
-            if not isinstance(path, str) or not path:
-                raise self.fail(
-                    f"{where}.path", "a file path or nbd://, nfs://, iscsi:// URL is required"
-                )
-            if not path.startswith("/") and not path.startswith(URL_SCHEMES):
-                raise self.fail(
-                    f"{where}.path", f"{path!r} must be an absolute path or a nbd/nfs/iscsi URL"
-                )
-            if "," in path or "\n" in path:
-                raise self.fail(f"{where}.path", f"{path!r} must not contain ',' or newlines")
-            target = item.get("target", "xvd" + "abcdefghijklmnopqrstuvwxyz"[index])
-            if not isinstance(target, str) or not TARGET_RE.fullmatch(target):
-                raise self.fail(
-                    f"{where}.target", f"{target!r} is not a disk name like xvda or vdb"
-                )
-            mode = item.get("mode", "w")
-            if mode not in ("w", "r", "rw", "ro"):
-                raise self.fail(f"{where}.mode", f"{mode!r} is not 'w' or 'r'")
-            disk = DiskSpec(path=path, target=target, writable=mode in ("w", "rw"))
-            if any(d.target[-1] == disk.target[-1] for d in disks):
-                raise self.fail(f"{where}.target", f"{target!r} is used twice")
-            disks.append(disk)
-        return tuple(disks)
 
     def vifs(self, value: Any) -> tuple[VifSpec, ...]:
         if not isinstance(value, list | tuple):

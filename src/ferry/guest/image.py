@@ -229,7 +229,16 @@ def make_domain_disk(image: GuestImage, dest: Path) -> None:
 
 def _sparse_copy(src: Path, dest: Path) -> None:
     """Copy only the data extents (SEEK_DATA/SEEK_HOLE), so holes stay holes."""
-    with src.open("rb") as fin, dest.open("xb") as fout:
+    with dest.open("xb") as fout:
+        sparse_copy_into(src, fout.fileno(), 0)
+        fout.truncate(src.stat().st_size)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def sparse_copy_into(src: Path, fd_out: int, at: int) -> None:
+    """Copy ``src``'s data extents into ``fd_out`` from byte ``at`` on; holes stay holes."""
+    with src.open("rb") as fin:
         size = os.fstat(fin.fileno()).st_size
         offset = 0
         while offset < size:
@@ -240,22 +249,19 @@ def _sparse_copy(src: Path, dest: Path) -> None:
                     break
                 raise
             end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            _copy_range(fin.fileno(), fout.fileno(), start, end)
+            _copy_range(fin.fileno(), fd_out, start, end, at)
             offset = end
-        fout.truncate(size)
-        fout.flush()
-        os.fsync(fout.fileno())
 
 
-def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
+def _copy_range(fd_in: int, fd_out: int, start: int, end: int, at: int) -> None:
     pos = start
     while pos < end:
         try:
-            n = os.copy_file_range(fd_in, fd_out, end - pos, pos, pos)
+            n = os.copy_file_range(fd_in, fd_out, end - pos, pos, pos + at)
         except OSError as err:
             if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            n = os.pwrite(fd_out, os.pread(fd_in, min(end - pos, 1 << 20), pos), pos)
+            n = os.pwrite(fd_out, os.pread(fd_in, min(end - pos, 1 << 20), pos), pos + at)
         if n == 0:
             raise OSError(errno.EIO, f"short copy at offset {pos}")
         pos += n

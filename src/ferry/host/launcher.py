@@ -20,7 +20,7 @@ from pathlib import Path
 from ferry.cluster.keys import disk_id
 from ferry.cluster.ownership import LocalOwnership, Ownership
 from ferry.config.host import HostConfig
-from ferry.domain.config import DomainConfig
+from ferry.domain.config import FERRY_KERNEL, DomainConfig
 from ferry.domain.state import DomainState
 from ferry.errors import (
     ClusterError,
@@ -36,6 +36,7 @@ from ferry.host.running import BootFilesProvider, RunningDomain
 from ferry.hypervisor import process
 from ferry.hypervisor.accel import ProbeResult, resolve_accel
 from ferry.hypervisor.cmdline import BootFiles, MachinePaths, build_qemu_args
+from ferry.hypervisor.firmware import ensure_vars
 from ferry.hypervisor.monitor import Monitor
 from ferry.network import tap
 from ferry.storage import lease
@@ -48,6 +49,9 @@ LAUNCH_TIMEOUT = 60.0
 MAX_BOOT_FILE = 512 << 20
 QMP_TIMEOUT = 10.0
 DESTROY_GRACE = 5.0
+# What the accelerator probe boots, whatever the domains boot: ferry's own
+# kernel, whose initramfs answers the probe.
+PROBE_CONFIG = DomainConfig(name="ferry-accel-probe", kernel=FERRY_KERNEL)
 
 
 class Launcher:
@@ -74,14 +78,23 @@ class Launcher:
         self._accel: ProbeResult | None = None
         self._digests: dict[tuple[str, int], str] = {}
 
-    async def accel(self, boot: BootFiles) -> ProbeResult:
+    async def accel(self) -> ProbeResult:
+        """KVM or TCG, probed once (with ferry's own guest kernel) when ``auto``."""
         if self._accel is None:
-            assert boot.initrd is not None or self.host.accel != "auto"
+            probe = BootFiles(None)
+            if self.host.accel == "auto":
+                try:
+                    probe = self.boot_files(PROBE_CONFIG)
+                except ImageError as err:
+                    raise ImageError(
+                        f"accel = auto probes KVM by booting ferry's guest image: {err} "
+                        "(build it, or set accel in the host config)"
+                    ) from err
             self._accel = await resolve_accel(
                 self.host.accel,
                 self.host.qemu_binary,
-                boot.kernel,
-                boot.initrd or boot.kernel,
+                probe.kernel or Path("/nonexistent"),
+                probe.initrd or probe.kernel or Path("/nonexistent"),
                 self.accel_cache,
             )
             log.info("accelerator: %s (%s)", self._accel.accel, self._accel.reason)
@@ -203,6 +216,8 @@ class Launcher:
         monitor = Monitor(cfg.name)
         verb = "receive" if incoming else "create"
         try:
+            if boot.uefi is not None:
+                await asyncio.to_thread(ensure_vars, boot.uefi.vars, boot.uefi.vars_template)
             for name, vif in zip(record.taps, cfg.vifs, strict=True):
                 await asyncio.to_thread(tap.create_tap, name, vif.bridge)
             args = build_qemu_args(

@@ -26,6 +26,11 @@ class HostLayout:
         return self.state_dir / "domains"
 
     @property
+    def nvram_dir(self) -> Path:
+        """Each UEFI domain's variables, kept across its restarts on this host."""
+        return self.state_dir / "nvram"
+
+    @property
     def domid_counter(self) -> Path:
         return self.state_dir / "last-domid"
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.domain.config import DomainConfig
+from ferry.domain.disks import DiskSpec
 
 # One machine model and CPU model everywhere: a named model (not "host") keeps
 # the guest migratable between hosts whose CPUs differ.
@@ -49,9 +50,21 @@ class MachinePaths:
 
 
 @dataclass(frozen=True)
+class Uefi:
+    """OVMF: its code, shared and read-only, and this domain's own variables."""
+
+    code: Path
+    vars: Path
+    vars_template: Path  # copied to ``vars`` at the domain's first start here
+
+
+@dataclass(frozen=True)
 class BootFiles:
-    kernel: Path
-    initrd: Path | None
+    """A direct kernel boot (``kernel`` set), or the firmware booting the disk."""
+
+    kernel: Path | None
+    initrd: Path | None = None
+    uefi: Uefi | None = None  # with no kernel: OVMF instead of SeaBIOS
 
 
 def kernel_command_line(cfg: DomainConfig) -> str:
@@ -97,6 +110,44 @@ def _lifecycle_actions(cfg: DomainConfig) -> str:
     return f"reboot={reboot},shutdown=poweroff,panic={panic}"
 
 
+def _boot_args(cfg: DomainConfig, boot: BootFiles) -> list[str]:
+    if boot.kernel is not None:
+        args = ["-kernel", str(boot.kernel)]
+        if boot.initrd is not None:
+            args += ["-initrd", str(boot.initrd)]
+        return [*args, "-append", kernel_command_line(cfg)]
+    if boot.uefi is None:
+        return []  # SeaBIOS, QEMU's default firmware
+    # Both flash images travel in the migration stream; the target needs files
+    # of the same sizes, and writes the variables it received back to its own.
+    return [
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={_escape(str(boot.uefi.code))}",
+        "-drive",
+        f"if=pflash,format=raw,unit=1,file={_escape(str(boot.uefi.vars))}",
+    ]
+
+
+def _disk_args(disk: DiskSpec, boot_disk: bool) -> list[str]:
+    if disk.format is None:
+        # Never let QEMU probe: the format is read once, checked, and pinned.
+        raise ValueError(f"disk {disk.path} has no format pinned")
+    index = disk.index
+    drive = [
+        f"file={_escape(disk.path)}",
+        "if=none",
+        f"id=disk{index}",
+        f"format={disk.format}",
+        f"cache={disk.cache_mode}",
+    ]
+    if not disk.writable:
+        drive.append("readonly=on")
+    device = f"virtio-blk-pci,drive=disk{index},id=vd{index},addr={8 + index:#x}"
+    if boot_disk:
+        device += ",bootindex=0"
+    return ["-drive", ",".join(drive), "-device", device]
+
+
 def build_qemu_args(
     cfg: DomainConfig,
     *,
@@ -125,32 +176,22 @@ def build_qemu_args(
         "-no-user-config",
         "-display",
         "none",
-        "-kernel",
-        str(boot.kernel),
     ]
     if cfg.uuid:
         args += ["-uuid", cfg.uuid]
-    if boot.initrd is not None:
-        args += ["-initrd", str(boot.initrd)]
-    args += ["-append", kernel_command_line(cfg)]
+    args += _boot_args(cfg, boot)
     for disk in cfg.disks:
-        index = ord(disk.target[-1]) - ord("a")
-        drive = [
-            f"file={_escape(disk.path)}",
-            "if=none",
-            f"id=disk{index}",
-            "format=raw",
-        ]
-        if not disk.writable:
-            drive.append("readonly=on")
-        args += ["-drive", ",".join(drive)]
-        args += ["-device", f"virtio-blk-pci,drive=disk{index},id=vd{index},addr={8 + index:#x}"]
+        args += _disk_args(disk, boot_disk=boot.kernel is None and disk is cfg.disks[0])
     for index, (vif, tap) in enumerate(zip(cfg.vifs, taps, strict=True)):
         args += ["-netdev", f"tap,id=net{index},ifname={tap},script=no,downscript=no"]
-        args += [
-            "-device",
-            f"virtio-net-pci,netdev=net{index},mac={vif.mac},id=nic{index},addr={16 + index:#x}",
-        ]
+        device = (
+            f"virtio-net-pci,netdev=net{index},mac={vif.mac},id=nic{index},addr={16 + index:#x}"
+        )
+        if boot.kernel is None:
+            # No option ROM: firmware would try a network boot (over a minute
+            # under OVMF) before or after the disk, and ferry boots disks.
+            device += ",romfile="
+        args += ["-device", device]
     args += [
         "-device",
         "pvpanic",

@@ -14,14 +14,25 @@ RELOCATION_PORT = 8002
 HOSTS_ALLOW = (r"10\.42\.0\.\d+", r"xen_host_\d+", "localhost")
 
 
-def vm_config_text(storage_kind: str, export_dir: Path, name: str, memory: int) -> str:
-    """The lab VM's config in the classic xm format, with the lab's disk and address."""
+BOOTS = ("kernel", "disk")
+
+
+def vm_config_text(
+    storage_kind: str, export_dir: Path, name: str, memory: int, boot: str = "kernel"
+) -> str:
+    """The lab VM's config in the classic xm format, with the lab's disk and address.
+
+    ``boot``: "disk" keeps the classic pygrub line, which boots the kernel
+    inside the disk's /boot; "kernel" boots ferry's own guest kernel directly,
+    for a disk that holds a bare file system.
+    """
     disk = StorageSpec(storage_kind, export_dir).disk(name)
     if storage_kind == "dir":
         disk = f"tap:aio:{disk}"  # as the classic config named its file on NFS
+    kernel = 'kernel = "ferry"  # ferry\'s own guest kernel, booted directly\n'
     return f"""\
 # Like the classic /etc/xen/virt_server, on the lab's {storage_kind} storage.
-name = "{name}"
+{kernel if boot == "kernel" else ""}name = "{name}"
 uuid = "6f2a8c1e-3b1d-4c2e-9a57-1d2e3f4a5b6c"
 maxmem = {memory}
 memory = {memory}

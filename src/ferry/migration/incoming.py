@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from qemu.qmp import EventListener
@@ -39,12 +37,14 @@ from ferry.host.launcher import Launcher
 from ferry.host.running import Incoming, RunningDomain
 from ferry.host.table import DomainTable
 from ferry.host.watcher import DomainWatcher
+from ferry.hypervisor.firmware import UefiFiles
 from ferry.migration.data_link import FD_NAME
 from ferry.migration.params import MigrationParams
 from ferry.network import tap
 from ferry.pki.identity import Identity
 from ferry.pki.qemu_tls import QemuTls
-from ferry.storage import lease
+from ferry.storage import images, lease
+from ferry.storage.cache_safety import migration_hazard
 from ferry.storage.disks import check_disks
 from ferry.util.wait import wait_until
 
@@ -102,12 +102,12 @@ class IncomingMigrations:
             try:
                 in_use = self.table.disks_in_use(roots, exclude=local)
                 check_disks(cfg, roots, in_use, self.host.storage_servers)
-                await self._check_same_disks(cfg, disks)
+                await self._check_same_disks(cfg, disks, params)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot_files = self.launcher.boot_files(cfg)
                 await self._check_same_boot(cfg, boot)
-                accel = (await self.launcher.accel(boot_files)).accel
+                accel = (await self.launcher.accel()).accel
                 ticket = await self.launcher.ownership.expect_move(
                     cfg.name, source_host, self.launcher.owned_disks(cfg)
                 )
@@ -152,21 +152,35 @@ class IncomingMigrations:
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
         return token
 
-    async def _check_same_disks(self, cfg: DomainConfig, facts: list[Any]) -> None:
+    async def _check_same_disks(
+        self, cfg: DomainConfig, facts: list[Any], params: MigrationParams
+    ) -> None:
         if len(facts) != len(cfg.disks):
             raise StorageError("the source described a different number of disks")
         for disk, fact in zip(cfg.disks, facts, strict=True):
             if not isinstance(fact, dict):
                 raise StorageError("malformed disk description")
+            if disk.format is None:
+                raise StorageError(f"disk {disk.path}: the source sent no format for it")
+            hazard = None if params.unsafe_cache else migration_hazard(disk)
+            if hazard is not None:
+                raise StorageError(hazard)
+            # The image as this host reads it: its format must be the one the
+            # source runs (a header rewritten meanwhile is not the same image).
+            here = await images.inspect(
+                disk, self.host.storage_roots, self.host.storage_servers, share=True
+            )
             size = fact.get("size")
-            if disk.is_url:
-                here = await _url_virtual_size(disk.path)
-            else:
-                here = Path(disk.path).stat().st_size
-            if size is not None and here != size:
+            if size is not None and here.virtual_size != size:
                 raise StorageError(
-                    f"disk {disk.path} is {here} bytes here but {size} bytes on the source: "
-                    "not the same image"
+                    f"disk {disk.path} is {here.virtual_size} bytes here but {size} bytes on "
+                    "the source: not the same image"
+                )
+            theirs = fact.get("format")
+            if theirs is not None and theirs != here.format:
+                raise StorageError(
+                    f"disk {disk.path} is a {here.format} image here but {theirs} on the "
+                    "source: not the same image"
                 )
             if disk.writable and not disk.is_url:
                 # Required: the token proves the source holds the disk and that
@@ -185,6 +199,9 @@ class IncomingMigrations:
         One answer whether a file is missing, elsewhere or different, so that a
         peer learns nothing about the files of this host.
         """
+        if cfg.boots_from_disk:
+            await self._check_same_firmware(cfg, boot)
+            return
         try:
             files = self.launcher.boot_files(cfg)
         except ImageError:
@@ -202,6 +219,23 @@ class IncomingMigrations:
             ):
                 raise ImageError(
                     f"this host's image directory has no {role} identical to the source's"
+                )
+
+    async def _check_same_firmware(self, cfg: DomainConfig, boot: Mapping[str, Any]) -> None:
+        """Flash images travel in the stream, but only into files of the same sizes."""
+        if boot.get("firmware", "bios") != cfg.firmware:
+            theirs = boot.get("firmware")
+            raise ImageError(f"the source boots firmware {theirs}, not {cfg.firmware}")
+        if cfg.firmware != "uefi":
+            return
+        files = self.launcher.boot_files(cfg)
+        assert files.uefi is not None
+        here = UefiFiles(files.uefi.code, files.uefi.vars_template).sizes()
+        for key, size in here.items():
+            if boot.get(key) != size:
+                raise ImageError(
+                    f"this host's UEFI firmware differs from the source's ({key} {size} here, "
+                    f"{boot.get(key)} there)"
                 )
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None:
@@ -362,19 +396,3 @@ def _event_time(events: EventListener | None, status: str) -> float | None:
             stamp = event["timestamp"]
             return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
     return None
-
-
-async def _url_virtual_size(url: str) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "info", "-U", "--output=json", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise StorageError(f"disk {url} did not answer within 30 s") from None
-    if proc.returncode != 0:
-        raise StorageError(f"disk {url} cannot be opened here: {err.decode().strip()[-200:]}")
-    return int(json.loads(out)["virtual-size"])

@@ -9,15 +9,17 @@ from typing import Any
 from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import Phase
 from ferry.domain.state import DomainState, Event
-from ferry.errors import InvalidTransition, MigrationInDoubt, StorageError
+from ferry.errors import InvalidTransition, MigrationInDoubt, MigrationRefused, StorageError
 from ferry.host.launcher import Launcher
 from ferry.host.running import OutgoingControl, RunningDomain
 from ferry.host.table import DomainTable
+from ferry.hypervisor.firmware import UefiFiles
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.params import MigrationParams
 from ferry.migration.source import OutgoingMigration, ProgressCallback
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import lease
+from ferry.storage.cache_safety import migration_hazard
 from ferry.util.tasks import Background
 
 log = logging.getLogger("ferryd")
@@ -56,7 +58,7 @@ class OutgoingMigrations:
             self.table.transition(dom, Event.MIGRATE_OUT)
             dom.outgoing = control
         try:
-            facts = await self._disk_facts(dom)
+            facts = await self._disk_facts(dom, params)
             boot = await self._boot_facts(dom.record.config)
             out = OutgoingMigration(
                 name=name,
@@ -113,20 +115,28 @@ class OutgoingMigrations:
             )
         control.abort_requested.set()
 
-    async def _disk_facts(self, dom: RunningDomain) -> list[dict[str, Any]]:
+    async def _disk_facts(
+        self, dom: RunningDomain, params: MigrationParams
+    ) -> list[dict[str, Any]]:
         """What the target needs to prove it sees the very same disks."""
-        sizes: dict[str, int] = {}
+        for disk in dom.record.config.disks:
+            hazard = None if params.unsafe_cache else migration_hazard(disk)
+            if hazard is not None:
+                raise MigrationRefused(f"cannot migrate '{dom.name}': {hazard}")
+        images: dict[str, dict[str, Any]] = {}
         blocks = await dom.monitor.execute("query-block")
         for block in blocks if isinstance(blocks, list) else []:
             image = block.get("inserted", {}).get("image", {})
-            qdev = str(block.get("qdev", ""))
-            if "virtual-size" in image:
-                sizes[qdev] = int(image["virtual-size"])
+            if isinstance(image, dict) and "virtual-size" in image:
+                images[str(block.get("qdev", ""))] = image
         facts = []
         for disk in dom.record.config.disks:
-            index = ord(disk.target[-1]) - ord("a")
-            size = next((v for k, v in sizes.items() if k.endswith(f"vd{index}")), None)
-            fact: dict[str, Any] = {"path": disk.path, "size": size}
+            image = next((v for k, v in images.items() if k.endswith(f"vd{disk.index}")), {})
+            fact: dict[str, Any] = {
+                "path": disk.path,
+                "size": image.get("virtual-size"),
+                "format": image.get("format"),
+            }
             if not disk.is_url and disk.writable:
                 held = lease.read_lease(disk.path)
                 if held is None or held.host != self.table.host_name:
@@ -140,6 +150,11 @@ class OutgoingMigrations:
 
     async def _boot_facts(self, cfg: DomainConfig) -> dict[str, Any]:
         boot = self.launcher.boot_files(cfg)
+        if boot.kernel is None:
+            if boot.uefi is None:
+                return {"firmware": "bios"}
+            sizes = UefiFiles(boot.uefi.code, boot.uefi.vars_template).sizes()
+            return {"firmware": "uefi", **sizes}
         initrd = await self.launcher.file_digest(boot.initrd) if boot.initrd else None
         return {
             "kernel_sha256": await self.launcher.file_digest(boot.kernel),

@@ -28,6 +28,10 @@ class MigrationParams:
     # step, up to max_downtime_cap_ms.
     converge_after_s: float = 60.0
     max_downtime_cap_ms: int = 2000
+    # Migrate a disk whose cache mode keeps data in the page cache of a file
+    # system shared between hosts (see ferry.storage.cache_safety): the
+    # operator says the risk is taken, as virsh migrate --unsafe.
+    unsafe_cache: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ferry.domain.config import DiskSpec, DomainConfig
+from ferry.domain.config import DomainConfig
+from ferry.domain.disks import DiskSpec
 from ferry.errors import StorageError
 
 
