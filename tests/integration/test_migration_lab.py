@@ -35,10 +35,12 @@ CLIP = "http://virt_server:8888/clip.ogg"
 
 
 @contextmanager
-def lab_up(request: pytest.FixtureRequest, kind: str, rate: str | None) -> Iterator[Lab]:
+def lab_up(
+    request: pytest.FixtureRequest, kind: str, rate: str | None, disk_format: str = "raw"
+) -> Iterator[Lab]:
     workdir = Path(tempfile.mkdtemp(prefix="ferrylab-m", dir="/tmp"))
     try:
-        yield lab_mod.up(kind, rate=rate, workdir=workdir, log=print)
+        yield lab_mod.up(kind, rate=rate, workdir=workdir, log=print, disk_format=disk_format)
     finally:
         keep_logs(request, workdir)
         lab_mod.down(workdir, log=print)
@@ -180,13 +182,24 @@ def finish_watch(player: subprocess.Popen[str], output: Path) -> dict[str, Any]:
 # -- success -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "rate"), [("nfs", "100mbit"), ("nbd", "1gbit"), ("dir", "1gbit")])
+@pytest.mark.parametrize(
+    ("kind", "rate", "disk_format"),
+    [
+        ("nfs", "100mbit", "raw"),
+        ("nbd", "1gbit", "qcow2"),
+        ("dir", "1gbit", "raw"),
+        ("nfs", "1gbit", "qcow2"),
+    ],
+)
 def test_live_migration_there_and_back_while_streaming(
-    request: pytest.FixtureRequest, guest_image: GuestImage, kind: str, rate: str
-) -> None:
-    with lab_up(request, kind, rate) as lab:
+    request: pytest.FixtureRequest, guest_image: GuestImage, kind: str, rate: str,
+    disk_format: str,
+) -> None:  # fmt: skip
+    with lab_up(request, kind, rate, disk_format) as lab:
         s = Scenario(lab)
         before = s.create()
+        info = json.loads(s.ferry("xen_host_1", "info", "--json", VM).stdout)
+        assert info["config"]["disk"][0]["format"] == disk_format
         player = watch(lab, CLIP, lab.workdir / "watch.json")
         writer = s.start_writes(seconds=25)
         wait_until_sync(

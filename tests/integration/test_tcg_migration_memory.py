@@ -26,7 +26,7 @@ MIB = 1024 * 1024
 
 
 def qemu(
-    image: GuestImage, disk: Path, tmp: Path, tag: str, memory: str, *extra: str
+    image: GuestImage, disk: Path, tmp: Path, tag: str, memory: str, fmt: str, *extra: str
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
@@ -34,7 +34,7 @@ def qemu(
             "-m", memory, "-nodefaults", "-display", "none",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", "root=/dev/vda rw console=ttyS0 quiet panic=-1",
-            "-drive", f"file={disk},if=none,id=d0,format=raw",
+            "-drive", f"file={disk},if=none,id=d0,format={fmt},cache=none",
             "-device", "virtio-blk-pci,drive=d0,addr=0x8",
             "-serial", f"file:{tmp / tag}.log", "-qmp", f"unix:{tmp / tag}.sock,server=on,wait=off",
             *extra,
@@ -56,11 +56,20 @@ async def connect(path: Path) -> QMPClient:
     return client
 
 
-async def test_migrated_ram_is_identical(guest_image: GuestImage, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_migrated_ram_is_identical(guest_image: GuestImage, tmp_path: Path, fmt: str) -> None:
+    """With the disk as ferry opens it (O_DIRECT, raw or qcow2)."""
     disk = tmp_path / "disk.img"
     make_domain_disk(guest_image, disk)
+    if fmt == "qcow2":
+        converted = tmp_path / "disk.qcow2"
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(converted)],
+            check=True,
+        )
+        disk = converted
     memory = memory_size(DomainConfig.from_mapping({"name": "x", "memory": 256}), "tcg")
-    procs = [qemu(guest_image, disk, tmp_path, "src", memory)]
+    procs = [qemu(guest_image, disk, tmp_path, "src", memory, fmt)]
     try:
         src = await connect(tmp_path / "src.sock")
         log = tmp_path / "src.log"
@@ -71,7 +80,17 @@ async def test_migrated_ram_is_identical(guest_image: GuestImage, tmp_path: Path
             what="the guest to boot",
         )
         procs.append(
-            qemu(guest_image, disk, tmp_path, "dst", memory, "-S", "-incoming", "tcp:127.0.0.1:0")
+            qemu(
+                guest_image,
+                disk,
+                tmp_path,
+                "dst",
+                memory,
+                fmt,
+                "-S",
+                "-incoming",
+                "tcp:127.0.0.1:0",
+            )
         )
         dst = await connect(tmp_path / "dst.sock")
         port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]  # type: ignore[index]

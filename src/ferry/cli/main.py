@@ -99,6 +99,36 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    info = _client(args).call("info", name=args.domain)
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0
+
+
+def format_info(info: dict[str, Any]) -> str:
+    cfg = info.get("config", {})
+    lines = [
+        f"{'name':<10} {info.get('name')}",
+        f"{'state':<10} {info.get('state')} (id {info.get('id')}, pid {info.get('pid')}, "
+        f"{info.get('accel')})",
+        f"{'memory':<10} {cfg.get('memory')} MiB, {cfg.get('vcpus')} vCPU",
+        f"{'boot':<10} "
+        + (
+            f"kernel {cfg['kernel']}"
+            if cfg.get("kernel")
+            else f"from its disk ({cfg.get('firmware', 'bios')} firmware)"
+        ),
+    ]
+    for disk in cfg.get("disk", []):
+        lines.append(
+            f"{'disk':<10} {disk['target']} {disk['path']} ({disk.get('format', '?')}, "
+            f"cache={disk.get('cache') or 'none'}, {'rw' if disk.get('mode') == 'w' else 'ro'})"
+        )
+    for vif in cfg.get("vif", []):
+        lines.append(f"{'nic':<10} {vif['mac']} on {vif['bridge']}")
+    return "\n".join(lines)
+
+
 def cmd_pause(args: argparse.Namespace) -> int:
     _client(args).call("pause", name=args.domain)
     return 0
@@ -235,6 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report_dir=args.report,
         workdir=args.workdir,
         keep=args.keep,
+        boot=args.boot,
     )
     return run_demo(opts)
 
@@ -274,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--all", action="store_true", help="every host's domains (from etcd)")
     p.add_argument("--json", action="store_true")
     p.add_argument("names", nargs="*", metavar="DOMAIN")
+
+    p = add("info", cmd_info, "a domain's state, boot, disks (format, cache) and NICs")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("domain")
 
     for name, func, text in (
         ("pause", cmd_pause, "pause a domain"),
@@ -315,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=Path("ferry-demo-report"), help="report dir")
     p.add_argument("--workdir", type=Path, default=Path("/var/lib/ferry-lab"), help="lab dir")
     p.add_argument("--keep", action="store_true", help="leave the lab up for exploring")
+    p.add_argument(
+        "--boot",
+        choices=["kernel", "disk"],
+        default="kernel",
+        help="disk: virt_server boots its own kernel from its disk, as pygrub did",
+    )
 
     from ferry.lab.lab_cli import add_lab_parser
     from ferry.stream.watch_cli import add_watch_arguments, run_watch

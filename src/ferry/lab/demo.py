@@ -47,6 +47,7 @@ class DemoOptions:
     report_dir: Path = Path("ferry-demo-report")
     workdir: Path = lab_mod.DEFAULT_WORKDIR
     keep: bool = False
+    boot: str = "kernel"  # "disk": virt_server boots its own kernel from its disk
 
 
 class Demo:
@@ -80,17 +81,24 @@ class Demo:
                 workdir=self.opts.workdir,
                 memory=self.opts.memory,
                 log=lambda line: self.out.print(f"  [dim]{line}[/]"),
+                boot=self.opts.boot,
             )
         self.lab = lab
         self.say(
             f"lab up: xen_host_1, xen_host_2, client_1, client_2 on a "
             f"{lab.rate or 'unshaped'} LAN, "
-            f"{lab.storage} storage ({lab.disk})"
+            f"{lab.storage} storage ({lab.disk}), "
+            + (
+                "virt_server boots its own kernel from its disk (pygrub's way)"
+                if lab.boot == "disk"
+                else "ferry boots virt_server's kernel directly"
+            )
         )
         self.data["setup"] = {
             "rate": lab.rate,
             "storage": lab.storage,
             "disk": lab.disk,
+            "boot": lab.boot,
             "memory_mib": self.opts.memory,
             "round_trips": self.opts.round_trips,
             "player_buffer_s": PLAYER_BUFFER_S,
@@ -105,7 +113,8 @@ class Demo:
         except FerryError:
             return None
         wanted_rate = topology.parse_rate(self.opts.rate) if self.opts.rate != "none" else None
-        if healthy and lab.storage == self.opts.storage and lab.rate == wanted_rate:
+        same = (lab.storage, lab.rate, lab.boot) == (self.opts.storage, wanted_rate, self.opts.boot)
+        if healthy and same:
             for host in ("xen_host_1", "xen_host_2"):
                 if VM in self._names(lab, host):
                     lab.run(host, ["ferry", "destroy", VM])

@@ -25,14 +25,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ferry.errors import FerryError, ImageError
+from ferry.guest.boot_disk import make_bootable_disk
 from ferry.guest.image import build_image, load_image, make_domain_disk
+from ferry.guest.kernel import run
 from ferry.lab import etcd_cluster, storage, topology
+from ferry.lab.configs import BOOTS
 from ferry.lab.host_daemons import RUN_ROOT, restart_ferryd, start_ferryd, stop_host
 from ferry.lab.pki import ensure_lab_pki
 from ferry.lab.state import DEFAULT_WORKDIR, Lab
 from ferry.lab.storage import StorageSpec
 from ferry.lab.sweep import kill_namespace_processes
-from ferry.lab.topology import HOSTS, NODES, VM_NAME
+from ferry.lab.topology import HOSTS, NODES, VM_ADDRESS, VM_NAME
 
 __all__ = [
     "DEFAULT_MEMORY",
@@ -67,9 +70,19 @@ def up(
     workdir: Path = DEFAULT_WORKDIR,
     memory: int = DEFAULT_MEMORY,
     log: Log = print,
+    boot: str = "kernel",
+    disk_format: str = "raw",
 ) -> Lab:
-    """Bring the lab up, after removing whatever a previous lab left behind."""
+    """Bring the lab up, after removing whatever a previous lab left behind.
+
+    ``boot``: "disk" gives virt_server a disk with its own bootloader (BIOS)
+    and kernel, booted through the classic config's pygrub line.
+    ``disk_format``: "qcow2" converts virt_server's disk (its name stays
+    virt_server.img: ferry reads the format from the image).
+    """
     storage.check_kind(storage_kind)
+    if boot not in BOOTS:
+        raise FerryError(f"lab boot {boot!r} is not one of {', '.join(BOOTS)}")
     rate = topology.parse_rate(rate) if rate is not None else None
     workdir = workdir.absolute()
     for line in down(workdir, log=lambda _line: None):
@@ -77,14 +90,14 @@ def up(
     spec = StorageSpec(storage_kind, workdir / "xen")
     lab = Lab(
         workdir=workdir, storage=storage_kind, rate=rate, memory=memory,
-        disk=spec.disk(VM_NAME), scratch_disk=spec.disk(SCRATCH),
+        disk=spec.disk(VM_NAME), scratch_disk=spec.disk(SCRATCH), boot=boot,
     )  # fmt: skip
     try:
         lab.export_dir.mkdir(parents=True)
         lab.save()
         topology.build(rate)
         log(f"network: {len(NODES)} nodes on {topology.LAN_BRIDGE}, links at {rate or 'full'}")
-        _make_disks(lab, log)
+        _make_disks(lab, log, disk_format)
         lab.domain_config.write_text(lab.domain_config_text())
         lab.servers = storage.start(spec, [VM_NAME, SCRATCH], workdir / "storage")
         lab.save()
@@ -105,12 +118,27 @@ def up(
     return lab
 
 
-def _make_disks(lab: Lab, log: Log) -> None:
+def _make_disks(lab: Lab, log: Log, disk_format: str = "raw") -> None:
     try:
         image = load_image()
     except ImageError:
         image = build_image(log=log)
-    make_domain_disk(image, lab.export_dir / f"{VM_NAME}.img")
+    disk = lab.export_dir / f"{VM_NAME}.img"
+    if lab.boot == "disk":
+        # What the installed guest's own bootloader config holds: its address.
+        ip = f"ip={VM_ADDRESS}:::255.255.255.0:{VM_NAME}:eth0:off"
+        make_bootable_disk(image, disk, "bios", ip)
+    else:
+        make_domain_disk(image, disk)
+    if disk_format == "qcow2":
+        converted = disk.with_suffix(".qcow2-part")
+        run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(converted)],
+            f"converting {disk} to qcow2",
+        )
+        converted.replace(disk)
+    elif disk_format != "raw":
+        raise FerryError(f"lab disk format {disk_format!r} is not raw or qcow2")
     with (lab.export_dir / f"{SCRATCH}.img").open("xb") as scratch:
         scratch.truncate(SCRATCH_SIZE)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from ferry.lab import lab as lab_mod
 from ferry.lab import storage, topology
+from ferry.lab.configs import BOOTS
 
 
 def _note(text: str) -> None:
@@ -21,7 +22,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     start = time.monotonic()
     lab = lab_mod.up(
         storage_kind=args.storage, rate=args.rate, workdir=args.workdir, memory=args.memory,
-        log=_note,
+        log=_note, boot=args.boot,
     )  # fmt: skip
     print(f"lab up in {time.monotonic() - start:.1f} s (state {lab.state_file})")
     print(f"  storage {lab.storage}: virt_server's disk {lab.disk}")
@@ -96,6 +97,9 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    help="tc rate of every link, or none (default 100mbit)")  # fmt: skip
     p.add_argument("--memory", type=int, default=lab_mod.DEFAULT_MEMORY,
                    help="MiB of the lab VM in its config (default %(default)s)")  # fmt: skip
+    p.add_argument("--boot", choices=BOOTS, default="kernel",
+                   help="kernel: ferry boots its own kernel (default); disk: the VM's disk "
+                   "boots its own kernel through its bootloader, as pygrub did")  # fmt: skip
 
     add("down", cmd_down, "remove every namespace, process and file of the lab")
 

@@ -65,6 +65,9 @@ class Lab:
     memory: int  # MiB, for the lab VM's config
     disk: str  # virt_server's disk as QEMU opens it: URL, or path for dir
     scratch_disk: str  # the same for the scratch image
+    # "kernel": ferry boots its own kernel; "disk": the disk's own bootloader
+    # does, as pygrub did for the classic guest.
+    boot: str = "kernel"
     daemons: dict[str, HostDaemon] = field(default_factory=dict)
     servers: list[LabProcess] = field(default_factory=list)
     ready: bool = False  # False while `up` is under way (or if it died)
@@ -88,7 +91,7 @@ class Lab:
         return {
             "workdir": str(self.workdir), "storage": self.storage, "rate": self.rate,
             "memory": self.memory, "disk": self.disk, "scratch_disk": self.scratch_disk,
-            "export_dir": str(self.export_dir), "ready": self.ready,
+            "boot": self.boot, "export_dir": str(self.export_dir), "ready": self.ready,
             "domain_config": str(self.domain_config),
             "vm": {"name": VM_NAME, "address": VM_ADDRESS, "mac": VM_MAC},
             "nodes": {
@@ -113,6 +116,7 @@ class Lab:
             return cls(
                 workdir=Path(data["workdir"]), storage=data["storage"], rate=data["rate"],
                 memory=int(data["memory"]), disk=data["disk"], scratch_disk=data["scratch_disk"],
+                boot=str(data.get("boot", "kernel")),
                 daemons={k: HostDaemon.from_json(v) for k, v in data["daemons"].items()},
                 servers=[LabProcess.from_json(s) for s in data["servers"]],
                 ready=bool(data.get("ready")),
@@ -189,7 +193,7 @@ class Lab:
 
     def domain_config_text(self, name: str = VM_NAME, memory: int | None = None) -> str:
         """The lab VM's config in the classic xm format, with the lab's disk and address."""
-        return vm_config_text(self.storage, self.export_dir, name, memory or self.memory)
+        return vm_config_text(self.storage, self.export_dir, name, memory or self.memory, self.boot)
 
     def status(self) -> dict[str, Any]:
         """What is up now, checked live (namespaces, processes, daemons answering)."""
