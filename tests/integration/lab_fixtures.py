@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 KEPT_LOGS = REPO / "test-logs"
 
 
-def keep_logs(request: pytest.FixtureRequest, workdir: Path) -> None:
+def keep_logs(request: pytest.FixtureRequest, workdir: Path, failed: bool = False) -> None:
+    """``failed``: the caller saw the test fail (inside the test, before its report)."""
     report = getattr(request.node, "rep_call", None)
-    if report is None or not report.failed or not workdir.is_dir():
+    if not (failed or (report is not None and report.failed)) or not workdir.is_dir():
         return
     dest = KEPT_LOGS / re.sub(r"[^\w.-]+", "_", request.node.nodeid)
     shutil.rmtree(dest, ignore_errors=True)

@@ -116,3 +116,36 @@ def test_qcow2_overlay_boots_and_migrates(host: LabHost) -> None:
     assert witness_status(host)["boot_id"] == booted["boot_id"]
     # QEMU opened the backing file read-only: the guest's writes all went to the overlay.
     assert base.stat().st_mtime_ns == base_written
+
+
+CLOUD_CONFIG = """\
+name = "diskvm"
+memory = 256
+ip = "10.99.0.10"
+netmask = "255.255.255.0"
+[[disk]]
+path = "{disk}"
+[[vif]]
+mac = "00:16:3e:4a:21:09"
+bridge = "xenbr0"
+[cloud_init]
+hostname = "seeded-web"
+"""
+
+
+def test_cloud_init_seed_sets_hostname_and_address_kept_across_migration(host: LabHost) -> None:
+    disk = host.storage / "diskvm.img"
+    make_bootable_disk(host.image, disk, "bios")  # no address in the disk's own config
+    (host.workdir / "diskvm.toml").write_text(CLOUD_CONFIG.format(disk=disk))
+    code, _out, err = host.ferry("create", str(host.workdir / "diskvm.toml"))
+    assert code == 0, err
+    wait_for(lambda: host.ping(GUEST), 240, "the guest to answer on the seed's address")
+    wait_for(lambda: _answers(host), 60, "the guest's witness service")
+    booted = witness_status(host)
+    assert booted["hostname"] == "seeded-web"
+    argv = qemu_argv(host)
+    assert any(a.startswith("virtio-blk-pci,drive=seed0") for a in argv)
+    migrate_to_itself(host)
+    wait_for(lambda: _answers(host), 60, "the guest's witness service after migrating")
+    after = witness_status(host)
+    assert (after["hostname"], after["boot_id"]) == ("seeded-web", booted["boot_id"])

@@ -194,4 +194,34 @@ MUTANTS = [
         "[Compare.absent(maintenance), Compare.absent(dkey),",
         "[Compare.absent(dkey),",
     ),
+    Mutant(
+        "a backing file outside the storage roots is let through",
+        "storage/images.py",
+        "        return resolve_disk(DiskSpec(path=path, writable=False), roots)",
+        "        return path",
+    ),
+    Mutant(
+        "a corrupt qcow2 image is started",
+        "storage/images.py",
+        "    if rc in (0, CHECK_LEAKS):",
+        "    if True:",
+    ),
+    Mutant(
+        "the target does not compare the image's format with the source's",
+        "migration/incoming.py",
+        "            if theirs is not None and theirs != here.format:",
+        "            if False:",
+    ),
+    Mutant(
+        "a page-cached disk on a shared file system migrates without --unsafe",
+        "storage/cache_safety.py",
+        "    if kind in CLUSTER_FS or not is_network_fs(kind):",
+        "    if True:",
+    ),
+    Mutant(
+        "the target does not compare the cloud-init seed with the source's",
+        "migration/incoming.py",
+        '        if seed is not None and boot.get("seed_sha256") != await asyncio.to_thread(',
+        '        if seed is None and boot.get("seed_sha256") != await asyncio.to_thread(',
+    ),
 ]

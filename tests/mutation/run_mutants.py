@@ -31,6 +31,8 @@ TESTS = [
     "tests/unit/test_relocation_tls.py",
     "tests/unit/test_cluster_ownership.py",
     "tests/unit/test_cluster_hosts.py",
+    "tests/unit/test_disk_images.py",
+    "tests/unit/test_cloud_init.py",
 ]
 TIMEOUT_S = 600
 

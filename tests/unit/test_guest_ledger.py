@@ -85,7 +85,7 @@ def test_http_status_append_and_ledger(server: Any) -> None:
     status, kind, body = _request(server, "GET", "/status")
     first = json.loads(body)
     assert (status, kind) == (200, "application/json")
-    assert set(first) == {"boot_id", "uptime", "counter", "records"}
+    assert set(first) == {"boot_id", "uptime", "counter", "records", "hostname"}
     assert (first["boot_id"], first["counter"], first["records"]) == (BOOT_ID, 0, 0)
     assert first["uptime"] > 0
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from ferry.domain.config import DomainConfig
 from ferry.errors import MigrationError, MigrationRefused, WaitTimeout
+from ferry.hypervisor.seed import seed_digest
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.storage import lease
 from ferry.util.wait import wait_until
@@ -116,6 +118,39 @@ async def test_refusals(
     c, h = target
     with pytest.raises(MigrationRefused, match=reason):
         await prepare(h, prepare_message(c, h, **change))
+    await assert_nothing_left(c, h)
+
+
+async def test_a_cloud_init_seed_must_be_the_sources(target: tuple[Cluster, FakeHost]) -> None:
+    c, h = target
+    message = prepare_message(c, h)
+    message["config"]["cloud_init"] = {"hostname": "web1"}
+    seed = DomainConfig.from_mapping(message["config"]).seed_files()
+    assert seed is not None
+    message["boot"]["seed_sha256"] = seed_digest(dict(seed, **{"meta-data": b"{}"}))
+    with pytest.raises(MigrationRefused, match="seed made here differs from the source's"):
+        await prepare(h, message)
+    await assert_nothing_left(c, h)
+    message = prepare_message(c, h)
+    message["config"]["cloud_init"] = {"hostname": "web1"}
+    message["boot"]["seed_sha256"] = seed_digest(seed)
+    assert len((await prepare(h, message))["token"]) == 32
+    await h.s.incoming.close()
+    await assert_nothing_left(c, h)
+
+
+async def test_a_format_other_than_the_sources_is_refused(
+    target: tuple[Cluster, FakeHost],
+) -> None:
+    c, h = target
+    message = prepare_message(c, h)
+    message["disks"][0]["format"] = "qcow2"
+    with pytest.raises(MigrationRefused, match="raw image here but qcow2 on the source"):
+        await prepare(h, message)
+    message = prepare_message(c, h)
+    message["config"]["disk"][0]["format"] = "qcow2"
+    with pytest.raises(MigrationRefused, match="is a raw image, not qcow2"):
+        await prepare(h, message)
     await assert_nothing_left(c, h)
 
 

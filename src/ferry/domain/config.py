@@ -27,6 +27,7 @@ Canonical keys::
                 host from its shared disk once its host has lost its lease (HA)
     vnc, sdl    bool (accepted; ferry runs QEMU headless)
     disk        list of {path, target, mode, format, cache} (see ferry.domain.disks)
+    cloud_init  table or absent: a NoCloud seed drive (see ferry.domain.cloud_init)
     vif         list of {mac, bridge}
     ignored     list of str: what an import could not honour, said to the user
 """
@@ -40,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ferry.domain.cloud_init import CloudInit, SeedNetwork, parse_cloud_init, seed_files
 from ferry.domain.disks import DiskSpec, parse_disks
 from ferry.errors import ConfigError
 
@@ -78,6 +80,7 @@ KNOWN_KEYS = frozenset(
         "disk",
         "vif",
         "ignored",
+        "cloud_init",
     }
 )
 
@@ -116,6 +119,7 @@ class DomainConfig:
     sdl: bool = False
     disks: tuple[DiskSpec, ...] = ()
     vifs: tuple[VifSpec, ...] = ()
+    cloud_init: CloudInit | None = None
     ignored: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
@@ -146,7 +150,21 @@ class DomainConfig:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
+        if self.cloud_init is not None:
+            out["cloud_init"] = self.cloud_init.to_mapping()
         return out
+
+    def seed_files(self) -> dict[str, bytes] | None:
+        """The NoCloud seed's files, when the domain has a [cloud_init] table."""
+        if self.cloud_init is None:
+            return None
+        net = SeedNetwork(
+            mac=self.vifs[0].mac if self.vifs else None,
+            ip=self.ip,
+            netmask=self.netmask,
+            gateway=self.gateway,
+        )
+        return seed_files(self.cloud_init, self.name, self.guest_hostname, self.uuid, net)
 
     def with_disks(self, disks: tuple[DiskSpec, ...]) -> DomainConfig:
         return replace(self, disks=disks)
@@ -215,13 +233,16 @@ class _Validator:
             sdl=self.boolean(data, "sdl"),
             disks=disks,
             vifs=self.vifs(data.get("vif", [])),
+            cloud_init=parse_cloud_init(data.get("cloud_init"), self.fail, HOSTNAME_RE),
             ignored=self.notes(data),
         )
 
     def notes(self, data: Mapping[str, Any]) -> tuple[str, ...]:
         notes = [str(x) for x in self.sequence(data, "ignored")]
         if data.get("kernel") is None:
-            unused = [k for k in ("ip", "extra") if data.get(k)]
+            # With a [cloud_init] table the address reaches the guest in its seed.
+            seeded = ("ip",) if data.get("cloud_init") is not None else ()
+            unused = [k for k in ("ip", "extra") if data.get(k) and k not in seeded]
             note = (
                 f"{' and '.join(unused)} not given to the guest: it boots its own kernel "
                 "from its disk, with the command line its bootloader holds"

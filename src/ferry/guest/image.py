@@ -28,6 +28,7 @@ GUEST_FILES = (
     "ferry_init/__main__.py",
     "ferry_init/console.py",
     "ferry_init/network.py",
+    "ferry_init/nocloud.py",
     "ferry_init/power_button.py",
     "ferry_init/services.py",
     "ferry_init/supervisor.py",

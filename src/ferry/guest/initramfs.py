@@ -14,7 +14,11 @@ from ferry.guest.kernel import KernelTree, run
 
 # What the guest needs before its root is mounted; the ACPI button and evdev make
 # QEMU's system_powerdown reach ferry-init as an input event.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "evdev", "button", "ext4")
+# vfat and its code pages: the cloud-init seed drive is a FAT image.
+WANTED_MODULES = (
+    "virtio_pci", "virtio_blk", "virtio_net", "evdev", "button", "ext4", "vfat", "nls_cp437",
+    "nls_utf8",
+)  # fmt: skip
 MODULE_LIST = "etc/ferry-modules"
 BUSYBOX = Path("/bin/busybox")
 

@@ -38,6 +38,7 @@ from ferry.hypervisor.accel import ProbeResult, resolve_accel
 from ferry.hypervisor.cmdline import BootFiles, MachinePaths, build_qemu_args
 from ferry.hypervisor.firmware import ensure_vars
 from ferry.hypervisor.monitor import Monitor
+from ferry.hypervisor.seed import build_seed
 from ferry.network import tap
 from ferry.storage import lease
 from ferry.storage.disks import resolve_disk
@@ -218,6 +219,9 @@ class Launcher:
         try:
             if boot.uefi is not None:
                 await asyncio.to_thread(ensure_vars, boot.uefi.vars, boot.uefi.vars_template)
+            seed = cfg.seed_files()
+            if seed is not None:
+                await asyncio.to_thread(build_seed, seed, paths.seed)
             for name, vif in zip(record.taps, cfg.vifs, strict=True):
                 await asyncio.to_thread(tap.create_tap, name, vif.bridge)
             args = build_qemu_args(

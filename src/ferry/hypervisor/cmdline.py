@@ -19,6 +19,7 @@ from ferry.domain.disks import DiskSpec
 # the guest migratable between hosts whose CPUs differ.
 MACHINE_TYPE = "pc"
 CPU_MODEL = "qemu64"
+SEED_SLOT = 0x1E
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class MachinePaths:
     @property
     def console_socket(self) -> Path:
         return self.run_dir / "console.sock"
+
+    @property
+    def seed(self) -> Path:
+        """The cloud-init seed drive, made from the config at each start."""
+        return self.run_dir / "seed.img"
 
     @property
     def pidfile(self) -> Path:
@@ -182,6 +188,14 @@ def build_qemu_args(
     args += _boot_args(cfg, boot)
     for disk in cfg.disks:
         args += _disk_args(disk, boot_disk=boot.kernel is None and disk is cfg.disks[0])
+    if cfg.cloud_init is not None:
+        # Read-only, after every disk (the guest sees it as the last vdX).
+        args += [
+            "-drive",
+            f"file={_escape(str(paths.seed))},if=none,id=seed0,format=raw,readonly=on",
+            "-device",
+            f"virtio-blk-pci,drive=seed0,id=seed,addr={SEED_SLOT:#x}",
+        ]
     for index, (vif, tap) in enumerate(zip(cfg.vifs, taps, strict=True)):
         args += ["-netdev", f"tap,id=net{index},ifname={tap},script=no,downscript=no"]
         device = (

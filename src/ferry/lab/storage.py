@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import StorageError, WaitTimeout
+from ferry.errors import FerryError, StorageError, WaitTimeout
 from ferry.hypervisor import process
 from ferry.lab import netns
 from ferry.lab.topology import STORAGE
@@ -239,9 +240,12 @@ def _start_nbd(spec: StorageSpec, images: list[str], logdir: Path) -> LabProcess
     argv = ["qemu-storage-daemon"]
     for i, image in enumerate(images):
         path = spec.export_dir / f"{image}.img"
+        # A qcow2 image is opened by the server, which exports its content: an
+        # NBD export has a fixed size, and a qcow2 file grows as it is written.
+        fmt = _image_format(path)
         argv += [
             "--blockdev", f"driver=file,node-name=file{i},filename={path},cache.direct=off",
-            "--blockdev", f"driver=raw,node-name=disk{i},file=file{i}",
+            "--blockdev", f"driver={fmt},node-name=disk{i},file=file{i}",
         ]  # fmt: skip
     argv += ["--nbd-server", f"addr.type=inet,addr.host={STORAGE.address},addr.port={NBD_PORT}"]
     for i, image in enumerate(images):
@@ -253,6 +257,19 @@ def _start_nbd(spec: StorageSpec, images: list[str], logdir: Path) -> LabProcess
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def _image_format(path: Path) -> str:
+    """The lab's own images, made by the lab: raw or qcow2, read from the file."""
+    result = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise FerryError(f"lab storage: {path}: {result.stderr.strip()}")
+    fmt = str(json.loads(result.stdout).get("format"))
+    if fmt not in ("raw", "qcow2"):
+        raise FerryError(f"lab storage: {path} is a {fmt} image, not raw or qcow2")
+    return fmt
 
 
 def _listening(ns_name: str, port: int) -> bool:

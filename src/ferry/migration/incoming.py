@@ -38,6 +38,7 @@ from ferry.host.running import Incoming, RunningDomain
 from ferry.host.table import DomainTable
 from ferry.host.watcher import DomainWatcher
 from ferry.hypervisor.firmware import UefiFiles
+from ferry.hypervisor.seed import seed_digest
 from ferry.migration.data_link import FD_NAME
 from ferry.migration.params import MigrationParams
 from ferry.network import tap
@@ -199,6 +200,14 @@ class IncomingMigrations:
         One answer whether a file is missing, elsewhere or different, so that a
         peer learns nothing about the files of this host.
         """
+        seed = cfg.seed_files()
+        if seed is not None and boot.get("seed_sha256") != await asyncio.to_thread(
+            seed_digest, seed
+        ):
+            raise ImageError(
+                "the cloud-init seed made here differs from the source's: the guest would see "
+                "another drive (different mtools or dosfstools versions?)"
+            )
         if cfg.boots_from_disk:
             await self._check_same_firmware(cfg, boot)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -14,6 +15,7 @@ from ferry.host.launcher import Launcher
 from ferry.host.running import OutgoingControl, RunningDomain
 from ferry.host.table import DomainTable
 from ferry.hypervisor.firmware import UefiFiles
+from ferry.hypervisor.seed import seed_digest
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.params import MigrationParams
 from ferry.migration.source import OutgoingMigration, ProgressCallback
@@ -149,6 +151,11 @@ class OutgoingMigrations:
         return facts
 
     async def _boot_facts(self, cfg: DomainConfig) -> dict[str, Any]:
+        seed = cfg.seed_files()
+        facts = {} if seed is None else {"seed_sha256": await asyncio.to_thread(seed_digest, seed)}
+        return facts | await self._boot_file_facts(cfg)
+
+    async def _boot_file_facts(self, cfg: DomainConfig) -> dict[str, Any]:
         boot = self.launcher.boot_files(cfg)
         if boot.kernel is None:
             if boot.uefi is None:

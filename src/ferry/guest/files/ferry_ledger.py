@@ -1,7 +1,7 @@
 #!/usr/bin/python3 -I
 """ferry's guest witness (port 8890): proves a VM was not rebooted and lost no write.
 
-GET  /status  {"boot_id", "uptime", "counter", "records"}: the counter ticks in
+GET  /status  {"boot_id", "uptime", "counter", "records", "hostname"}: the counter ticks in
               memory every 100 ms, so it continues across a migration and
               restarts from 0 only if the guest reboots.
 POST /append  appends the next numbered record to the ledger, fsyncs it, and
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,6 +86,7 @@ class State:
             "uptime": uptime,
             "counter": self.counter,
             "records": self.ledger.last,
+            "hostname": socket.gethostname(),
         }
 
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 from typing import NamedTuple
 
+from . import nocloud
 from .console import say
 from .system import ENV
 
@@ -97,6 +98,24 @@ def ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
 
 
+def seed_config() -> tuple[IpConfig | None, str | None]:
+    """The static address and host name of a NoCloud seed drive, if there is one."""
+    device = nocloud.find_seed()
+    if device is None:
+        return None, None
+    files = nocloud.read_seed(device)
+    meta = nocloud.parse_document(files.get("meta-data", b""))
+    hostname = meta.get("local-hostname")
+    hostname = str(hostname) if hostname else None
+    found = nocloud.static_address(nocloud.parse_document(files.get("network-config", b"")))
+    say(f"cloud-init seed {device}: host name {hostname or '-'}, address {found and found[0]}")
+    if found is None:
+        return None, hostname
+    address, prefix, gateway, mac = found
+    device = nocloud.device_with_mac(mac)
+    return IpConfig(address, prefix, gateway, hostname or "", device), hostname
+
+
 def setup_network(params: dict[str, str]) -> None:
     try:
         ip("link", "set", "lo", "up")
@@ -107,7 +126,11 @@ def setup_network(params: dict[str, str]) -> None:
         conf = parse_ip(params["ip"]) if "ip" in params else None
     except ValueError as err:
         say(f"network failed: {err}")
-    hostname = (conf.hostname if conf else "") or params.get("ferry.hostname")
+    seed_hostname = None
+    if "ip" not in params:
+        # No address on the command line: a cloud-init seed may give one.
+        conf, seed_hostname = seed_config()
+    hostname = (conf.hostname if conf else "") or params.get("ferry.hostname") or seed_hostname
     if hostname:
         set_hostname(hostname)
         write_host_files(hostname, conf.address if conf else None)
