@@ -38,7 +38,7 @@ def read_seed(device: str) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="cidata-") as mnt:
         proc = subprocess.run(
-            ["mount", "-t", "vfat", "-o", "ro", device, mnt],
+            ["mount", "-t", "vfat", "-o", "ro,iocharset=utf8", device, mnt],
             capture_output=True, text=True, env=ENV, check=False,
         )  # fmt: skip
         if proc.returncode != 0:
