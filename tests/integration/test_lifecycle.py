@@ -85,14 +85,22 @@ def assert_nothing_left(host: LabHost, pid: int, taps: list[str]) -> None:
     assert list((host.ferryd.state_dir / "domains").glob("*/record.json")) == []
 
 
-def test_shutdown_is_a_clean_acpi_poweroff(booted: LabHost) -> None:
+def test_guest_agent_gives_addresses_and_a_clean_shutdown(booted: LabHost) -> None:
+    """ferry's guest runs qemu-ga: its addresses, and a power-off without ACPI."""
+    wait_for(
+        lambda: "10.99.0.10/24" in booted.ferry("list", "--long")[1], 60, "qemu-ga to answer"
+    )
+    code, out, err = booted.ferry("info", "--json", "virt_server")
+    assert code == 0, err
+    assert json.loads(out)["addresses"] == ["10.99.0.10/24"]
     row = listed(booted)["virt_server"]
     code, out, err = booted.ferry("shutdown", "-w", "virt_server")
     assert code == 0, err
-    assert "powered off" in out
+    assert "powered off (asked through the guest agent)" in out
     assert_nothing_left(booted, int(str(row["pid"])), list(row["taps"]))  # type: ignore[arg-type]
     console = (booted.ferryd.state_dir / "domains" / "virt_server" / "console.log").read_text()
     assert "ferry-guest: power off" in console
+    assert "(power button)" not in console
 
 
 def test_destroy_leaves_nothing_behind(vm: LabHost) -> None:

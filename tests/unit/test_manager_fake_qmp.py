@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -115,3 +116,42 @@ async def test_out_of_band_stop_is_followed(setup: tuple[Services, FakeQmpPeer])
     )
     follow.cancel()
     assert load_record(services.table.layout.record_file("vm")).state is DomainState.PAUSED
+
+
+async def test_shutdown_without_a_guest_agent_presses_the_acpi_button(
+    setup: tuple[Services, FakeQmpPeer],
+) -> None:
+    services, peer = setup
+    # No qemu-ga behind the channel (here: no socket at all).
+    done = await services.lifecycle.shutdown("vm", wait=False, timeout=1)
+    assert done == {"ended": False, "method": "the ACPI power button"}
+    assert "system_powerdown" in peer.received
+
+
+async def test_shutdown_goes_through_the_guest_agent_when_it_answers(
+    setup: tuple[Services, FakeQmpPeer],
+) -> None:
+    services, peer = setup
+    seen: list[bytes] = []
+
+    async def agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            seen.append(line)
+            message = json.loads(line.lstrip(b"\xff"))
+            if message["execute"] == "guest-sync-delimited":
+                writer.write(b"\xff" + json.dumps({"return": message["arguments"]["id"]}).encode())
+                writer.write(b"\n")
+            elif message["execute"] == "guest-ping":
+                writer.write(b'{"return": {}}\n')
+            await writer.drain()
+
+    dom = services.table.get("vm")
+    dom.paths.run_dir.mkdir(parents=True, exist_ok=True)
+    server = await asyncio.start_unix_server(agent, str(dom.paths.agent_socket))
+    async with server:
+        done = await services.lifecycle.shutdown("vm", wait=False, timeout=1)
+        await wait_until(
+            lambda: any(b"guest-shutdown" in s for s in seen), timeout=5, what="guest-shutdown"
+        )
+    assert done["method"] == "the guest agent"
+    assert "system_powerdown" not in peer.received

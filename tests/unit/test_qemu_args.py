@@ -91,9 +91,13 @@ def test_readonly_disk_and_url_disk() -> None:
 def test_sockets_and_logs_are_the_machine_paths() -> None:
     args = args_for(config())
     assert option(args, "-qmp") == [f"unix:{PATHS.qmp_socket},server=on,wait=off"]
-    (chardev,) = option(args, "-chardev")
-    assert f"path={PATHS.console_socket}" in chardev
-    assert f"logfile={PATHS.console_log}" in chardev
+    agent, console = option(args, "-chardev")
+    assert f"path={PATHS.console_socket}" in console
+    assert f"logfile={PATHS.console_log}" in console
+    assert agent == f"socket,id=qga0,path={PATHS.agent_socket},server=on,wait=off"
+    assert "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0" in option(
+        args, "-device"
+    )
 
 
 def test_incoming_defer_for_a_migration_target() -> None:

@@ -61,14 +61,23 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_list(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'Name':<32} {'ID':>5} {'Mem':>6} {'VCPUs':>5} {'State':>14} {'Time(s)':>9}"]
+def format_list(rows: Sequence[dict[str, Any]], long: bool = False) -> str:
+    head = f"{'Name':<32} {'ID':>5} {'Mem':>6} {'VCPUs':>5} {'State':>14} {'Time(s)':>9}"
+    lines = [head + ("  Addresses" if long else "")]
     for row in rows:
-        lines.append(
+        line = (
             f"{row['name']:<32} {row['id']:>5} {row['mem']:>6} {row['vcpus']:>5} "
             f"{row['state']:>14} {row['time']:>9.1f}"
         )
+        if long:
+            line += "  " + _addresses(row.get("addresses"))
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _addresses(found: Any) -> str:
+    """What the guest agent reported; '-' where the guest runs none."""
+    return ", ".join(found) if found else ("-" if found is None else "(none)")
 
 
 def format_cluster_list(rows: Sequence[dict[str, Any]]) -> str:
@@ -89,13 +98,13 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows = [r for r in rows if r["name"] in args.names]
         print(json.dumps(rows, indent=1) if args.json else format_cluster_list(rows))
         return 0
-    rows = _client(args).call("list")
+    rows = _client(args).call("list", long=args.long)
     if args.names:
         missing = sorted(set(args.names) - {r["name"] for r in rows})
         if missing:
             raise FerryError(f"domain '{missing[0]}' does not exist")
         rows = [r for r in rows if r["name"] in args.names]
-    print(json.dumps(rows, indent=1) if args.json else format_list(rows))
+    print(json.dumps(rows, indent=1) if args.json else format_list(rows, args.long))
     return 0
 
 
@@ -126,6 +135,7 @@ def format_info(info: dict[str, Any]) -> str:
         )
     for vif in cfg.get("vif", []):
         lines.append(f"{'nic':<10} {vif['mac']} on {vif['bridge']}")
+    lines.append(f"{'addresses':<10} {_addresses(info.get('addresses'))} (from the guest agent)")
     return "\n".join(lines)
 
 
@@ -140,9 +150,12 @@ def cmd_unpause(args: argparse.Namespace) -> int:
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
-    _client(args).call("shutdown", name=args.domain, wait=args.wait, timeout=args.timeout)
+    done = _client(args).call("shutdown", name=args.domain, wait=args.wait, timeout=args.timeout)
+    how = done.get("method", "the ACPI power button") if isinstance(done, dict) else "?"
     if args.wait:
-        print(f"Domain {args.domain} has powered off")
+        print(f"Domain {args.domain} has powered off (asked through {how})")
+    else:
+        print(f"Domain {args.domain} asked to power off through {how}")
     return 0
 
 
@@ -303,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("list", cmd_list, "list domains: Name ID Mem VCPUs State Time(s)")
     p.add_argument("-a", "--all", action="store_true", help="every host's domains (from etcd)")
+    p.add_argument(
+        "-l", "--long", action="store_true", help="also the guests' addresses (from qemu-ga)"
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("names", nargs="*", metavar="DOMAIN")
 
@@ -337,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("host", nargs="?")
 
-    p = add("shutdown", cmd_shutdown, "shut a domain down through ACPI")
+    p = add("shutdown", cmd_shutdown, "shut a domain down: guest agent, else ACPI")
     p.add_argument("-w", "--wait", action="store_true", help="wait until it has powered off")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with -w)")
     p.add_argument("domain")

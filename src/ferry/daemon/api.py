@@ -235,6 +235,8 @@ class ControlServer:
         }
 
     async def _list(self, args: dict[str, Any]) -> Any:
+        if args.get("long"):
+            return await self.domains.list_long()
         return self.domains.list_rows()
 
     async def _list_all(self, args: dict[str, Any]) -> Any:
@@ -244,7 +246,7 @@ class ControlServer:
         return await self.services.cluster_hosts()
 
     async def _info(self, args: dict[str, Any]) -> Any:
-        return self.domains.info(_arg(args, "name", str))
+        return await self.domains.info_live(_arg(args, "name", str))
 
     async def _create(self, args: dict[str, Any]) -> Any:
         return await self.domains.create(_arg(args, "config", dict))

@@ -16,14 +16,18 @@ from ferry.domain.config import DomainConfig
 from ferry.domain.state import DomainState, Event, next_state
 from ferry.errors import DomainExists, FerryError, HypervisorError
 from ferry.host.launcher import Launcher
+from ferry.host.running import RunningDomain
 from ferry.host.table import DomainTable
 from ferry.host.watcher import DomainWatcher
 from ferry.hypervisor import process
+from ferry.hypervisor.guest_agent import agent_call, ipv4_addresses
 from ferry.network import tap
 from ferry.storage.disks import check_disks
 from ferry.storage.images import pin_formats
 
 log = logging.getLogger("ferryd")
+# The guest agent answers at once or not at all (none installed, guest busy).
+AGENT_TIMEOUT = 2.0
 
 
 class Lifecycle:
@@ -65,6 +69,36 @@ class Lifecycle:
             "qemu_log": str(dom.paths.qemu_log),
             **next(r for r in self.list_rows() if r["id"] == dom.record.domid),
         }
+
+    async def info_live(self, name: str) -> dict[str, Any]:
+        """``info`` and what the guest's agent says: its addresses (None: no agent)."""
+        info = self.info(name)
+        info["addresses"] = await self.guest_addresses(self.table.get(name))
+        return info
+
+    async def list_long(self) -> list[dict[str, Any]]:
+        rows = self.list_rows()
+        doms = {d.record.domid: d for d in self.table.everyone()}
+        found = await asyncio.gather(*(self.guest_addresses(doms[r["id"]]) for r in rows))
+        return [row | {"addresses": addresses} for row, addresses in zip(rows, found, strict=True)]
+
+    async def guest_addresses(self, dom: RunningDomain) -> list[str] | None:
+        if dom.record.state is not DomainState.RUNNING:
+            return None
+        try:
+            interfaces = await agent_call(
+                dom.paths.agent_socket, "guest-network-get-interfaces", timeout=AGENT_TIMEOUT
+            )
+        except HypervisorError:
+            return None
+        return ipv4_addresses(interfaces)
+
+    async def _agent_answers(self, dom: RunningDomain) -> bool:
+        try:
+            await agent_call(dom.paths.agent_socket, "guest-ping", timeout=AGENT_TIMEOUT)
+        except HypervisorError:
+            return False
+        return True
 
     def console_socket(self, name: str) -> str:
         return str(self.table.get(name).paths.console_socket)
@@ -123,7 +157,8 @@ class Lifecycle:
             self.table.transition(dom, Event.UNPAUSE)
 
     async def shutdown(self, name: str, wait: bool, timeout: float) -> dict[str, Any]:
-        """ACPI power button; with ``wait``, until the guest has powered off."""
+        """Through the guest agent where it answers (no ACPI needed), else the ACPI
+        power button; with ``wait``, until the guest has powered off."""
         dom = self.table.get(name)
         async with dom.lock:
             next_state(name, dom.record.state, Event.SHUTDOWN)
@@ -132,17 +167,25 @@ class Lifecycle:
                     f"cannot shut down domain '{name}': it is paused and cannot see the "
                     "power button; unpause it or use destroy"
                 )
-            await dom.monitor.execute("system_powerdown")
+            if await self._agent_answers(dom):
+                method = "the guest agent"
+                await agent_call(
+                    dom.paths.agent_socket, "guest-shutdown", {"mode": "powerdown"},
+                    timeout=AGENT_TIMEOUT, reply=False,
+                )  # fmt: skip
+            else:
+                method = "the ACPI power button"
+                await dom.monitor.execute("system_powerdown")
         if not wait:
-            return {"ended": False}
+            return {"ended": False, "method": method}
         if not await process.wait_exit(dom.pid, timeout):
             raise HypervisorError(
-                f"domain '{name}' did not power off within {timeout:.0f} s of the ACPI "
-                "power button; it is still running (use destroy to force it off)"
+                f"domain '{name}' did not power off within {timeout:.0f} s of {method}; "
+                "it is still running (use destroy to force it off)"
             )
         if dom.watcher is not None:
             await asyncio.shield(dom.watcher)
-        return {"ended": True}
+        return {"ended": True, "method": method}
 
     async def destroy(self, name: str) -> None:
         dom = self.table.get(name)

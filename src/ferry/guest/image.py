@@ -36,6 +36,8 @@ GUEST_FILES = (
     "ferry-poweroff",
     "ferry_ledger.py",
     "media-service",
+    "qemu-ga-service",
+    "ferry-shutdown",
 )
 MOVIE_SECONDS = 90
 # A short clip beside the movie: tests play it to the end, checksum and all.

@@ -14,10 +14,11 @@ from ferry.guest.kernel import KernelTree, run
 
 # What the guest needs before its root is mounted; the ACPI button and evdev make
 # QEMU's system_powerdown reach ferry-init as an input event.
-# vfat and its code pages: the cloud-init seed drive is a FAT image.
+# vfat and its code pages: the cloud-init seed drive is a FAT image;
+# virtio_console: the guest agent's channel.
 WANTED_MODULES = (
-    "virtio_pci", "virtio_blk", "virtio_net", "evdev", "button", "ext4", "vfat", "nls_cp437",
-    "nls_utf8",
+    "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "evdev", "button", "ext4", "vfat",
+    "nls_cp437", "nls_utf8",
 )  # fmt: skip
 MODULE_LIST = "etc/ferry-modules"
 BUSYBOX = Path("/bin/busybox")

@@ -15,7 +15,7 @@ from ferry.guest.kernel import run
 from ferry.util import zipapp
 
 SUITE = "bookworm"
-PACKAGES = ("python3", "iproute2", "iputils-ping", "procps")
+PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "qemu-guest-agent")
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
 ROOTFS_SIZE = 1 << 30
 BASE_FORMAT = 1
@@ -26,6 +26,8 @@ GUEST_FILE_PLACES: Mapping[str, tuple[str, int]] = {
     "ferry_ledger.py": ("etc/ferry/services.d/50-ledger", 0o755),
     "ferry-media-server": ("usr/local/bin/ferry-media-server", 0o755),
     "media-service": ("etc/ferry/services.d/40-media", 0o755),
+    "qemu-ga-service": ("etc/ferry/services.d/30-qemu-ga", 0o755),
+    "ferry-shutdown": ("usr/sbin/shutdown", 0o755),
 }
 
 # PID 1 is a package (guest files named ferry_init/...), shipped as one zipapp so that the

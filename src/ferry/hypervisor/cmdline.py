@@ -20,6 +20,7 @@ from ferry.domain.disks import DiskSpec
 MACHINE_TYPE = "pc"
 CPU_MODEL = "qemu64"
 SEED_SLOT = 0x1E
+AGENT_SLOT = 0x1D
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class MachinePaths:
     def seed(self) -> Path:
         """The cloud-init seed drive, made from the config at each start."""
         return self.run_dir / "seed.img"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The guest agent's channel (answered only where the guest runs qemu-ga)."""
+        return self.run_dir / "qga.sock"
 
     @property
     def pidfile(self) -> Path:
@@ -207,6 +213,12 @@ def build_qemu_args(
             device += ",romfile="
         args += ["-device", device]
     args += [
+        "-device",
+        f"virtio-serial-pci,id=vser0,addr={AGENT_SLOT:#x}",
+        "-chardev",
+        f"socket,id=qga0,path={_escape(str(paths.agent_socket))},server=on,wait=off",
+        "-device",
+        "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         "-device",
         "pvpanic",
         "-chardev",
