@@ -12,7 +12,6 @@ packages=(
   ffmpeg fonts-dejavu-core
   etcd-server etcd-client
   ovmf seabios fdisk extlinux syslinux-common grub-efi-amd64-bin grub-common mtools dosfstools
-  cloud-image-utils
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -149,3 +149,33 @@ def test_cloud_init_seed_sets_hostname_and_address_kept_across_migration(host: L
     wait_for(lambda: _answers(host), 60, "the guest's witness service after migrating")
     after = witness_status(host)
     assert (after["hostname"], after["boot_id"]) == ("seeded-web", booted["boot_id"])
+
+
+@pytest.mark.parametrize("problem", ["backing-outside", "corrupt-qcow2", "missing"])
+def test_bad_disks_are_refused_in_one_line_and_nothing_starts(host: LabHost, problem: str) -> None:
+    disk = host.storage / "diskvm.qcow2"
+    if problem == "backing-outside":
+        outside = host.workdir / "elsewhere.img"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(outside), "8M"], check=True)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(outside), "-F", "raw",
+             str(disk)],
+            check=True,
+        )  # fmt: skip
+        why = "outside this host's storage roots"
+    elif problem == "corrupt-qcow2":
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8M"], check=True)
+        data = bytearray(disk.read_bytes())
+        data[48:56] = (1 << 40).to_bytes(8, "big")  # the refcount table, far past the end
+        disk.write_bytes(bytes(data))
+        why = "is a corrupt qcow2 image"
+    else:
+        why = "does not exist"
+    config = PYGRUB_CONFIG.format(disk=disk, firmware="")
+    (host.workdir / "diskvm").write_text(config)
+    code, _out, err = host.ferry("create", str(host.workdir / "diskvm"))
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith("ferry create: cannot create domain 'diskvm': "), err
+    assert why in lines[0], err
+    assert host.qemu_pids() == [] and host.stray_qemus() == []
