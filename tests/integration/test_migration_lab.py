@@ -21,6 +21,7 @@ import pytest
 
 from ferry.guest.image import GuestImage
 from ferry.hypervisor import process
+from ferry.hypervisor.firmware import OVMF_VARS_TEMPLATE
 from ferry.lab import lab as lab_mod
 from ferry.lab import netns
 from ferry.lab.lab import Lab
@@ -36,12 +37,15 @@ CLIP = "http://virt_server:8888/clip.ogg"
 
 @contextmanager
 def lab_up(
-    request: pytest.FixtureRequest, kind: str, rate: str | None, disk_format: str = "raw"
-) -> Iterator[Lab]:
+    request: pytest.FixtureRequest, kind: str, rate: str | None, disk_format: str = "raw",
+    boot: str = "kernel",
+) -> Iterator[Lab]:  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="ferrylab-m", dir="/tmp"))
     failed = False
     try:
-        yield lab_mod.up(kind, rate=rate, workdir=workdir, log=print, disk_format=disk_format)
+        yield lab_mod.up(
+            kind, rate=rate, workdir=workdir, log=print, disk_format=disk_format, boot=boot
+        )
     except BaseException:
         failed = True
         raise
@@ -221,6 +225,26 @@ def test_live_migration_there_and_back_while_streaming(
             s.runs_only_on(dst, before)
         finish_watch(player, lab.workdir / "watch.json")
         s.check_writes(writer)
+
+
+def test_uefi_guest_moves_with_its_variables(
+    request: pytest.FixtureRequest, guest_image: GuestImage
+) -> None:
+    """OVMF's variables travel in the stream; the target writes them into its own file."""
+    with lab_up(request, "nfs", "1gbit", boot="uefi") as lab:
+        s = Scenario(lab)
+        before = s.create()
+        source = Path(lab.daemons["xen_host_1"].state_dir) / "nvram" / f"{VM}.fd"
+        target = Path(lab.daemons["xen_host_2"].state_dir) / "nvram" / f"{VM}.fd"
+        assert source.read_bytes() != OVMF_VARS_TEMPLATE.read_bytes(), "OVMF wrote no entry"
+        assert not target.exists()
+        result = s.migrate("xen_host_1", "xen_host_2", "-l")
+        assert result.returncode == 0, result.stderr
+        s.runs_only_on("xen_host_2", before)
+        wait_until_sync(
+            lambda: target.read_bytes() == source.read_bytes(),
+            timeout=30, interval=0.2, what="the target's variables to be the source's",
+        )  # fmt: skip
 
 
 def test_stop_and_copy_migration(fast_lab: Lab) -> None:

@@ -14,7 +14,9 @@ RELOCATION_PORT = 8002
 HOSTS_ALLOW = (r"10\.42\.0\.\d+", r"xen_host_\d+", "localhost")
 
 
-BOOTS = ("kernel", "disk")
+# kernel: ferry's own, booted directly; disk: the disk's bootloader under
+# SeaBIOS (pygrub's way); uefi: the same under OVMF.
+BOOTS = ("kernel", "disk", "uefi")
 
 
 def vm_config_text(
@@ -29,10 +31,13 @@ def vm_config_text(
     disk = StorageSpec(storage_kind, export_dir).disk(name)
     if storage_kind == "dir":
         disk = f"tap:aio:{disk}"  # as the classic config named its file on NFS
-    kernel = 'kernel = "ferry"  # ferry\'s own guest kernel, booted directly\n'
+    head = {
+        "kernel": 'kernel = "ferry"  # ferry\'s own guest kernel, booted directly\n',
+        "uefi": 'firmware = "uefi"  # OVMF boots the disk\'s own bootloader\n',
+    }.get(boot, "")
     return f"""\
 # Like the classic /etc/xen/virt_server, on the lab's {storage_kind} storage.
-{kernel if boot == "kernel" else ""}name = "{name}"
+{head}name = "{name}"
 uuid = "6f2a8c1e-3b1d-4c2e-9a57-1d2e3f4a5b6c"
 maxmem = {memory}
 memory = {memory}

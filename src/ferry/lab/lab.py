@@ -124,10 +124,10 @@ def _make_disks(lab: Lab, log: Log, disk_format: str = "raw") -> None:
     except ImageError:
         image = build_image(log=log)
     disk = lab.export_dir / f"{VM_NAME}.img"
-    if lab.boot == "disk":
+    if lab.boot in ("disk", "uefi"):
         # What the installed guest's own bootloader config holds: its address.
         ip = f"ip={VM_ADDRESS}:::255.255.255.0:{VM_NAME}:eth0:off"
-        make_bootable_disk(image, disk, "bios", ip)
+        make_bootable_disk(image, disk, "bios" if lab.boot == "disk" else "uefi", ip)
     else:
         make_domain_disk(image, disk)
     if disk_format == "qcow2":
