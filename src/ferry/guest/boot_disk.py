@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ferry.errors import ImageError
-from ferry.guest.image import GuestImage, sparse_copy_into
-from ferry.guest.kernel import run
+from ferry.guest.image import GuestImage, sparse_copy_into, write_new_disk
+from ferry.util.commands import run_tool as run
 
 FIRMWARES = ("bios", "uefi")
 SECTOR = 512
@@ -43,26 +43,8 @@ def make_bootable_disk(image: GuestImage, dest: Path, firmware: str, append: str
         raise ImageError(f"firmware {firmware!r} is not one of {', '.join(FIRMWARES)}")
     if "\n" in append:
         raise ImageError("the kernel command line must be one line")
-    if not dest.parent.is_dir():
-        raise ImageError(f"creating disk {dest}: directory {dest.parent} does not exist")
-    if dest.exists() or dest.is_symlink():
-        raise ImageError(f"creating disk {dest}: file exists, refusing to overwrite it")
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    try:
-        if firmware == "bios":
-            _bios_disk(image, tmp, append)
-        else:
-            _uefi_disk(image, tmp, append)
-        try:
-            os.link(tmp, dest)  # fails if dest appeared meanwhile, where rename clobbers
-        except FileExistsError:
-            raise ImageError(
-                f"creating disk {dest}: file exists, refusing to overwrite it"
-            ) from None
-    except OSError as err:
-        raise ImageError(f"creating disk {dest}: {err.strerror or err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    builder = _bios_disk if firmware == "bios" else _uefi_disk
+    write_new_disk(dest, lambda tmp: builder(image, tmp, append))
 
 
 def _bios_disk(image: GuestImage, out: Path, append: str) -> None:

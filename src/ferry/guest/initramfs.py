@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.errors import ImageError
-from ferry.guest.kernel import KernelTree, run
+from ferry.guest.kernel import KernelTree
+from ferry.util.commands import run_tool as run
 
 # What the guest needs before its root is mounted; the ACPI button and evdev make
 # QEMU's system_powerdown reach ferry-init as an input event.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.errors import ImageError
 from ferry.guest.cache import file_sha256
+from ferry.util.commands import run_tool as run
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 
@@ -25,19 +25,6 @@ class KernelTree:
     release: str  # uname -r, e.g. 6.1.0-56-cloud-amd64
     vmlinuz: Path
     modules_dir: Path  # <root>/lib/modules/<release>, with modules.dep
-
-
-def run(argv: list[str], what: str, cwd: Path | None = None) -> str:
-    """Run a build tool; its failure becomes a one-line ImageError with stderr's last line."""
-    try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
-    except OSError as err:
-        raise ImageError(f"{what}: cannot run {argv[0]}: {err.strerror}") from err
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise ImageError(f"{what}: {argv[0]} failed: {detail}")
-    return proc.stdout
 
 
 def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> KernelPackage:

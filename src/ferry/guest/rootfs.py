@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ferry.errors import ImageError
 from ferry.guest.cache import TMP_PREFIX, remove_tree
-from ferry.guest.kernel import run
 from ferry.util import zipapp
+from ferry.util.commands import run_tool as run
 
 SUITE = "bookworm"
 PACKAGES = ("python3", "iproute2", "iputils-ping", "procps", "qemu-guest-agent")

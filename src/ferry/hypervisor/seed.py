@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from ferry.errors import ImageError
+from ferry.util.commands import run_tool
 
 SEED_KIB = 256
 FIXED_TIME = 946684800  # 2000-01-01T00:00:00Z: the files' times, the same everywhere
@@ -47,10 +46,4 @@ def seed_digest(files: Mapping[str, bytes]) -> str:
 
 def _run(argv: list[str]) -> None:
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    except OSError as err:
-        raise ImageError(f"cloud-init seed: cannot run {argv[0]}: {err.strerror}") from err
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise ImageError(f"cloud-init seed: {argv[0]} failed: {lines[-1] if lines else ''}")
+    run_tool(argv, "cloud-init seed", env=env)

@@ -27,7 +27,6 @@ from pathlib import Path
 from ferry.errors import FerryError, ImageError
 from ferry.guest.boot_disk import make_bootable_disk
 from ferry.guest.image import build_image, load_image, make_domain_disk
-from ferry.guest.kernel import run
 from ferry.lab import etcd_cluster, storage, topology
 from ferry.lab.configs import BOOTS
 from ferry.lab.host_daemons import RUN_ROOT, restart_ferryd, start_ferryd, stop_host
@@ -36,6 +35,7 @@ from ferry.lab.state import DEFAULT_WORKDIR, Lab
 from ferry.lab.storage import StorageSpec
 from ferry.lab.sweep import kill_namespace_processes
 from ferry.lab.topology import HOSTS, NODES, VM_ADDRESS, VM_NAME
+from ferry.util.commands import run_tool as run
 
 __all__ = [
     "DEFAULT_MEMORY",
