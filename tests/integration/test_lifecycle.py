@@ -87,9 +87,7 @@ def assert_nothing_left(host: LabHost, pid: int, taps: list[str]) -> None:
 
 def test_guest_agent_gives_addresses_and_a_clean_shutdown(booted: LabHost) -> None:
     """ferry's guest runs qemu-ga: its addresses, and a power-off without ACPI."""
-    wait_for(
-        lambda: "10.99.0.10/24" in booted.ferry("list", "--long")[1], 60, "qemu-ga to answer"
-    )
+    wait_for(lambda: "10.99.0.10/24" in booted.ferry("list", "--long")[1], 60, "qemu-ga to answer")
     code, out, err = booted.ferry("info", "--json", "virt_server")
     assert code == 0, err
     assert json.loads(out)["addresses"] == ["10.99.0.10/24"]

@@ -222,6 +222,6 @@ MUTANTS = [
         "the target does not compare the cloud-init seed with the source's",
         "migration/incoming.py",
         '        if seed is not None and boot.get("seed_sha256") != await asyncio.to_thread(',
-        '        if seed is not None and None is await asyncio.to_thread(',
+        "        if seed is not None and None is await asyncio.to_thread(",
     ),
 ]

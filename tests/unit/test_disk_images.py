@@ -293,3 +293,17 @@ def test_disk_sizes(text: str, size: int) -> None:
 def test_bad_disk_sizes(text: str) -> None:
     with pytest.raises(StorageError, match="disk size"):
         images.parse_size(text)
+
+
+async def test_qcow2_inside_a_fixed_size_export_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def info(path: str, fmt: str | None, share: bool) -> dict[str, Any]:
+        return {"format": "qcow2", "virtual-size": 1 << 30}
+
+    monkeypatch.setattr(images, "image_info", info)
+    disk = DiskSpec("nbd://10.42.0.20:10809/vm")
+    with pytest.raises(StorageError, match="cannot grow inside a fixed-size export"):
+        await images.inspect(disk, [], ["10.42.0.20"])
+    facts = await images.inspect(DiskSpec("nfs://10.42.0.20/xen/vm.qcow2"), [], ["10.42.0.20"])
+    assert facts.format == "qcow2"  # a file on NFS grows as it is written

@@ -28,6 +28,8 @@ from ferry.storage.disks import check_url, resolve_disk
 
 QEMU_IMG_TIMEOUT = 30.0
 MAX_CHAIN = 16
+# Block exports whose size is fixed when they are served: a qcow2 file grows.
+FIXED_SIZE_SCHEMES = ("nbd://", "nbd+unix://", "iscsi://")
 # qemu-img check's exit status when it found corruptions (2) or only leaks (3).
 CHECK_CORRUPT = 2
 CHECK_LEAKS = 3
@@ -99,6 +101,13 @@ async def inspect(
     if disk.format is not None and fmt != disk.format:
         raise StorageError(
             f"disk {disk.path} is a {fmt} image, not {disk.format} as the config says"
+        )
+    if fmt == "qcow2" and disk.path.startswith(FIXED_SIZE_SCHEMES):
+        # Seen in the lab: the guest gets I/O errors as soon as the image must grow.
+        raise StorageError(
+            f"disk {disk.path}: a qcow2 image cannot grow inside a fixed-size export; let "
+            "the storage server open it as qcow2 (qemu-storage-daemon --blockdev "
+            "driver=qcow2) and export its content raw"
         )
     size = int(info.get("virtual-size", -1))
     backing = await _backing_chain(disk.path, top, info, roots, servers, share)
