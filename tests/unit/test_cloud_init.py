@@ -33,6 +33,7 @@ mac = "00:16:3e:4a:21:07"
 bridge = "xenbr0"
 [cloud_init]
 hostname = "web1"
+nameservers = ["10.42.0.53"]
 ssh_authorized_keys = ["{KEY}"]
 [[cloud_init.users]]
 name = "ops"
@@ -68,6 +69,7 @@ def test_seed_files_carry_hostname_users_and_the_static_network() -> None:
                 "set-name": "eth0",
                 "addresses": ["10.42.0.100/24"],
                 "routes": [{"to": "0.0.0.0/0", "via": "10.42.0.254"}],
+                "nameservers": {"addresses": ["10.42.0.53"]},
             }
         },
     }
@@ -97,6 +99,7 @@ def test_user_data_replaces_the_generated_document() -> None:
         ({"ssh_authorized_keys": ["not a key"]}, "is not an SSH public key"),
         ({"userdata": "x"}, "cloud_init.userdata': unknown key"),
         ({"user_data": ""}, "expected the user-data document"),
+        ({"nameservers": ["ns1"]}, "cloud_init.nameservers"),
     ],
 )
 def test_bad_tables_are_refused(table: dict[str, Any], why: str) -> None:

@@ -5,6 +5,7 @@ Canonical keys of the table::
     hostname             str (default: the domain's hostname, else its name)
     instance_id          str (default: the domain's uuid, else its name)
     ssh_authorized_keys  list of str, for the image's default user
+    nameservers          list of IPv4 addresses, the static network's DNS servers
     users                list of {name, ssh_authorized_keys, sudo (bool)}
     user_data            str, a whole user-data document (#cloud-config, a
                          script...); replaces the one made from the keys above
@@ -29,7 +30,9 @@ from typing import Any
 from ferry.errors import ConfigError
 
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
-KEYS = frozenset({"hostname", "instance_id", "ssh_authorized_keys", "users", "user_data"})
+KEYS = frozenset(
+    {"hostname", "instance_id", "ssh_authorized_keys", "users", "user_data", "nameservers"}
+)
 MAX_USER_DATA = 64 << 10
 SEED_LABEL = "CIDATA"  # NoCloud looks for a file system labelled cidata or CIDATA
 
@@ -50,6 +53,7 @@ class CloudInit:
     ssh_authorized_keys: tuple[str, ...] = ()
     users: tuple[CloudUser, ...] = ()
     user_data: str | None = None
+    nameservers: tuple[str, ...] = ()
 
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -58,6 +62,8 @@ class CloudInit:
                 out[key] = getattr(self, key)
         if self.ssh_authorized_keys:
             out["ssh_authorized_keys"] = list(self.ssh_authorized_keys)
+        if self.nameservers:
+            out["nameservers"] = list(self.nameservers)
         if self.users:
             out["users"] = [
                 {"name": u.name, "ssh_authorized_keys": list(u.ssh_authorized_keys), "sudo": u.sudo}
@@ -89,7 +95,17 @@ def parse_cloud_init(value: Any, fail: Fail, hostname_re: re.Pattern[str]) -> Cl
         ssh_authorized_keys=_keys(value.get("ssh_authorized_keys", []), "cloud_init", fail),
         users=tuple(_user(u, i, fail) for i, u in enumerate(_list(value, "users", fail))),
         user_data=user_data,
+        nameservers=_nameservers(value.get("nameservers", []), fail),
     )
+
+
+def _nameservers(value: Any, fail: Fail) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise fail("cloud_init.nameservers", "expected a list of IPv4 addresses")
+    try:
+        return tuple(str(ipaddress.IPv4Address(str(v))) for v in value)
+    except ValueError as err:
+        raise fail("cloud_init.nameservers", str(err)) from None
 
 
 def _line(data: Mapping[str, Any], key: str, fail: Fail) -> str | None:
@@ -167,7 +183,10 @@ def seed_files(
             eth["match"] = {"macaddress": net.mac}
             eth["set-name"] = "eth0"
         if net.gateway is not None:
+            # Not "to: default": cloud-init 22.4 (Debian 12) refuses it (checked).
             eth["routes"] = [{"to": "0.0.0.0/0", "via": net.gateway}]
+        if ci.nameservers:
+            eth["nameservers"] = {"addresses": list(ci.nameservers)}
         files["network-config"] = _json({"version": 2, "ethernets": {"eth0": eth}})
     return files
 
