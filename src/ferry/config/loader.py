@@ -20,7 +20,8 @@ from typing import Any
 
 from ferry.config._common import build_domain, read_config_text
 from ferry.config.toml_domain import parse_toml_domain_located
-from ferry.config.xm import parse_disk_entry, parse_vif_entry, parse_xm_located
+from ferry.config.xm import parse_xm_located
+from ferry.config.xm_devices import parse_disk_entry, parse_vif_entry
 from ferry.domain.config import KNOWN_KEYS, NAME_RE, DomainConfig
 from ferry.errors import ConfigError
 
