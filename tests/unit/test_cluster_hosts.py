@@ -28,6 +28,7 @@ from ferry.errors import ClusterError, MigrationInDoubt, MigrationRefused, Owned
 from ferry.hypervisor import process
 from ferry.migration import source as source_mod
 from ferry.migration.params import MigrationParams
+from ferry.migration.target import Prepared
 from ferry.pki.identity import Role
 from ferry.util.wait import wait_until
 
@@ -263,7 +264,7 @@ async def test_a_failed_migration_leaves_its_domain_and_the_evacuation_reports_i
         await h1.s.lifecycle.create(c.domain(name))
     real_prepare = h2.s.incoming.prepare_incoming
 
-    async def refuse_web(migration_id: str, mapping: Any, *args: Any) -> str:
+    async def refuse_web(migration_id: str, mapping: Any, *args: Any) -> Prepared:
         if mapping["name"] == "web":
             raise MigrationRefused("injected: no room for web")
         return await real_prepare(migration_id, mapping, *args)

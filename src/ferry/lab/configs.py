@@ -16,7 +16,6 @@ HOSTS_ALLOW = (r"10\.42\.0\.\d+", r"xen_host_\d+", "localhost")
 
 # kernel: ferry's own, booted directly; disk: the disk's bootloader under
 # SeaBIOS (pygrub's way); uefi: the same under OVMF.
-BOOTS = ("kernel", "disk", "uefi")
 
 
 def vm_config_text(

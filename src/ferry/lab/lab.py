@@ -28,13 +28,20 @@ from ferry.errors import FerryError, ImageError
 from ferry.guest.boot_disk import make_bootable_disk
 from ferry.guest.image import build_image, load_image, make_domain_disk
 from ferry.lab import etcd_cluster, storage, topology
-from ferry.lab.configs import BOOTS
 from ferry.lab.host_daemons import RUN_ROOT, restart_ferryd, start_ferryd, stop_host
 from ferry.lab.pki import ensure_lab_pki
-from ferry.lab.state import DEFAULT_WORKDIR, Lab
+from ferry.lab.state import Lab
 from ferry.lab.storage import StorageSpec
 from ferry.lab.sweep import kill_namespace_processes
-from ferry.lab.topology import HOSTS, NODES, VM_ADDRESS, VM_NAME
+from ferry.lab.topology import (
+    BOOTS,
+    DEFAULT_MEMORY,
+    DEFAULT_WORKDIR,
+    HOSTS,
+    NODES,
+    VM_ADDRESS,
+    VM_NAME,
+)
 from ferry.util.commands import run_tool as run
 
 __all__ = [
@@ -50,7 +57,6 @@ __all__ = [
 
 SCRATCH = "scratch"  # a small image for storage checks, never a VM's disk
 SCRATCH_SIZE = 64 << 20
-DEFAULT_MEMORY = 256
 _MADE = (
     "lab.json",
     "xen",

@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry.lab import lab as lab_mod
-from ferry.lab import storage, topology
-from ferry.lab.configs import BOOTS
+from ferry.lab import topology
 
 
 def _note(text: str) -> None:
@@ -19,6 +17,8 @@ def _note(text: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from ferry.lab import lab as lab_mod
+
     start = time.monotonic()
     lab = lab_mod.up(
         storage_kind=args.storage, rate=args.rate, workdir=args.workdir, memory=args.memory,
@@ -31,6 +31,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from ferry.lab import lab as lab_mod
+
     removed = lab_mod.down(args.workdir, log=lambda _line: None)
     for line in removed:
         print(line)
@@ -39,6 +41,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ferry.lab import lab as lab_mod
+
     status = lab_mod.load(args.workdir).status()
     if args.json:
         print(json.dumps(status, indent=1))
@@ -65,6 +69,8 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    from ferry.lab import lab as lab_mod
+
     argv = list(args.cmd)
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -85,19 +91,19 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         p: argparse.ArgumentParser = actions.add_parser(name, help=text, description=text)
         p.set_defaults(func=func)
         p.add_argument(
-            "--workdir", type=Path, default=lab_mod.DEFAULT_WORKDIR,
-            help=f"the lab's files and state (default {lab_mod.DEFAULT_WORKDIR})",
+            "--workdir", type=Path, default=topology.DEFAULT_WORKDIR,
+            help=f"the lab's files and state (default {topology.DEFAULT_WORKDIR})",
         )  # fmt: skip
         return p
 
     p = add("up", cmd_up, "build the lab (after removing any previous one)")
-    p.add_argument("--storage", choices=storage.KINDS, default="nfs",
+    p.add_argument("--storage", choices=topology.STORAGE_KINDS, default="nfs",
                    help="shared storage of the VM disk (default nfs)")  # fmt: skip
     p.add_argument("--rate", default=topology.DEFAULT_RATE,
                    help="tc rate of every link, or none (default 100mbit)")  # fmt: skip
-    p.add_argument("--memory", type=int, default=lab_mod.DEFAULT_MEMORY,
+    p.add_argument("--memory", type=int, default=topology.DEFAULT_MEMORY,
                    help="MiB of the lab VM in its config (default %(default)s)")  # fmt: skip
-    p.add_argument("--boot", choices=BOOTS, default="kernel",
+    p.add_argument("--boot", choices=topology.BOOTS, default="kernel",
                    help="kernel: ferry boots its own kernel (default); disk: the VM's disk "
                    "boots its own kernel through its bootloader, as pygrub did")  # fmt: skip
 

@@ -7,18 +7,22 @@ import ipaddress
 import subprocess
 from collections.abc import Sequence
 
-from pyroute2 import NetNS, netns
-from pyroute2.netlink.exceptions import NetlinkError
-
 from ferry.errors import NetworkError
+
+# pyroute2 takes 0.15 s to import, and every `ferry` command builds the lab's
+# parser: it is imported by the functions that use it, not with this module.
 
 
 def exists(name: str) -> bool:
+    from pyroute2 import netns
+
     return name in netns.listnetns()
 
 
 def create(name: str) -> None:
     """A fresh namespace with loopback up; an existing one of that name is replaced."""
+    from pyroute2 import NetNS, netns
+
     if exists(name):
         remove(name)
     netns.create(name)
@@ -27,12 +31,17 @@ def create(name: str) -> None:
 
 
 def remove(name: str) -> None:
+    from pyroute2 import netns
+
     if exists(name):
         netns.remove(name)
 
 
 def add_bridge(ns_name: str, bridge: str, address: str | None = None) -> None:
     """A bridge inside ``ns_name``, up, with ``address`` (CIDR) if given."""
+    from pyroute2 import NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with NetNS(ns_name) as ns:
         try:
             ns.link("add", ifname=bridge, kind="bridge", br_forward_delay=0)
@@ -51,6 +60,8 @@ def pin_bridge_mac(ns_name: str, bridge: str, uplink: str) -> None:
     Left alone, a bridge takes the lowest MAC among its ports and changes it as
     VM taps come and go; the host would then vanish from its peers' ARP caches.
     """
+    from pyroute2 import NetNS
+
     with NetNS(ns_name) as ns:
         link = ns.get_links(ns.link_lookup(ifname=uplink)[0])[0]
         mac = link.get_attr("IFLA_ADDRESS")
@@ -83,6 +94,9 @@ def ping(ns_name: str, address: str, timeout: float = 1.0) -> bool:
 
 def add_veth(ns_name: str, ifname: str, peer_ns: str, peer_ifname: str) -> None:
     """A veth pair, ``ifname`` in ``ns_name`` and ``peer_ifname`` in ``peer_ns``, both up."""
+    from pyroute2 import NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with NetNS(ns_name) as ns:
         try:
             ns.link("add", ifname=ifname, kind="veth", peer=peer_ifname)
@@ -98,6 +112,9 @@ def add_veth(ns_name: str, ifname: str, peer_ns: str, peer_ifname: str) -> None:
 
 def set_master(ns_name: str, ifname: str, bridge: str) -> None:
     """Enslave ``ifname`` to ``bridge``, both inside ``ns_name``."""
+    from pyroute2 import NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with NetNS(ns_name) as ns:
         try:
             master = ns.link_lookup(ifname=bridge)[0]
@@ -110,6 +127,9 @@ def set_master(ns_name: str, ifname: str, bridge: str) -> None:
 
 def add_address(ns_name: str, ifname: str, address: str) -> None:
     """Put ``address`` (CIDR) on ``ifname`` inside ``ns_name``."""
+    from pyroute2 import NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
     iface = ipaddress.IPv4Interface(address)
     with NetNS(ns_name) as ns:
         try:
@@ -121,4 +141,6 @@ def add_address(ns_name: str, ifname: str, address: str) -> None:
 
 def list_names(prefix: str) -> list[str]:
     """The namespaces whose names start with ``prefix``."""
+    from pyroute2 import netns
+
     return sorted(name for name in netns.listnetns() if name.startswith(prefix))

@@ -19,9 +19,8 @@ from ferry.errors import FerryError
 from ferry.lab import netns, topology
 from ferry.lab.configs import vm_config_text
 from ferry.lab.storage import LabProcess
-from ferry.lab.topology import NODES, VM_ADDRESS, VM_MAC, VM_NAME
+from ferry.lab.topology import DEFAULT_WORKDIR, NODES, VM_ADDRESS, VM_MAC, VM_NAME
 
-DEFAULT_WORKDIR = Path(os.environ.get("FERRY_LAB_WORKDIR") or "/var/lib/ferry-lab")
 STATE_FILE = "lab.json"
 
 

@@ -28,10 +28,9 @@ from typing import Any
 from ferry.errors import FerryError, StorageError, WaitTimeout
 from ferry.hypervisor import process
 from ferry.lab import netns
-from ferry.lab.topology import STORAGE
+from ferry.lab.topology import STORAGE, STORAGE_KINDS
 from ferry.util.wait import wait_until_sync
 
-KINDS = ("nfs", "nbd", "dir")
 NFS_EXPORT = "/xen"
 NFS_PORT = 2049
 MOUNT_PORT = 20048
@@ -124,8 +123,8 @@ class StorageSpec:
 
 
 def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise StorageError(f"lab storage {kind!r} is not one of {', '.join(KINDS)}")
+    if kind not in STORAGE_KINDS:
+        raise StorageError(f"lab storage {kind!r} is not one of {', '.join(STORAGE_KINDS)}")
     return kind
 
 

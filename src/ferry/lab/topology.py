@@ -17,6 +17,7 @@ both of its ends, so both directions run at the lab's rate.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -36,6 +37,11 @@ VM_ADDRESS = "10.42.0.100"
 VM_MAC = "00:16:3e:4a:21:07"
 NETNS_ETC = Path("/etc/netns")
 DEFAULT_RATE = "100mbit"
+# What `ferry lab up` offers; here, so that building the parser imports nothing heavy.
+STORAGE_KINDS = ("nfs", "nbd", "dir")
+BOOTS = ("kernel", "disk", "uefi")
+DEFAULT_MEMORY = 256  # MiB of the lab VM
+DEFAULT_WORKDIR = Path(os.environ.get("FERRY_LAB_WORKDIR") or "/var/lib/ferry-lab")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ from ferry.hypervisor.firmware import UefiFiles
 from ferry.hypervisor.seed import seed_digest
 from ferry.migration.data_link import FD_NAME
 from ferry.migration.params import MigrationParams
+from ferry.migration.target import Prepared
+from ferry.migration.timeline import Timeline
 from ferry.network import tap
 from ferry.pki.identity import Identity
 from ferry.pki.qemu_tls import QemuTls
@@ -85,8 +87,9 @@ class IncomingMigrations:
         peer: str,
         source: Identity | None,
         source_host: str,
-    ) -> str:
+    ) -> Prepared:
         """Check everything, then start QEMU waiting for the stream; return its token."""
+        steps = Timeline()
         cfg = DomainConfig.from_mapping(mapping, f"domain config from {peer}")
         where = f"host {self.host.name} refuses domain '{cfg.name}'"
         async with self.table.claim_lock:
@@ -109,9 +112,11 @@ class IncomingMigrations:
                 boot_files = self.launcher.boot_files(cfg)
                 await self._check_same_boot(cfg, boot)
                 accel = (await self.launcher.accel()).accel
+                steps.mark("checks")
                 ticket = await self.launcher.ownership.expect_move(
                     cfg.name, source_host, self.launcher.owned_disks(cfg)
                 )
+                steps.mark("ownership")
             except FerryError as err:
                 raise MigrationRefused(f"{where}: {err}") from err
             key = f"{cfg.name}@{migration_id[:8]}"
@@ -129,6 +134,7 @@ class IncomingMigrations:
             except FerryError:
                 self.table.decide(migration_id, Outcome.ABORTED)
                 raise
+            steps.mark("launch")
             token = secrets.token_hex(16)
             self.table.add_incoming(Incoming(migration_id, dom, token, peer))
             self.watcher.start(dom)
@@ -150,8 +156,9 @@ class IncomingMigrations:
         except (QmpError, PkiError) as err:
             await self.abort_incoming(migration_id, str(err))
             raise MigrationRefused(f"{where}: {err}") from err
+        steps.mark("qemu_setup")
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
-        return token
+        return Prepared(token, steps.steps_ms)
 
     async def _check_same_disks(
         self, cfg: DomainConfig, facts: list[Any], params: MigrationParams

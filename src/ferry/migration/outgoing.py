@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -60,8 +61,10 @@ class OutgoingMigrations:
             self.table.transition(dom, Event.MIGRATE_OUT)
             dom.outgoing = control
         try:
+            began = time.monotonic()
             facts = await self._disk_facts(dom, params)
             boot = await self._boot_facts(dom.record.config)
+            facts_ms = round((time.monotonic() - began) * 1000, 1)
             out = OutgoingMigration(
                 name=name,
                 monitor=dom.monitor,
@@ -88,7 +91,13 @@ class OutgoingMigrations:
             await self.end.keep(dom)
             raise
         dom.outgoing = None
+        began = time.monotonic()
         await self.end.hand_over(dom)
+        result.steps_ms = {
+            "facts": facts_ms,
+            **result.steps_ms,
+            "handover": round((time.monotonic() - began) * 1000, 1),
+        }
         log.info("domain %s migrated to %s: %s", name, host, result.to_wire())
         return result.to_wire()
 

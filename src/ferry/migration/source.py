@@ -35,6 +35,7 @@ from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.migration.data_link import CONNECT_TIMEOUT, FD_NAME, open_data_connection
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress
+from ferry.migration.timeline import Timeline
 from ferry.pki.qemu_tls import QemuTls, plain_stream
 from ferry.util.wait import wait_until
 
@@ -66,6 +67,9 @@ class OutgoingResult:
     downtime_limit_ms: int
     # The stream's encryption as the source QEMU reports it: "tls" or "none".
     stream: str
+    # Each step on the source's clock, and the target's prepare split its way.
+    steps_ms: dict[str, float] = field(default_factory=dict)
+    target_steps_ms: dict[str, float] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -92,6 +96,8 @@ class OutgoingMigration:
     tls: QemuTls | None = None
     _downtime_limit: int = field(default=0, init=False)
     _stream: str = field(default="none", init=False)
+    _timeline: Timeline = field(default_factory=Timeline, init=False)
+    _target_steps: dict[str, float] = field(default_factory=dict, init=False)
 
     @property
     def migration_id(self) -> str:
@@ -103,19 +109,24 @@ class OutgoingMigration:
 
     async def run(self) -> OutgoingResult:
         start = time.monotonic()
+        steps = self._timeline
         try:
             credentials = self.tls.credentials if self.tls else None
             channel = await Channel.connect(self.host, self.port, CONNECT_TIMEOUT, credentials)
         except BaseException:
             self.control.advance(Phase.ROLLED_BACK)
             raise
+        steps.mark("connect")
         try:
             with self.monitor.listener(("STOP", "MIGRATION")) as events:
                 await self._handshake(channel)
+                steps.mark("handshake")
                 self.control.advance(Phase.PREPARE)
                 token = await self._prepare(channel)
+                steps.mark("prepare")
                 self._check_abort()
                 data = await open_data_connection(self.host, self.port, self.migration_id, token)
+                steps.mark("data_connect")
                 self.control.advance(Phase.TRANSFER)
                 transfer_start = time.monotonic()
                 progress = await self._transfer(channel, data, events)
@@ -129,6 +140,7 @@ class OutgoingMigration:
                 {"type": "commit", "migration_id": self.migration_id, "resume": self.resume}
             )
             reply = await channel.recv(COMMIT_TIMEOUT, "committed")
+            steps.mark("commit")
         except BaseException as err:
             # Sent or not, the commit may have reached the target: from here
             # only the target's word may end the migration.
@@ -165,6 +177,8 @@ class OutgoingMigration:
             resumed_at=float(resume_ts) if isinstance(resume_ts, int | float) else None,
             downtime_limit_ms=self._downtime_limit,
             stream=self._stream,
+            steps_ms=steps.steps_ms,
+            target_steps_ms=self._target_steps,
         )
 
     # -- phases ----------------------------------------------------------------
@@ -191,6 +205,11 @@ class OutgoingMigration:
         )
         prepared = await channel.recv(PREPARE_TIMEOUT, "prepared")
         token = prepared.get("token")
+        target_steps = prepared.get("steps_ms")
+        if isinstance(target_steps, dict):
+            self._target_steps = {
+                str(k): float(v) for k, v in target_steps.items() if isinstance(v, int | float)
+            }
         if not isinstance(token, str):
             raise MigrationError(f"{self.host} sent no data token")
         return token
@@ -222,7 +241,10 @@ class OutgoingMigration:
             # QEMU holds its own copy now; ours would only keep the socket open.
             data.close()
         await monitor.execute("migrate", {"uri": f"fd:{FD_NAME}"})
-        return await self._follow(channel, events)
+        self._timeline.mark("setup")
+        progress = await self._follow(channel, events)
+        self._timeline.mark("transfer")
+        return progress
 
     async def _follow(self, channel: Channel, events: Any) -> Progress:
         """Poll QEMU until the memory stream completes; cancel it on a stall or abort."""

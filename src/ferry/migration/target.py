@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ferry.domain.migration_state import Outcome
@@ -32,6 +33,14 @@ SILENCE_TIMEOUT = 30.0
 MIGRATION_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The arriving QEMU waits for its stream: the token that admits it, and what prepare took."""
+
+    token: str
+    steps_ms: dict[str, float]
+
+
 class TargetHost(Protocol):
     async def prepare_incoming(
         self,
@@ -43,7 +52,7 @@ class TargetHost(Protocol):
         peer: str,
         source: Identity | None,
         source_host: str,
-    ) -> str: ...
+    ) -> Prepared: ...
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None: ...
 
@@ -119,7 +128,7 @@ async def _session(
             raise MigrationRefused("'params' must be an object and 'disks' a list")
         if not isinstance(boot, dict | None):
             raise MigrationRefused("'boot' must be an object")
-        token = await host.prepare_incoming(
+        prepared = await host.prepare_incoming(
             migration_id,
             config,
             MigrationParams.from_wire(params or {}),
@@ -136,7 +145,9 @@ async def _session(
         await channel.send_error(refusal)
         return
     try:
-        await channel.send({"type": "prepared", "token": token})
+        await channel.send(
+            {"type": "prepared", "token": prepared.token, "steps_ms": prepared.steps_ms}
+        )
         while True:
             message = await channel.recv(SILENCE_TIMEOUT)
             if message["type"] == "ping":

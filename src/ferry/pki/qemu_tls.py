@@ -20,6 +20,7 @@ from typing import Any
 from ferry.errors import QmpError
 from ferry.hypervisor.monitor import Monitor
 from ferry.pki.credentials import Credentials
+from ferry.pki.dh_params import ffdhe2048_pem
 from ferry.pki.files import write_private, write_public
 from ferry.pki.identity import Identity
 
@@ -39,6 +40,8 @@ def write_qemu_dir(credentials: Credentials, directory: Path) -> Path:
         write_public(directory / target, credentials.path("cert.pem").read_bytes())
     for target in _KEY:
         write_private(directory / target, credentials.path("key.pem").read_bytes())
+    # Without it a server object generates a DH group of its own, for seconds of CPU.
+    write_public(directory / "dh-params.pem", ffdhe2048_pem())
     return directory
 
 
