@@ -19,6 +19,8 @@ from qemu.qmp import QMPClient
 from ferry.domain.config import DomainConfig
 from ferry.guest.image import GuestImage, make_domain_disk
 from ferry.hypervisor.cmdline import memory_size
+from ferry.migration.params import MigrationParams
+from ferry.migration.stream_plan import plan_stream
 from ferry.util.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -56,9 +58,16 @@ async def connect(path: Path) -> QMPClient:
     return client
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-async def test_migrated_ram_is_identical(guest_image: GuestImage, tmp_path: Path, fmt: str) -> None:
-    """With the disk as ferry opens it (O_DIRECT, raw or qcow2)."""
+@pytest.mark.parametrize(("fmt", "multifd"), [("raw", False), ("qcow2", False), ("raw", True)])
+async def test_migrated_ram_is_identical(
+    guest_image: GuestImage, tmp_path: Path, fmt: str, multifd: bool
+) -> None:
+    """With the disk as ferry opens it (O_DIRECT, raw or qcow2), on one stream and on
+    the multifd channels with the compression ferry chooses by default."""
+    settings = plan_stream(MigrationParams(), secure=True, cpus=2).params
+    assert settings.multifd
+    if not multifd:
+        settings = plan_stream(MigrationParams(channels=1), secure=True).params
     disk = tmp_path / "disk.img"
     make_domain_disk(guest_image, disk)
     if fmt == "qcow2":
@@ -89,10 +98,15 @@ async def test_migrated_ram_is_identical(guest_image: GuestImage, tmp_path: Path
                 fmt,
                 "-S",
                 "-incoming",
-                "tcp:127.0.0.1:0",
+                "defer",
             )
         )
         dst = await connect(tmp_path / "dst.sock")
+        for qmp in (src, dst):
+            caps = [{"capability": "multifd", "state": settings.multifd}]
+            await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+            await qmp.execute("migrate-set-parameters", settings.multifd_parameters())
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]  # type: ignore[index]
         await src.execute("migrate-set-parameters", {"max-bandwidth": 12_500_000})
         await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})

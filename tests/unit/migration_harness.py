@@ -136,7 +136,9 @@ class FakeHost:
             name,
             "127.0.0.1",
             to.port,
-            MigrationParams.from_wire(params),
+            # The fake QEMU speaks the one-stream (fd:) transport only; multifd
+            # runs against real QEMU in the integration tests.
+            MigrationParams.from_wire({"channels": 1} | params),
             self.progress.append,
         )
 
@@ -189,6 +191,8 @@ class Cluster:
             relocation=RelocationConfig(address="127.0.0.1", port=0),
             cluster=self.etcd,
             insecure=self.ca is None,
+            # The fake QEMU speaks the one-stream (fd:) transport only.
+            migration={"channels": 1},
         )
         credentials = self.ca.credentials(name) if self.ca else None
         return FakeHost(name, config, BootFiles(kernel, None), credentials)

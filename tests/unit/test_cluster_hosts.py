@@ -238,7 +238,7 @@ async def test_evacuation_empties_the_host_and_keeps_new_domains_away(
         await h1.s.lifecycle.create(c.domain(name))
     events: list[dict[str, object]] = []
     result = await Evacuation(h1.s).run(
-        [], 2, MigrationParams.from_wire({"live": True}), events.append
+        [], 2, MigrationParams.from_wire({"live": True, "channels": 1}), events.append
     )
     assert sorted(m["domain"] for m in result["moved"]) == ["db", "vm", "web"]
     assert result["failed"] == [] and result["left"] == []
@@ -270,7 +270,9 @@ async def test_a_failed_migration_leaves_its_domain_and_the_evacuation_reports_i
         return await real_prepare(migration_id, mapping, *args)
 
     monkeypatch.setattr(h2.s.incoming, "prepare_incoming", refuse_web)
-    result = await Evacuation(h1.s).run([], 1, MigrationParams.from_wire({"live": True}), print)
+    result = await Evacuation(h1.s).run(
+        [], 1, MigrationParams.from_wire({"live": True, "channels": 1}), print
+    )
     assert [m["domain"] for m in result["moved"]] == ["vm"]
     [failed] = result["failed"]
     assert failed["domain"] == "web" and "no room for web" in failed["error"]
@@ -287,9 +289,9 @@ async def test_evacuation_with_nowhere_to_go_says_so(cluster: tuple[Cluster, Etc
     assert h1.member is not None
     await h1.member.ownership.set_maintenance("h2", True, by="test")
     with pytest.raises(ClusterError, match="cannot evacuate h1 to h2: h2 is in maintenance"):
-        await Evacuation(h1.s).run(["h2"], 1, MigrationParams.from_wire({}), print)
+        await Evacuation(h1.s).run(["h2"], 1, MigrationParams.from_wire({"channels": 1}), print)
     with pytest.raises(ClusterError, match="no host is up and out of maintenance"):
-        await Evacuation(h1.s).run([], 1, MigrationParams.from_wire({}), print)
+        await Evacuation(h1.s).run([], 1, MigrationParams.from_wire({"channels": 1}), print)
     await c.assert_runs_once("h1")
 
 

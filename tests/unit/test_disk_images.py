@@ -13,7 +13,6 @@ import pytest
 from ferry.domain.config import DomainConfig
 from ferry.domain.disks import DiskSpec
 from ferry.errors import ConfigError, StorageError
-from ferry.migration.params import MigrationParams
 from ferry.storage import cache_safety, images
 
 from .migration_harness import Cluster, running
@@ -245,7 +244,7 @@ async def test_unsafe_cache_is_refused_at_prepare_unless_opted_in(
     with pytest.raises(Exception, match="cache=writeback on nfs4, whose page cache is not"):
         await h1.migrate("vm", h2)
     await cluster.assert_runs_once("h1")
-    await h1.migrate("vm", h2, **MigrationParams(unsafe_cache=True).to_wire())
+    await h1.migrate("vm", h2, unsafe_cache=True)
     await cluster.assert_runs_once("h2")
 
 

@@ -185,6 +185,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         params["xbzrle"] = True
     if args.unsafe:
         params["unsafe_cache"] = True
+    if args.compression is not None:
+        params["compression"] = args.compression
+    if args.channels is not None:
+        params["channels"] = args.channels
     request = {"name": args.domain, "host": args.host, "port": args.port, "params": params}
     with MigrationView(args.domain, args.host) as view:
         try:
@@ -343,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-converge", dest="auto_converge", action="store_true", default=None)
     p.add_argument("--no-auto-converge", dest="auto_converge", action="store_false")
     p.add_argument("--xbzrle", action="store_true", help="compress re-sent pages (XBZRLE)")
+    p.add_argument(
+        "--compression",
+        choices=("auto", "zstd", "zlib", "none"),
+        help="the memory stream's compression (default auto: zstd on multifd channels where "
+        "the stream has TLS and this host 2 CPUs or more)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        metavar="N",
+        help="multifd channels (default: chosen with compression; 1: one stream)",
+    )
     p.add_argument(
         "--unsafe",
         action="store_true",

@@ -61,5 +61,12 @@ def summary(name: str, host: str, result: dict[str, Any]) -> str:
     return (
         f"migrated {name} to {host} in {result['total_s']:.1f} s: downtime {downtime} "
         f"(QEMU {qemu} ms, limit {result['downtime_limit_ms']} ms), "
-        f"{_mb(result['bytes_sent'])} sent in {result['passes']} passes"
+        f"{_mb(result['bytes_sent'])} sent in {result['passes']} passes{_stream(result)}"
     )
+
+
+def _stream(result: dict[str, Any]) -> str:
+    channels = result.get("channels", 1)
+    if channels <= 1:
+        return ""
+    return f", {channels} channels, {result.get('compression', 'none')} (before compression)"

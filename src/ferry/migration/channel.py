@@ -123,6 +123,14 @@ class Channel:
         assert sock is not None
         return sock  # type: ignore[no-any-return]
 
+    def local_address(self) -> str:
+        """This end's IP address: where the peer reached us."""
+        return str(self.socket().getsockname()[0])
+
+    def peer_address(self) -> str:
+        """The other end's IP address, as connected (no name to resolve again)."""
+        return str(self.socket().getpeername()[0])
+
     async def close(self) -> None:
         self.writer.close()
         with contextlib.suppress(OSError, ConnectionError):

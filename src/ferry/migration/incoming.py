@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -41,10 +42,12 @@ from ferry.hypervisor.firmware import UefiFiles
 from ferry.hypervisor.seed import seed_digest
 from ferry.migration.data_link import FD_NAME
 from ferry.migration.params import MigrationParams
+from ferry.migration.stream_setup import setup_target
 from ferry.migration.target import Prepared
 from ferry.migration.timeline import Timeline
 from ferry.network import tap
 from ferry.pki.identity import Identity
+from ferry.pki.qemu_psk import StreamKey
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import images, lease
 from ferry.storage.cache_safety import migration_hazard
@@ -57,6 +60,7 @@ STREAM_COMPLETE_TIMEOUT = 30.0
 # Arriving domains at once: each holds a paused QEMU and its memory.
 MAX_PENDING = 4
 RESUME_EVENT_TIMEOUT = 10.0
+STREAM_KEY_DIR = "stream-key"
 _ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
@@ -87,6 +91,7 @@ class IncomingMigrations:
         peer: str,
         source: Identity | None,
         source_host: str,
+        bind: str,
     ) -> Prepared:
         """Check everything, then start QEMU waiting for the stream; return its token."""
         steps = Timeline()
@@ -136,29 +141,24 @@ class IncomingMigrations:
                 raise
             steps.mark("launch")
             token = secrets.token_hex(16)
-            self.table.add_incoming(Incoming(migration_id, dom, token, peer))
+            arriving = Incoming(migration_id, dom, token, peer)
+            self.table.add_incoming(arriving)
             self.watcher.start(dom)
+        if params.multifd:
+            # QEMU connects the channels itself: no data connection will come.
+            arriving.streaming = True
+            arriving.events = dom.monitor.watch_events(("MIGRATION",))
         try:
-            await dom.monitor.execute(
-                "migrate-set-capabilities",
-                {
-                    "capabilities": [
-                        # Disks stay inactive after the stream until our "cont".
-                        {"capability": "late-block-activate", "state": True},
-                        {"capability": "events", "state": True},
-                    ]
-                },
-            )
-            if self.tls is not None:
-                if source is None:
-                    raise QmpError("no certificate of the source to admit its stream")
-                await self.tls.setup_target(dom.monitor, source)
-        except (QmpError, PkiError) as err:
+            stream = await setup_target(
+                dom.monitor, params, self.tls, source, StreamKey.new(migration_id),
+                dom.paths.run_dir / STREAM_KEY_DIR, bind,
+            )  # fmt: skip
+        except (QmpError, PkiError, MigrationError) as err:
             await self.abort_incoming(migration_id, str(err))
             raise MigrationRefused(f"{where}: {err}") from err
         steps.mark("qemu_setup")
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
-        return Prepared(token, steps.steps_ms)
+        return Prepared(token, steps.steps_ms, stream)
 
     async def _check_same_disks(
         self, cfg: DomainConfig, facts: list[Any], params: MigrationParams
@@ -277,6 +277,8 @@ class IncomingMigrations:
             raise MigrationError(f"migration {migration_id[:8]} is not pending here")
         dom = arriving.dom
         await self._wait_stream_complete(dom)
+        # Every channel has connected: the one-time key has done its job.
+        shutil.rmtree(dom.paths.run_dir / STREAM_KEY_DIR, ignore_errors=True)
         dom.record.migration_was_running = resume
         self.table.save(dom)
         # In a cluster, the commit point: the transaction that makes the domain

@@ -20,6 +20,7 @@ from ferry.hypervisor.seed import seed_digest
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.params import MigrationParams
 from ferry.migration.source import OutgoingMigration, ProgressCallback
+from ferry.migration.stream_plan import plan_stream
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import lease
 from ferry.storage.cache_safety import migration_hazard
@@ -62,6 +63,7 @@ class OutgoingMigrations:
             dom.outgoing = control
         try:
             began = time.monotonic()
+            plan = plan_stream(params, secure=self.tls is not None)
             facts = await self._disk_facts(dom, params)
             boot = await self._boot_facts(dom.record.config)
             facts_ms = round((time.monotonic() - began) * 1000, 1)
@@ -71,7 +73,9 @@ class OutgoingMigrations:
                 config=dom.record.config.to_mapping(),
                 host=host,
                 port=port,
-                params=params,
+                params=plan.params,
+                plan_reason=plan.reason,
+                qemu_pid=dom.pid,
                 local_host=self.table.host_name,
                 disks=facts,
                 boot=boot,

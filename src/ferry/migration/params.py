@@ -8,6 +8,9 @@ from typing import Any
 
 from ferry.errors import ConfigError
 
+COMPRESSIONS = ("auto", "zstd", "zlib", "none")
+MAX_CHANNELS = 16
+
 
 @dataclass(frozen=True)
 class MigrationParams:
@@ -32,6 +35,13 @@ class MigrationParams:
     # system shared between hosts (see ferry.storage.cache_safety): the
     # operator says the risk is taken, as virsh migrate --unsafe.
     unsafe_cache: bool = False
+    # The memory stream's compression: "auto" (ferry chooses, see
+    # ferry.migration.stream_plan), "zstd", "zlib" or "none". Compression
+    # rides on multifd, whose channels need TLS to be gated.
+    compression: str = "auto"
+    # multifd channels: 0 lets ferry choose (with compression), 1 keeps one
+    # stream, 2..16 force multifd with that many channels.
+    channels: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,17 +69,44 @@ class MigrationParams:
             raise ConfigError(f"{source}: timeouts must be positive")
         if self.max_downtime_cap_ms < self.max_downtime_ms:
             raise ConfigError(f"{source}: max_downtime_cap_ms is below max_downtime_ms")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(
+                f"{source}: compression {self.compression!r} is not one of "
+                f"{', '.join(COMPRESSIONS)}"
+            )
+        if not 0 <= self.channels <= MAX_CHANNELS:
+            raise ConfigError(f"{source}: channels {self.channels} is not in 0..{MAX_CHANNELS}")
+        if self.channels == 1 and self.compression not in ("auto", "none"):
+            raise ConfigError(f"{source}: compression {self.compression} needs 2 or more channels")
+
+    @property
+    def multifd(self) -> bool:
+        """The stream runs on several channels (resolved settings only)."""
+        return self.channels >= 2
 
     def capabilities(self) -> dict[str, bool]:
         """QEMU capabilities for the source."""
-        return {"auto-converge": self.auto_converge, "xbzrle": self.xbzrle, "events": True}
+        return {
+            "auto-converge": self.auto_converge,
+            "xbzrle": self.xbzrle,
+            "events": True,
+            "multifd": self.multifd,
+        }
 
     def qemu_parameters(self) -> dict[str, Any]:
         params: dict[str, Any] = {"downtime-limit": self.max_downtime_ms}
         # QEMU caps at 128 MiB/s by default; "no cap" must be said explicitly.
         bandwidth = self.bandwidth_mbit * 1_000_000 / 8 if self.bandwidth_mbit else 1 << 40
         params["max-bandwidth"] = int(bandwidth)
-        return params
+        return params | self.multifd_parameters()
+
+    def multifd_parameters(self) -> dict[str, Any]:
+        """What both ends must agree on before the stream starts."""
+        if not self.multifd:
+            return {}
+        if self.compression == "auto":
+            raise ConfigError("migration settings: compression 'auto' was not resolved")
+        return {"multifd-channels": self.channels, "multifd-compression": self.compression}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -77,6 +114,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{key}' must be true or false, not {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, not {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{source}: '{key}' must be a number, not {value!r}")

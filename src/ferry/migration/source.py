@@ -32,11 +32,13 @@ from ferry.errors import (
 from ferry.host.running import OutgoingControl
 from ferry.hypervisor.monitor import Monitor
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
+from ferry.migration.channel_tuning import ChannelTuner
 from ferry.migration.data_link import CONNECT_TIMEOUT, FD_NAME, open_data_connection
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress
+from ferry.migration.stream_setup import setup_source
 from ferry.migration.timeline import Timeline
-from ferry.pki.qemu_tls import QemuTls, plain_stream
+from ferry.pki.qemu_tls import QemuTls
 from ferry.util.wait import wait_until
 
 log = logging.getLogger("ferryd")
@@ -67,6 +69,11 @@ class OutgoingResult:
     downtime_limit_ms: int
     # The stream's encryption as the source QEMU reports it: "tls" or "none".
     stream: str
+    # multifd channels (1: one stream) and their compression, and why.
+    channels: int = 1
+    compression: str = "none"
+    stream_plan: str = ""
+    tuned_channels: int = 0  # multifd sockets given the low-water mark
     # Each step on the source's clock, and the target's prepare split its way.
     steps_ms: dict[str, float] = field(default_factory=dict)
     target_steps_ms: dict[str, float] = field(default_factory=dict)
@@ -94,6 +101,10 @@ class OutgoingMigration:
     )
     # Mutual TLS for the channel and QEMU's stream; None: insecure = true.
     tls: QemuTls | None = None
+    plan_reason: str = ""
+    # The source QEMU's PID: its own multifd sockets get the low-water mark.
+    qemu_pid: int | None = None
+    _tuner: ChannelTuner | None = field(default=None, init=False)
     _downtime_limit: int = field(default=0, init=False)
     _stream: str = field(default="none", init=False)
     _timeline: Timeline = field(default_factory=Timeline, init=False)
@@ -122,14 +133,18 @@ class OutgoingMigration:
                 await self._handshake(channel)
                 steps.mark("handshake")
                 self.control.advance(Phase.PREPARE)
-                token = await self._prepare(channel)
+                token, stream = await self._prepare(channel)
                 steps.mark("prepare")
                 self._check_abort()
-                data = await open_data_connection(self.host, self.port, self.migration_id, token)
-                steps.mark("data_connect")
+                data = None
+                if not self.params.multifd:
+                    data = await open_data_connection(
+                        self.host, self.port, self.migration_id, token
+                    )
+                    steps.mark("data_connect")
                 self.control.advance(Phase.TRANSFER)
                 transfer_start = time.monotonic()
-                progress = await self._transfer(channel, data, events)
+                progress = await self._transfer(channel, data, stream, events)
                 stop_ts = _last_event_time(events, "STOP")
             self.control.advance(Phase.COMMIT)
         except BaseException as err:
@@ -177,6 +192,10 @@ class OutgoingMigration:
             resumed_at=float(resume_ts) if isinstance(resume_ts, int | float) else None,
             downtime_limit_ms=self._downtime_limit,
             stream=self._stream,
+            channels=max(self.params.channels, 1),
+            compression=self.params.compression if self.params.multifd else "none",
+            stream_plan=self.plan_reason,
+            tuned_channels=len(self._tuner.tuned) if self._tuner else 0,
             steps_ms=steps.steps_ms,
             target_steps_ms=self._target_steps,
         )
@@ -192,7 +211,7 @@ class OutgoingMigration:
                 f"this host {PROTOCOL_VERSION}"
             )
 
-    async def _prepare(self, channel: Channel) -> str:
+    async def _prepare(self, channel: Channel) -> tuple[str, dict[str, Any]]:
         await channel.send(
             {
                 "type": "prepare",
@@ -212,35 +231,34 @@ class OutgoingMigration:
             }
         if not isinstance(token, str):
             raise MigrationError(f"{self.host} sent no data token")
-        return token
+        stream = prepared.get("stream")
+        return token, stream if isinstance(stream, dict) else {}
 
-    async def _transfer(self, channel: Channel, data: socket.socket, events: Any) -> Progress:
+    async def _transfer(
+        self, channel: Channel, data: socket.socket | None, stream: dict[str, Any], events: Any
+    ) -> Progress:
         monitor = self.monitor
-        await monitor.execute(
-            "migrate-set-capabilities",
-            {
-                "capabilities": [
-                    {"capability": k, "state": v} for k, v in self.params.capabilities().items()
-                ]
-            },
-        )
-        self._downtime_limit = self.params.max_downtime_ms
-        await monitor.execute("migrate-set-parameters", self.params.qemu_parameters())
-        if self.tls is not None:
-            await self.tls.setup_source(monitor, self.host)
-        else:
-            await plain_stream(monitor)
-        # What QEMU itself will do, not what we asked: shown in the result.
-        set_up = await monitor.execute("query-migrate-parameters")
-        self._stream = "tls" if isinstance(set_up, dict) and set_up.get("tls-creds") else "none"
-        if not self.params.live:
-            await monitor.execute("stop")
         try:
-            await monitor.pass_fd(data.fileno(), FD_NAME)
+            self._downtime_limit = self.params.max_downtime_ms
+            uri = await setup_source(monitor, self.params, self.tls, channel.peer_address(), stream)
+            # What QEMU itself will do, not what we asked: shown in the result.
+            set_up = await monitor.execute("query-migrate-parameters")
+            tls = isinstance(set_up, dict) and set_up.get("tls-creds")
+            self._stream = "none" if not tls else "tls-psk" if self.params.multifd else "tls"
+            if not self.params.live:
+                await monitor.execute("stop")
+            if uri is None:
+                assert data is not None
+                await monitor.pass_fd(data.fileno(), FD_NAME)
+                uri = f"fd:{FD_NAME}"
         finally:
-            # QEMU holds its own copy now; ours would only keep the socket open.
-            data.close()
-        await monitor.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+            if data is not None:
+                # QEMU holds its own copy now; ours would only keep the socket open.
+                data.close()
+        if self.params.multifd:
+            port = int(uri.rsplit(":", 1)[1])
+            self._tuner = ChannelTuner(self.qemu_pid, port, self.params.channels + 1)
+        await monitor.execute("migrate", {"uri": uri})
         self._timeline.mark("setup")
         progress = await self._follow(channel, events)
         self._timeline.mark("transfer")
@@ -259,6 +277,8 @@ class OutgoingMigration:
                 info = await self.monitor.execute("query-migrate")
                 progress = Progress.from_qmp(info)
                 self.on_progress({"phase": self.phase} | progress.to_wire())
+                if self._tuner is not None:
+                    self._tuner.poll()
                 if progress.status == "completed":
                     return progress
                 if progress.status in ("failed", "cancelled"):

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ferry.domain.migration_state import Outcome
@@ -39,6 +39,8 @@ class Prepared:
 
     token: str
     steps_ms: dict[str, float]
+    # multifd: where the arriving QEMU listens and the channels' one-time key.
+    stream: dict[str, Any] = field(default_factory=dict)
 
 
 class TargetHost(Protocol):
@@ -52,6 +54,7 @@ class TargetHost(Protocol):
         peer: str,
         source: Identity | None,
         source_host: str,
+        bind: str,
     ) -> Prepared: ...
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None: ...
@@ -139,6 +142,7 @@ async def _session(
             # Who owns the domain now: the certificate's name, else what the
             # (unauthenticated, insecure = true) source said it is.
             channel.identity.name if channel.identity else str(hello.get("host"))[:64],
+            channel.local_address(),
         )
     except FerryError as err:
         refusal = err if isinstance(err, MigrationRefused) else MigrationRefused(str(err))
@@ -146,7 +150,12 @@ async def _session(
         return
     try:
         await channel.send(
-            {"type": "prepared", "token": prepared.token, "steps_ms": prepared.steps_ms}
+            {
+                "type": "prepared",
+                "token": prepared.token,
+                "steps_ms": prepared.steps_ms,
+                "stream": prepared.stream,
+            }
         )
         while True:
             message = await channel.recv(SILENCE_TIMEOUT)

@@ -74,7 +74,7 @@ class QemuTls:
     async def setup_source(self, monitor: Monitor, target: str) -> None:
         """Encrypt the outgoing stream; its target's certificate must name ``target``."""
         with self._files() as directory:
-            await _replace(monitor, creds_object(CREDS_ID, directory, "client"))
+            await replace_object(monitor, creds_object(CREDS_ID, directory, "client"))
         await monitor.execute(
             "migrate-set-parameters", {"tls-creds": CREDS_ID, "tls-hostname": target}
         )
@@ -82,8 +82,8 @@ class QemuTls:
     async def setup_target(self, monitor: Monitor, source: Identity) -> None:
         """Decrypt the arriving stream, admitting ``source``'s certificate only."""
         with self._files() as directory:
-            await _replace(monitor, creds_object(CREDS_ID, directory, "server"))
-        await _replace(monitor, authz_object(AUTHZ_ID, source))
+            await replace_object(monitor, creds_object(CREDS_ID, directory, "server"))
+        await replace_object(monitor, authz_object(AUTHZ_ID, source))
         await monitor.execute(
             "migrate-set-parameters", {"tls-creds": CREDS_ID, "tls-authz": AUTHZ_ID}
         )
@@ -105,7 +105,7 @@ async def plain_stream(monitor: Monitor) -> None:
     await monitor.execute("migrate-set-parameters", {"tls-creds": ""})
 
 
-async def _replace(monitor: Monitor, spec: dict[str, Any]) -> None:
+async def replace_object(monitor: Monitor, spec: dict[str, Any]) -> None:
     # An earlier migration of this QEMU (one that failed) left its object.
     with contextlib.suppress(QmpError):
         await monitor.execute("object-del", {"id": spec["id"]})
