@@ -62,6 +62,8 @@ class Incoming:
     # The decision is being made in the cluster store: whatever happens, this
     # QEMU may not be ended until the store has answered.
     deciding: bool = False
+    # multifd: the task that keeps the arriving QEMU's port to the source.
+    gate: asyncio.Task[None] | None = None
 
 
 BootFilesProvider = Callable[[DomainConfig], BootFiles]

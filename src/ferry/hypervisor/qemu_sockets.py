@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -33,22 +34,73 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
     return dup
 
 
-def _inodes_to_port(pid: int, port: int) -> set[int]:
-    """Socket inodes of connections in ``pid``'s network namespace to remote ``port``."""
-    inodes: set[int] = set()
+def _address(field: str) -> tuple[str, int]:
+    """An address of /proc/net/tcp{,6}: hex words in host (little-endian) order."""
+    host, port = field.rsplit(":", 1)
+    raw = b"".join(bytes.fromhex(host[i : i + 8])[::-1] for i in range(0, len(host), 8))
+    return str(ipaddress.ip_address(raw)), int(port, 16)
+
+
+def _connections(pid: int) -> list[tuple[tuple[str, int], tuple[str, int], int]]:
+    """(local, remote, inode) of the TCP sockets in ``pid``'s network namespace."""
+    rows = []
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                 fields = line.split()
-                if len(fields) > 9 and int(fields[2].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(int(fields[9]))
-    return inodes
+                if len(fields) > 9 and fields[3] != "0A":  # not a listener
+                    rows.append((_address(fields[1]), _address(fields[2]), int(fields[9])))
+    return rows
 
 
 def socket_fds_to_port(pid: int, port: int) -> dict[int, int]:
     """QEMU's descriptors (fd -> inode) of TCP connections to remote ``port``."""
-    wanted = _inodes_to_port(pid, port)
+    return _fds_of(pid, {inode for _, remote, inode in _connections(pid) if remote[1] == port})
+
+
+def socket_fds_on_port(pid: int, port: int) -> dict[int, int]:
+    """QEMU's descriptors of connections accepted on its local ``port``."""
+    return _fds_of(pid, {inode for local, _, inode in _connections(pid) if local[1] == port})
+
+
+def foreign_fds_on_port(pid: int, port: int, allowed: str) -> dict[int, int]:
+    """QEMU's descriptors of connections accepted on local ``port`` from anyone but ``allowed``."""
+    allowed_ip = ipaddress.ip_address(allowed.split("%")[0])
+    if isinstance(allowed_ip, ipaddress.IPv6Address) and allowed_ip.ipv4_mapped:
+        allowed_ip = allowed_ip.ipv4_mapped
+    wanted = set()
+    for local, remote, inode in _connections(pid):
+        peer = ipaddress.ip_address(remote[0])
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped:
+            peer = peer.ipv4_mapped
+        if local[1] == port and peer != allowed_ip:
+            wanted.add(inode)
+    return _fds_of(pid, wanted)
+
+
+def shut_down(pid: int, fds: list[int]) -> None:
+    """End QEMU's connections ``fds`` (both directions); QEMU sees them fail."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in fds:
+            dup = _pidfd_getfd(pidfd, fd)
+            try:
+                sock = socket.socket(fileno=dup)
+                try:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                finally:
+                    sock.detach()
+            finally:
+                os.close(dup)
+    finally:
+        os.close(pidfd)
+
+
+def _fds_of(pid: int, wanted: set[int]) -> dict[int, int]:
     found: dict[int, int] = {}
+    if not wanted:
+        return found
     with contextlib.suppress(OSError):
         for entry in os.scandir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError, ValueError):

@@ -42,6 +42,7 @@ from ferry.hypervisor.firmware import UefiFiles
 from ferry.hypervisor.seed import seed_digest
 from ferry.migration.data_link import FD_NAME
 from ferry.migration.params import MigrationParams
+from ferry.migration.stream_gate import keep_port_to_source
 from ferry.migration.stream_setup import setup_target
 from ferry.migration.target import Prepared
 from ferry.migration.timeline import Timeline
@@ -92,6 +93,7 @@ class IncomingMigrations:
         source: Identity | None,
         source_host: str,
         bind: str,
+        source_address: str,
     ) -> Prepared:
         """Check everything, then start QEMU waiting for the stream; return its token."""
         steps = Timeline()
@@ -156,6 +158,13 @@ class IncomingMigrations:
         except (QmpError, PkiError, MigrationError) as err:
             await self.abort_incoming(migration_id, str(err))
             raise MigrationRefused(f"{where}: {err}") from err
+        if stream and dom.pid is not None:
+            arriving.gate = asyncio.create_task(
+                keep_port_to_source(
+                    cfg.name, dom.pid, stream["port"], source_address, params.channels + 1
+                ),
+                name=f"stream gate of {cfg.name}",
+            )
         steps.mark("qemu_setup")
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
         return Prepared(token, steps.steps_ms, stream)
@@ -277,6 +286,7 @@ class IncomingMigrations:
             raise MigrationError(f"migration {migration_id[:8]} is not pending here")
         dom = arriving.dom
         await self._wait_stream_complete(dom)
+        _stop_gate(arriving)
         # Every channel has connected: the one-time key has done its job.
         shutil.rmtree(dom.paths.run_dir / STREAM_KEY_DIR, ignore_errors=True)
         dom.record.migration_was_running = resume
@@ -362,6 +372,7 @@ class IncomingMigrations:
             if self.table.outcomes.get(migration_id) is Outcome.PENDING:
                 self.table.decide(migration_id, Outcome.ABORTED)
             return
+        _stop_gate(arriving)
         dom = arriving.dom
         log.info("aborting incoming %s (migration %s): %s", dom.name, migration_id[:8], reason)
         dom.handed_over = True  # the leases were never ours
@@ -404,6 +415,12 @@ async def decide_in_store(ownership: Ownership, dom: RunningDomain, commit: bool
             return False
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+def _stop_gate(arriving: Incoming) -> None:
+    if arriving.gate is not None:
+        arriving.gate.cancel()
+        arriving.gate = None
 
 
 def _event_time(events: EventListener | None, status: str) -> float | None:

@@ -55,6 +55,7 @@ class TargetHost(Protocol):
         source: Identity | None,
         source_host: str,
         bind: str,
+        source_address: str,
     ) -> Prepared: ...
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None: ...
@@ -143,6 +144,7 @@ async def _session(
             # (unauthenticated, insecure = true) source said it is.
             channel.identity.name if channel.identity else str(hello.get("host"))[:64],
             channel.local_address(),
+            channel.peer_address(),
         )
     except FerryError as err:
         refusal = err if isinstance(err, MigrationRefused) else MigrationRefused(str(err))

@@ -1,0 +1,46 @@
+"""The arriving QEMU's multifd port, kept to the source until every channel is in.
+
+QEMU 7.2 runs the TLS handshake of an accepted connection without waiting for
+it in the background: a connection that opens and then sends nothing (or half
+a TLS record) holds the target's main loop, the source's channels never
+complete their handshakes, and the source QEMU blocks in its migration set-up
+with its global lock held (seen here: its QMP answered nothing for 30 s).
+The one-time key stops a stranger from feeding the VM, not from stalling it.
+So until the source's channels are all connected (QEMU then closes its
+listener), ferry ends any connection to that port from another address, as
+soon as it appears (polled every few milliseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ferry.hypervisor.qemu_sockets import foreign_fds_on_port, shut_down, socket_fds_on_port
+
+log = logging.getLogger("ferryd")
+
+POLL_S = 0.005
+WINDOW_S = 120.0  # the source connects within its prepare timeout, or never
+
+
+async def keep_port_to_source(name: str, pid: int, port: int, source: str, channels: int) -> None:
+    """Until ``channels`` connections from ``source`` are in: end everyone else's."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + WINDOW_S
+    ended: set[int] = set()  # socket inodes, until QEMU closes its descriptors
+    while loop.time() < end:
+        foreign = foreign_fds_on_port(pid, port, source)
+        new = {fd: i for fd, i in foreign.items() if i not in ended}
+        if new:
+            log.warning(
+                "domain %s: ended %d connection(s) to its migration port %d not from the "
+                "source %s", name, len(new), port, source,
+            )  # fmt: skip
+            with contextlib.suppress(OSError):
+                shut_down(pid, list(new))
+            ended |= set(new.values())
+        elif len(socket_fds_on_port(pid, port)) - len(foreign) >= channels:
+            return
+        await asyncio.sleep(POLL_S)
