@@ -21,6 +21,7 @@ from migbench.guest import Player, guest_survived, wait_guest
 from migbench.report import brief
 from migbench.settings import (
     BARE_PORT,
+    BARE_VARIANTS,
     DOWNTIME_LIMIT_MS,
     HOSTS,
     MAX_BANDWIDTH,
@@ -47,24 +48,30 @@ async def next_event(events: EventListener, name: str, timeout: float) -> dict[s
 
 
 async def bare_migrate(
-    rig: BareRig, src: BareQemu, dst_host: str
+    rig: BareRig, src: BareQemu, dst_host: str, variant: str = "bare"
 ) -> tuple[dict[str, Any], BareQemu]:
     """One bare live migration from ``src`` to a new QEMU on ``dst_host``."""
+    multifd = BARE_VARIANTS[variant]
     launch_start = time.time()
     dst = await rig.launch(dst_host, incoming=True)
     address = topology.node(dst_host).address
     uri = f"tcp:{address}:{BARE_PORT}"
     dst.events.clear()
     src.events.clear()
+    caps = {"auto-converge": True, "xbzrle": False, "events": True, "multifd": bool(multifd)}
+    if multifd:
+        await dst.qmp.execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]}
+        )
+        await dst.qmp.execute("migrate-set-parameters", dict(multifd))
     await dst.qmp.execute("migrate-incoming", {"uri": uri})
-    caps = {"auto-converge": True, "xbzrle": False, "events": True}
     await src.qmp.execute(
         "migrate-set-capabilities",
         {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
     )
     await src.qmp.execute(
         "migrate-set-parameters",
-        {"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH},
+        {"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH, **multifd},
     )
     start = time.time()
     await src.qmp.execute("migrate", {"uri": uri})
@@ -85,7 +92,7 @@ async def bare_migrate(
     ram = info.get("ram", {})
     qemu_total_s = float(info.get("total-time", 0)) / 1000
     run: dict[str, Any] = {
-        "mode": "bare", "src": src.host, "dst": dst_host,
+        "mode": variant, "src": src.host, "dst": dst_host,
         # migrate command -> target RESUME: the engine's own end-to-end time.
         "wall_s": round(event_ts(resume) - start, 3),
         "wall_with_target_launch_s": round(event_ts(resume) - launch_start, 3),
@@ -103,7 +110,12 @@ async def bare_migrate(
 
 
 async def run_bare_async(
-    lab: Lab, scenario: str, reps: int, with_player: bool, ferry_cmdlines: dict[str, list[str]]
+    lab: Lab,
+    scenario: str,
+    reps: int,
+    with_player: bool,
+    ferry_cmdlines: dict[str, list[str]],
+    variant: str = "bare",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     cfg = load_domain_file(lab.domain_config)
     boot = boot_files_from(ferry_cmdlines["created"])
@@ -133,10 +145,10 @@ async def run_bare_async(
             dst_host = HOSTS[(rep + 1) % 2]
             player = None
             if with_player:
-                player = Player.start(lab, lab.workdir / f"watch-bare-{rep}.json")
+                player = Player.start(lab, lab.workdir / f"watch-{variant}-{rep}.json")
                 await asyncio.sleep(PLAYER_LEAD_S)
             try:
-                run, src = await bare_migrate(rig, src, dst_host)
+                run, src = await bare_migrate(rig, src, dst_host, variant)
             except BaseException:
                 if player:
                     player.stop()
@@ -146,7 +158,7 @@ async def run_bare_async(
                 run["migration_end_in_clip_s"] = round(time.monotonic() - player.started, 1)
                 run["player"] = await asyncio.to_thread(player.finish)
             run["guest_ok"] = await asyncio.to_thread(guest_survived, lab, before)
-            log(f"[{scenario}] bare {run['src']} -> {run['dst']}: {brief(run)}")
+            log(f"[{scenario}] {variant} {run['src']} -> {run['dst']}: {brief(run)}")
             runs.append(run)
     finally:
         await rig.close()

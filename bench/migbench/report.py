@@ -6,6 +6,8 @@ from typing import Any
 
 from migbench.summary import METRICS
 
+MODES = ("ferry", "bare", "bare_zstd")
+
 
 def brief(run: dict[str, Any]) -> str:
     text = (
@@ -22,7 +24,9 @@ def brief(run: dict[str, Any]) -> str:
 def print_report(results: dict[str, Any]) -> None:
     for name, sc in results["scenarios"].items():
         print(f"\n== {name} (link {sc['rate'] or 'unshaped'}, {sc['reps']} reps each) ==")
-        for mode in ("ferry", "bare"):
+        for mode in MODES:
+            if mode not in sc:
+                continue
             s = sc[mode]["summary"]
             parts = [f"{m} {s[m]['median']} [{s[m]['min']}..{s[m]['max']}]" for m in METRICS]
             if "player_longest_gap_ms" in s:
@@ -56,7 +60,9 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, sc in results["scenarios"].items():
-        for mode in ("ferry", "bare"):
+        for mode in MODES:
+            if mode not in sc:
+                continue
             s = sc[mode]["summary"]
             wall_launch = s["wall_s"] if mode == "ferry" else s["wall_with_target_launch_s"]
             gap = _cell(s, "player_longest_gap_ms", digits=0)

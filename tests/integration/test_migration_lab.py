@@ -517,7 +517,7 @@ def test_migration_completes_under_a_flood_of_half_open_connections(fast_lab: La
             flood.kill()
             flood.wait()
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["stream"] == "tls"
+    assert json.loads(result.stdout)["stream"] == "tls-psk"
     s.runs_only_on("xen_host_2", before)
     # The flood really ran through the migration: thousands of connections.
     assert int(out.strip()) >= 2000, out

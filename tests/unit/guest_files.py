@@ -38,3 +38,7 @@ def load_init(module: str) -> ModuleType:
 
 def load_ledger() -> ModuleType:
     return _load("ferry_ledger", FILES / "ferry_ledger.py")
+
+
+def load_dirty() -> ModuleType:
+    return _load("ferry_dirty", FILES / "ferry_dirty.py")

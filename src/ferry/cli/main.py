@@ -13,6 +13,10 @@ from typing import Any
 from ferry.client.daemon_client import DaemonClient, default_socket
 from ferry.errors import FerryError, WaitTimeout
 
+# The downtime limit a migration starts with (MigrationParams' default), known
+# here without importing the migration layer into the command line.
+DEFAULT_START_DOWNTIME_MS = 100
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -176,7 +180,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise FerryError("ferry migrate: a target HOST is required (or --abort)")
     params: dict[str, Any] = {"live": args.live}
     if args.max_downtime is not None:
-        params["max_downtime_ms"] = args.max_downtime
+        # The most the convergence schedule may reach; it starts lower.
+        params["max_downtime_cap_ms"] = args.max_downtime
+        params["max_downtime_ms"] = min(args.max_downtime, DEFAULT_START_DOWNTIME_MS)
     if args.bandwidth is not None:
         params["bandwidth_mbit"] = args.bandwidth
     if args.auto_converge is not None:
@@ -185,6 +191,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         params["xbzrle"] = True
     if args.unsafe:
         params["unsafe_cache"] = True
+    if args.give_up_after is not None:
+        params["converge_timeout_s"] = args.give_up_after
     if args.compression is not None:
         params["compression"] = args.compression
     if args.channels is not None:
@@ -342,7 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", "--live", action="store_true", help="live migration (else stop-and-copy)")
     p.add_argument("-p", "--port", type=int, help="the target's relocation port (default 8002)")
     p.add_argument("--abort", action="store_true", help="cancel the domain's running migration")
-    p.add_argument("--max-downtime", type=int, metavar="MS", help="downtime limit")
+    p.add_argument(
+        "--max-downtime",
+        type=int,
+        metavar="MS",
+        help="the longest pause the guest may see (default 500); a guest too busy to meet it "
+        "keeps running here, and the migration ends with the reason",
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        metavar="S",
+        help="cancel a migration not converged after S seconds, the domain running here "
+        "(default 180; 0: never), as xl's --abort-if-busy",
+    )
     p.add_argument("--bandwidth", type=float, metavar="MBIT", help="bandwidth cap, Mbit/s")
     p.add_argument("--auto-converge", dest="auto_converge", action="store_true", default=None)
     p.add_argument("--no-auto-converge", dest="auto_converge", action="store_false")

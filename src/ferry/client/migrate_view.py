@@ -39,6 +39,14 @@ class MigrationView:
             self.bar.stop()
 
     def update(self, p: dict[str, Any]) -> None:
+        decision = p.get("decision")
+        if isinstance(decision, dict):
+            # Every convergence decision is said, on a terminal or not.
+            self.console.print(
+                f"pass {decision.get('pass')}, {decision.get('t_s')} s: "
+                f"{decision.get('decision')} ({decision.get('why')})"
+            )
+            return
         if self.task is None:
             return
         total = max(int(p.get("total") or 0), 1)

@@ -35,6 +35,7 @@ GUEST_FILES = (
     "ferry_init/system.py",
     "ferry-poweroff",
     "ferry_ledger.py",
+    "ferry_dirty.py",
     "media-service",
     "qemu-ga-service",
     "ferry-shutdown",

@@ -24,6 +24,7 @@ BASE_FORMAT = 1
 GUEST_FILE_PLACES: Mapping[str, tuple[str, int]] = {
     "ferry-poweroff": ("usr/local/sbin/ferry-poweroff", 0o755),
     "ferry_ledger.py": ("etc/ferry/services.d/50-ledger", 0o755),
+    "ferry_dirty.py": ("etc/ferry/services.d/60-dirty", 0o755),
     "ferry-media-server": ("usr/local/bin/ferry-media-server", 0o755),
     "media-service": ("etc/ferry/services.d/40-media", 0o755),
     "qemu-ga-service": ("etc/ferry/services.d/30-qemu-ga", 0o755),

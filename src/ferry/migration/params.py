@@ -27,10 +27,22 @@ class MigrationParams:
     # cut and the migration is cancelled (QEMU itself would wait for TCP's
     # retransmission timeout, minutes).
     stall_timeout_s: float = 10.0
-    # Not converged after this long: the downtime limit is doubled, step by
-    # step, up to max_downtime_cap_ms.
-    converge_after_s: float = 60.0
-    max_downtime_cap_ms: int = 2000
+    # Not converging (ferry.migration.convergence): the downtime limit steps up
+    # its schedule after stall_passes passes whose dirty memory did not shrink,
+    # or converge_after_s seconds after the last step, up to
+    # max_downtime_cap_ms (`ferry migrate --max-downtime`); after
+    # converge_timeout_s (0: never) the migration is cancelled with the reason.
+    converge_after_s: float = 20.0
+    max_downtime_cap_ms: int = 500
+    stall_passes: int = 2
+    converge_timeout_s: float = 180.0
+    # auto-converge's first vCPU throttle (raised from the measured rates by
+    # ferry.migration.convergence) and its step (QEMU: 20, 10). QEMU throttles
+    # only after two passes that dirtied more than half of what they sent, and
+    # steps every two passes after: a bigger step reaches a working throttle
+    # in fewer of those long passes.
+    throttle_initial_pct: int = 30
+    throttle_increment_pct: int = 25
     # Migrate a disk whose cache mode keeps data in the page cache of a file
     # system shared between hosts (see ferry.storage.cache_safety): the
     # operator says the risk is taken, as virsh migrate --unsafe.
@@ -67,6 +79,10 @@ class MigrationParams:
             raise ConfigError(f"{source}: bandwidth_mbit must not be negative")
         if self.stall_timeout_s <= 0 or self.converge_after_s <= 0:
             raise ConfigError(f"{source}: timeouts must be positive")
+        if self.converge_timeout_s < 0 or self.stall_passes < 1:
+            raise ConfigError(f"{source}: converge_timeout_s >= 0 and stall_passes >= 1 please")
+        if not (1 <= self.throttle_initial_pct <= 99 and 1 <= self.throttle_increment_pct <= 99):
+            raise ConfigError(f"{source}: throttle percentages must be in 1..99")
         if self.max_downtime_cap_ms < self.max_downtime_ms:
             raise ConfigError(f"{source}: max_downtime_cap_ms is below max_downtime_ms")
         if self.compression not in COMPRESSIONS:
@@ -98,6 +114,8 @@ class MigrationParams:
         # QEMU caps at 128 MiB/s by default; "no cap" must be said explicitly.
         bandwidth = self.bandwidth_mbit * 1_000_000 / 8 if self.bandwidth_mbit else 1 << 40
         params["max-bandwidth"] = int(bandwidth)
+        params["cpu-throttle-initial"] = self.throttle_initial_pct
+        params["cpu-throttle-increment"] = self.throttle_increment_pct
         return params | self.multifd_parameters()
 
     def multifd_parameters(self) -> dict[str, Any]:

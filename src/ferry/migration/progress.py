@@ -19,6 +19,7 @@ class Progress:
     downtime_ms: int | None  # once completed
     expected_downtime_ms: int | None
     setup_ms: int | None
+    throttle_pct: int = 0  # auto-converge's vCPU throttle
 
     @property
     def eta_s(self) -> float | None:
@@ -45,6 +46,7 @@ class Progress:
             downtime_ms=_opt_int(info.get("downtime")),
             expected_downtime_ms=_opt_int(info.get("expected-downtime")),
             setup_ms=_opt_int(info.get("setup-time")),
+            throttle_pct=int(info.get("cpu-throttle-percentage", 0) or 0),
         )
 
 

@@ -33,6 +33,7 @@ from ferry.host.running import OutgoingControl
 from ferry.hypervisor.monitor import Monitor
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.migration.channel_tuning import ChannelTuner
+from ferry.migration.convergence import Action, Convergence, GiveUp, SetDowntime
 from ferry.migration.data_link import CONNECT_TIMEOUT, FD_NAME, open_data_connection
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress
@@ -74,6 +75,9 @@ class OutgoingResult:
     compression: str = "none"
     stream_plan: str = ""
     tuned_channels: int = 0  # multifd sockets given the low-water mark
+    # What the convergence policy did, in order (ferry.migration.convergence).
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    throttle_pct: int = 0  # auto-converge's vCPU throttle at the end
     # Each step on the source's clock, and the target's prepare split its way.
     steps_ms: dict[str, float] = field(default_factory=dict)
     target_steps_ms: dict[str, float] = field(default_factory=dict)
@@ -105,6 +109,7 @@ class OutgoingMigration:
     # The source QEMU's PID: its own multifd sockets get the low-water mark.
     qemu_pid: int | None = None
     _tuner: ChannelTuner | None = field(default=None, init=False)
+    _convergence: Convergence | None = field(default=None, init=False)
     _downtime_limit: int = field(default=0, init=False)
     _stream: str = field(default="none", init=False)
     _timeline: Timeline = field(default_factory=Timeline, init=False)
@@ -196,6 +201,8 @@ class OutgoingMigration:
             compression=self.params.compression if self.params.multifd else "none",
             stream_plan=self.plan_reason,
             tuned_channels=len(self._tuner.tuned) if self._tuner else 0,
+            decisions=self._convergence.decisions if self._convergence else [],
+            throttle_pct=progress.throttle_pct,
             steps_ms=steps.steps_ms,
             target_steps_ms=self._target_steps,
         )
@@ -268,7 +275,7 @@ class OutgoingMigration:
         """Poll QEMU until the memory stream completes; cancel it on a stall or abort."""
         last_bytes, last_change = -1, time.monotonic()
         last_beat = 0.0
-        next_raise = time.monotonic() + self.params.converge_after_s
+        policy = self._convergence = Convergence(self.params, time.monotonic())
         peer = asyncio.create_task(
             channel.recv(timeout=1e9), name=f"target's word on {self.migration_id[:8]}"
         )
@@ -276,7 +283,14 @@ class OutgoingMigration:
             while True:
                 info = await self.monitor.execute("query-migrate")
                 progress = Progress.from_qmp(info)
-                self.on_progress({"phase": self.phase} | progress.to_wire())
+                seen = len(policy.decisions)
+                actions = policy.observe(progress, time.monotonic())
+                update = {"phase": self.phase} | progress.to_wire()
+                for decision in policy.decisions[seen:]:
+                    log.warning("migration of %s: %s (%s)", self.name, decision["decision"],
+                                decision["why"])  # fmt: skip
+                    self.on_progress(update | {"decision": decision})
+                self.on_progress(update | {"downtime_limit_ms": policy.limit_ms})
                 if self._tuner is not None:
                     self._tuner.poll()
                 if progress.status == "completed":
@@ -296,9 +310,7 @@ class OutgoingMigration:
                     peer.result()  # raises the target's error
                     raise MigrationError(f"{self.host} spoke out of turn during the transfer")
                 self._check_abort()
-                if now >= next_raise and self._downtime_limit < self.params.max_downtime_cap_ms:
-                    await self._raise_downtime_limit()
-                    next_raise = now + 10.0
+                await self._apply(actions)
                 if now - last_beat >= HEARTBEAT_INTERVAL:
                     await channel.send({"type": "ping"})
                     last_beat = now
@@ -312,14 +324,20 @@ class OutgoingMigration:
             with contextlib.suppress(asyncio.CancelledError, MigrationError):
                 await peer
 
-    async def _raise_downtime_limit(self) -> None:
-        new = min(self._downtime_limit * 2, self.params.max_downtime_cap_ms)
-        log.warning(
-            "migration of %s not converging; downtime limit %d -> %d ms",
-            self.name, self._downtime_limit, new,
-        )  # fmt: skip
-        self._downtime_limit = new
-        await self.monitor.execute("migrate-set-parameters", {"downtime-limit": new})
+    async def _apply(self, actions: list[Action]) -> None:
+        """Carry out the convergence policy's decisions (ferry.migration.convergence)."""
+        for action in actions:
+            if isinstance(action, GiveUp):
+                raise MigrationError(f"migration of '{self.name}' to {self.host}: {action.reason}")
+            if isinstance(action, SetDowntime):
+                self._downtime_limit = action.limit_ms
+                await self.monitor.execute(
+                    "migrate-set-parameters", {"downtime-limit": action.limit_ms}
+                )
+            else:
+                await self.monitor.execute(
+                    "migrate-set-parameters", {"cpu-throttle-initial": action.pct}
+                )
 
     def _check_abort(self) -> None:
         if self.control.abort_requested.is_set():
