@@ -197,7 +197,10 @@ class Demo:
 
     def migrate_round_trips(self, lab: Lab) -> LabPlayer:
         self.step("Playback again; xm migrate -l virt_server xen_host_2  →  ferry migrate -l")
-        player = LabPlayer(lab, self.opts.report_dir, "player", MOVIE, PLAYER_BUFFER_S)
+        # 20 ms samples: the report zooms in on each switchover.
+        player = LabPlayer(
+            lab, self.opts.report_dir, "player", MOVIE, PLAYER_BUFFER_S, sample_interval=0.02
+        )
         self.players.append(player)
         player.wait_for(
             "a full buffer", lambda s: s.get("state") == "playing" and s.get("t_s", 0) > 6, 60

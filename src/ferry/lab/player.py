@@ -25,6 +25,7 @@ class LabPlayer:
         url: str,
         buffer_s: float = 10.0,
         max_time: float | None = None,
+        sample_interval: float = 0.1,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.report_file = directory.resolve() / f"{name}.json"
@@ -41,6 +42,8 @@ class LabPlayer:
             str(self.report_file),
             "--status-file",
             str(self.status_file),
+            "--sample-interval",
+            str(sample_interval),
         ]
         if max_time is not None:
             argv += ["--max-time", str(max_time)]

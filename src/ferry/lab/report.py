@@ -27,10 +27,65 @@ def _player_series(
     return times, buffers, received
 
 
+ZOOM_S = 1.0  # each switchover panel shows this much either side
+
+
+def switchover_window(
+    data: dict[str, Any], mig: dict[str, Any]
+) -> tuple[list[float], list[float], float] | None:
+    """Around one switchover: (ms from STOP, KB received since the window began, the
+    client's longest run of samples with no new byte, in ms); None without the data."""
+    player, stop, resume = data.get("player"), mig.get("stop_at"), mig.get("resume_at")
+    if not player or stop is None or resume is None:
+        return None
+    times, _, received = _player_series(player, 0.0)
+    window = [(t, r) for t, r in zip(times, received, strict=True)
+              if stop - ZOOM_S <= t <= resume + ZOOM_S]  # fmt: skip
+    if len(window) < 2:
+        return None
+    base = window[0][1]
+    xs = [(t - stop) * 1000 for t, _ in window]
+    ys = [(r - base) * 1000 for _, r in window]
+    gap, run_start = 0.0, xs[0]
+    for i in range(1, len(xs)):
+        if ys[i] != ys[i - 1]:
+            run_start = xs[i]
+        else:
+            gap = max(gap, xs[i] - run_start)
+    return xs, ys, gap
+
+
+def _plot_switchovers(fig: Any, grid: Any, data: dict[str, Any]) -> None:
+    migrations = [m for m in data.get("migrations", []) if switchover_window(data, m)]
+    for i, mig in enumerate(migrations):
+        ax = fig.add_subplot(grid[2, i])
+        found = switchover_window(data, mig)
+        assert found is not None
+        xs, ys, gap = found
+        switchover = (mig["resume_at"] - mig["stop_at"]) * 1000
+        ax.step(xs, ys, where="post", linewidth=1.2, color="tab:green")
+        ax.axvspan(0, max(switchover, 1.0), color="black", alpha=0.5)
+        ax.set_title(
+            f"{mig.get('source')} -> {mig.get('target')}: switchover {switchover:.0f} ms, "
+            f"client's longest gap {gap:.0f} ms",
+            fontsize=9,
+        )
+        ax.set_xlabel("ms from the source's STOP")
+        ax.set_ylabel("KB received")
+        ax.grid(alpha=0.3)
+
+
 def plot_timeline(data: dict[str, Any], out: Path) -> None:
-    """Buffer level and bytes received over time, the pause and each migration shaded."""
+    """Buffer level and bytes received over time, the pause and each migration shaded;
+    below, each switchover zoomed to +-1 s with the client's bytes."""
     origin = float(data["origin"])
-    fig, (ax_buf, ax_bytes) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    zooms = sum(1 for m in data.get("migrations", []) if switchover_window(data, m))
+    fig = plt.figure(figsize=(11, 9.5 if zooms else 6.5))
+    grid = fig.add_gridspec(
+        3 if zooms else 2, max(zooms, 1), height_ratios=[1, 1, 0.9][: 3 if zooms else 2]
+    )
+    ax_buf = fig.add_subplot(grid[0, :])
+    ax_bytes = fig.add_subplot(grid[1, :], sharex=ax_buf)
     for label, player in (
         ("pause playback", data.get("pause_player")),
         ("migration playback", data.get("player")),
@@ -75,6 +130,8 @@ def plot_timeline(data: dict[str, Any], out: Path) -> None:
     ax_buf.legend(loc="upper right", fontsize=8)
     ax_buf.grid(alpha=0.3)
     ax_bytes.grid(alpha=0.3)
+    if zooms:
+        _plot_switchovers(fig, grid, data)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -96,6 +96,13 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="give up when a broken connection cannot be resumed within this time",
     )
+    parser.add_argument(
+        "--sample-interval",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="how often the report's timeline samples the buffer and the bytes (default 0.1)",
+    )
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument("--output", type=Path, metavar="FILE", help="write the JSON report here")
 
@@ -184,6 +191,7 @@ async def _watch_until_stopped(
             outage_min=args.outage_min,
             reconnect_window=args.reconnect_window,
             stop=stop,
+            sample_interval=args.sample_interval,
         )
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
