@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from ferry.lab import topology
 from ferry.lab.lab import Lab
 from ferry.util.wait import wait_until
 from migbench.bare_rig import BareQemu, BareRig, boot_files_from, compare_cmdline
-from migbench.guest import Player, guest_survived, wait_guest
+from migbench.guest import Player, guest_survived, start_busy, wait_guest
 from migbench.report import brief
 from migbench.settings import (
+    BARE_GIVE_UP_S,
     BARE_PORT,
     BARE_VARIANTS,
     DOWNTIME_LIMIT_MS,
@@ -48,7 +50,7 @@ async def next_event(events: EventListener, name: str, timeout: float) -> dict[s
 
 
 async def bare_migrate(
-    rig: BareRig, src: BareQemu, dst_host: str, variant: str = "bare"
+    rig: BareRig, src: BareQemu, dst_host: str, variant: str = "bare", give_up_s: float = 600
 ) -> tuple[dict[str, Any], BareQemu]:
     """One bare live migration from ``src`` to a new QEMU on ``dst_host``."""
     multifd = BARE_VARIANTS[variant]
@@ -75,7 +77,21 @@ async def bare_migrate(
     )
     start = time.time()
     await src.qmp.execute("migrate", {"uri": uri})
-    stop = await next_event(src.events, "STOP", 600)
+    try:
+        stop = await next_event(src.events, "STOP", give_up_s)
+    except TimeoutError:
+        # Plain pre-copy never got there: cancel, and the VM stays where it is.
+        last: Any = await src.qmp.execute("query-migrate")
+        await src.qmp.execute("migrate_cancel")
+        await rig.end(dst)
+        ram = last.get("ram", {}) if isinstance(last, dict) else {}
+        return {
+            "mode": variant, "src": src.host, "dst": dst_host, "finished": False,
+            "gave_up_after_s": give_up_s, "bytes_sent": int(ram.get("transferred", 0)),
+            "passes": int(ram.get("dirty-sync-count", 0)),
+            "remaining_mb": round(int(ram.get("remaining", 0)) / 1e6, 1),
+            "dirty_mb_s": round(float(ram.get("dirty-pages-rate", 0)) * 4096 / 1e6, 1),
+        }, src  # fmt: skip
     resume = await next_event(dst.events, "RESUME", 120)
 
     async def completed() -> dict[str, Any] | None:
@@ -103,6 +119,7 @@ async def bare_migrate(
         "bytes_sent": int(ram.get("transferred", 0)),
         "passes": int(ram.get("dirty-sync-count", 0)),
         "overhead_s": round(event_ts(resume) - start - qemu_total_s, 3),
+        "finished": True,
         "raw": info,
     }  # fmt: skip
     await rig.end(src)
@@ -117,7 +134,10 @@ async def run_bare_async(
     ferry_cmdlines: dict[str, list[str]],
     variant: str = "bare",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    cfg = load_domain_file(lab.domain_config)
+    # The lab's disk is raw (lab up's default), as ferry pinned it at create;
+    # compare_cmdline below holds our command line to ferry's.
+    loaded = load_domain_file(lab.domain_config)
+    cfg = replace(loaded, disks=tuple(replace(d, format=d.format or "raw") for d in loaded.disks))
     boot = boot_files_from(ferry_cmdlines["created"])
     base = Path(tempfile.mkdtemp(prefix="bare-", dir=lab.workdir))
     rig = BareRig(lab, cfg, boot, base)
@@ -141,6 +161,9 @@ async def run_bare_async(
         src = await rig.launch("xen_host_1", incoming=False)
         before = await asyncio.to_thread(wait_guest, lab)
         await asyncio.sleep(3)
+        busy = scenario == "busy"
+        if busy:
+            await asyncio.to_thread(start_busy, lab)
         for rep in range(reps):
             dst_host = HOSTS[(rep + 1) % 2]
             player = None
@@ -148,7 +171,8 @@ async def run_bare_async(
                 player = Player.start(lab, lab.workdir / f"watch-{variant}-{rep}.json")
                 await asyncio.sleep(PLAYER_LEAD_S)
             try:
-                run, src = await bare_migrate(rig, src, dst_host, variant)
+                give_up = BARE_GIVE_UP_S if busy else 600.0
+                run, src = await bare_migrate(rig, src, dst_host, variant, give_up)
             except BaseException:
                 if player:
                     player.stop()
@@ -159,6 +183,8 @@ async def run_bare_async(
                 run["player"] = await asyncio.to_thread(player.finish)
             run["guest_ok"] = await asyncio.to_thread(guest_survived, lab, before)
             log(f"[{scenario}] {variant} {run['src']} -> {run['dst']}: {brief(run)}")
+            if not run["finished"]:
+                break  # the VM is where it was; the next rep would only repeat this
             runs.append(run)
     finally:
         await rig.close()

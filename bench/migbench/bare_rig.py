@@ -122,13 +122,16 @@ def boot_files_from(cmdline: list[str]) -> BootFiles:
     return BootFiles(kernel, initrd)
 
 
+PER_INSTANCE = ("qmp.sock", "console.sock", "qga.sock", "qemu.pid", "qemu.log")
+
+
 def compare_cmdline(ours: list[str], ferrys: list[str]) -> dict[str, Any]:
     """Our bare command line against ferry's, ignoring per-instance paths and tap names."""
 
     def norm(args: list[str]) -> list[str]:
         out = []
         for arg in args:
-            if any(k in arg for k in ("qmp.sock", "console.sock", "qemu.pid", "qemu.log")):
+            if any(k in arg for k in PER_INSTANCE):
                 arg = "<path>"
             elif arg.startswith("tap,id=net0,ifname="):
                 arg = "tap,id=net0,ifname=<tap>,script=no,downscript=no"

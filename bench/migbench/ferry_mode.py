@@ -10,7 +10,7 @@ from typing import Any
 
 from ferry.hypervisor import process
 from ferry.lab.lab import Lab
-from migbench.guest import Player, guest_survived, wait_guest
+from migbench.guest import Player, guest_survived, start_busy, wait_guest, workload
 from migbench.report import brief
 from migbench.settings import HOSTS, PLAYER_LEAD_S, VM, log
 
@@ -51,6 +51,9 @@ def run_ferry(
     before = wait_guest(lab)
     created_cmdline = ferry_qemu_cmdline(lab, "xen_host_1")
     time.sleep(3)  # let the guest's services settle after boot
+    busy = scenario == "busy"
+    if busy:
+        start_busy(lab)
     control: dict[str, Any] | None = None
     if with_player:
         # The same clip with no migration: the player's largest gap at rest.
@@ -64,6 +67,7 @@ def run_ferry(
         if with_player:
             player = Player.start(lab, lab.workdir / f"watch-ferry-{rep}.json")
             time.sleep(PLAYER_LEAD_S)
+        pages = workload(lab, "status")["pages"] if busy else 0
         start = time.monotonic()
         result = ferry(lab, src, "migrate", "-l", "--json", VM, dst)
         wall = time.monotonic() - start
@@ -89,6 +93,10 @@ def run_ferry(
             run["migration_end_in_clip_s"] = round(time.monotonic() - player.started, 1)
             run["player"] = player.finish()
         run["guest_ok"] = guest_survived(lab, before)
+        if busy:
+            after = workload(lab, "status")
+            run["workload"] = {"pages_before": pages, **after}
+            run["finished"] = True
         log(f"[{scenario}] ferry {src} -> {dst}: {brief(run)}")
         runs.append(run)
     host = where_is_vm(lab)

@@ -13,7 +13,7 @@ from ferry.errors import FerryError
 from ferry.lab.lab import Lab
 from ferry.lab.player import LabPlayer
 from ferry.util.wait import wait_until_sync
-from migbench.settings import CLIP, CLIP_S, VM
+from migbench.settings import BUSY_RATE_MIB, BUSY_WSS_MIB, CLIP, CLIP_S, VM
 
 
 def witness_status(lab: Lab, timeout: float = 20.0) -> dict[str, Any] | None:
@@ -42,6 +42,25 @@ def wait_guest(lab: Lab, timeout: float = 180.0) -> dict[str, Any]:
 def guest_survived(lab: Lab, before: dict[str, Any]) -> bool:
     now = witness_status(lab)
     return bool(now and now.get("boot_id") == before.get("boot_id"))
+
+
+def workload(lab: Lab, *args: str) -> dict[str, Any]:
+    """The guest's memory workload (ferry.lab.dirty): start, stop or status."""
+    result = lab.run(
+        "client_2", ["python3", "-m", "ferry.lab.dirty", args[0], VM, *args[1:]], timeout=30
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"guest workload {args[0]}: {result.stderr.strip()}")
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def start_busy(lab: Lab) -> None:
+    workload(lab, "start", "--rate", str(BUSY_RATE_MIB), "--wss", str(BUSY_WSS_MIB))
+    wait_until_sync(
+        lambda: workload(lab, "status")["mib_s"] >= BUSY_RATE_MIB * 0.8,
+        timeout=60, interval=0.5, what="the guest to dirty memory at the rate asked",
+    )  # fmt: skip
 
 
 # -- the player ------------------------------------------------------------------

@@ -10,6 +10,11 @@ MODES = ("ferry", "bare", "bare_zstd")
 
 
 def brief(run: dict[str, Any]) -> str:
+    if not run.get("finished", True):
+        return (
+            f"NOT finished after {run['gave_up_after_s']:.0f} s ({run['passes']} passes, "
+            f"{run['remaining_mb']} MB still dirty, dirty {run['dirty_mb_s']} MB/s): cancelled"
+        )
     text = (
         f"wall {run['wall_s']:.2f} s, qemu {run['qemu_time_s']:.2f} s, "
         f"downtime {run['downtime_ms']} ms, {run['bytes_sent'] / 1e6:.1f} MB, "

@@ -20,7 +20,13 @@ MAX_BANDWIDTH = 1 << 40  # what ferry sets for "no cap"
 CLIP = "http://virt_server:8888/clip.ogg"
 CLIP_S = 30.0
 PLAYER_LEAD_S = 4.0  # the player fills its buffer before the migration starts
-SCENARIOS: dict[str, str | None] = {"idle": None, "classic": "100mbit"}
+SCENARIOS: dict[str, str | None] = {"idle": None, "classic": "100mbit", "busy": "100mbit"}
+# busy: the guest dirties incompressible pages at twice the 100 Mbit link.
+BUSY_RATE_MIB = 25.0
+BUSY_WSS_MIB = 96
+BARE_GIVE_UP_S = 120.0  # a bare pre-copy still running then is cancelled
+BUSY_WALL_MAX_S = 60.0
+BUSY_DOWNTIME_MAX_MS = 500.0
 
 # The bare side's variants: QEMU's default transport, and the same with the
 # stream ferry chooses by default (multifd, 2 channels, zstd; no TLS), so that

@@ -5,20 +5,40 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ferry.pki.ca import DEFAULT_CA_DIR, CertificateAuthority
-from ferry.pki.identity import Role
+if TYPE_CHECKING:
+    from ferry.pki.ca import CertificateAuthority
+
+# ferry.pki.ca is imported by the commands, not here: every `ferry` command
+# builds this parser, and cryptography takes 60 ms to import.
+
+
+def _dir(args: argparse.Namespace) -> Path:
+    from ferry.pki.ca import DEFAULT_CA_DIR
+
+    return args.dir or DEFAULT_CA_DIR
+
+
+def _open(args: argparse.Namespace) -> CertificateAuthority:
+    from ferry.pki.ca import CertificateAuthority
+
+    return CertificateAuthority.open(_dir(args))
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.init(args.dir, args.cluster)
+    from ferry.pki.ca import CertificateAuthority
+
+    ca = CertificateAuthority.init(_dir(args), args.cluster)
     print(f"CA of cluster {ca.cluster!r} created in {ca.dir} (keep ca.key there, nowhere else)")
     return 0
 
 
 def cmd_ca_issue(args: argparse.Namespace) -> int:
+    from ferry.pki.identity import Role
+
     role = Role.ADMIN if args.admin else Role.VIEWER if args.viewer else Role.HOST
-    ca = CertificateAuthority.open(args.dir)
+    ca = _open(args)
     bundle = ca.issue(args.name, role, tuple(args.dns), tuple(args.ip), args.days, args.out)
     print(f"{role} certificate for {args.name} in {bundle}/")
     where = "the host's" if role is Role.HOST else "the operator's"
@@ -27,7 +47,7 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_revoke(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.open(args.dir)
+    ca = _open(args)
     for entry in ca.revoke(args.who):
         print(f"revoked {entry.role} {entry.name} (serial {entry.serial})")
     print(
@@ -38,7 +58,7 @@ def cmd_ca_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_list(args: argparse.Namespace) -> int:
-    entries = CertificateAuthority.open(args.dir).issued()
+    entries = _open(args).issued()
     if args.json:
         print(json.dumps([e.__dict__ for e in entries], indent=1))
         return 0
@@ -56,7 +76,9 @@ def add_ca_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     def action(name: str, func: object, text: str) -> argparse.ArgumentParser:
         p = actions.add_parser(name, help=text, description=text)
         p.set_defaults(func=func)
-        p.add_argument("--dir", type=Path, default=DEFAULT_CA_DIR, help="the CA's directory")
+        p.add_argument(
+            "--dir", type=Path, default=None, help="the CA's directory (default /etc/ferry/ca)"
+        )
         return p
 
     p = action("init", cmd_ca_init, "create the cluster CA")

@@ -13,11 +13,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.errors import DaemonUnreachable, PkiError, ProtocolError, error_from_wire
-from ferry.pki.credentials import HANDSHAKE_TIMEOUT, Credentials, tls_failure
-from ferry.pki.identity import Role
+
+if TYPE_CHECKING:
+    from ferry.pki.credentials import Credentials
 
 DEFAULT_SOCKET = Path("/run/ferry/ferryd.sock")
 CONTROL_PORT = 8003
@@ -57,6 +58,11 @@ class DaemonClient:
     def _connect(self) -> socket.socket:
         if self.remote is None:
             return self._connect_local()
+        # Only a remote ferryd needs certificates: the local commands do not pay
+        # for importing cryptography (80 ms of every `ferry` command's start).
+        from ferry.pki.credentials import HANDSHAKE_TIMEOUT, tls_failure
+        from ferry.pki.identity import Role
+
         host, port = self.remote
         if self.credentials is None:
             raise DaemonUnreachable("a remote ferryd needs our credentials (--pki)")

@@ -18,10 +18,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ferry.errors import FerryError
-from ferry.stream.player import EXIT_ERROR, Status, WatchReport, watch_async
+
+if TYPE_CHECKING:
+    from ferry.stream.player import Status, WatchReport
 
 STATUS_INTERVAL_S = 0.2
 
@@ -176,6 +178,8 @@ async def _watch_until_stopped(
     args: argparse.Namespace, on_status: Callable[[Status], None]
 ) -> WatchReport:
     """The watch, ended early (with its report) by SIGTERM, as a player window closing."""
+    from ferry.stream.player import watch_async
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # A request to stop, not a cancellation: the watch ends and still reports.
@@ -198,6 +202,9 @@ async def _watch_until_stopped(
 
 
 def run_watch(args: argparse.Namespace) -> int:
+    # Here, not at the top: every `ferry` command builds this parser.
+    from ferry.stream.player import EXIT_ERROR
+
     status_stream = sys.stderr if args.json else sys.stdout
     status_line = StatusLine(status_stream) if status_stream.isatty() else None
     status_file = StatusFile(args.status_file) if args.status_file else None
