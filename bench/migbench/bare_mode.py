@@ -183,9 +183,9 @@ async def run_bare_async(
                 run["player"] = await asyncio.to_thread(player.finish)
             run["guest_ok"] = await asyncio.to_thread(guest_survived, lab, before)
             log(f"[{scenario}] {variant} {run['src']} -> {run['dst']}: {brief(run)}")
+            runs.append(run)
             if not run["finished"]:
                 break  # the VM is where it was; the next rep would only repeat this
-            runs.append(run)
     finally:
         await rig.close()
         shutil.rmtree(base, ignore_errors=True)

@@ -52,6 +52,12 @@ def _cell(s: dict[str, Any], metric: str, scale: float = 1.0, digits: int = 2) -
     return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
+def _runs(s: dict[str, Any]) -> str:
+    unfinished = s.get("unfinished", 0)
+    done = str(s["wall_s"]["n"])
+    return f"{done} (+{unfinished} unfinished)" if unfinished else done
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results as markdown tables: median (min-max) per scenario and mode."""
     m = results["machine"]
@@ -73,7 +79,7 @@ def markdown(results: dict[str, Any]) -> str:
             gap = _cell(s, "player_longest_gap_ms", digits=0)
             stalls = str(s["player_stalls_total"]) if "player_stalls_total" in s else "-"
             row = [
-                f"{name} ({sc['rate'] or 'unshaped'})", mode, str(s["wall_s"]["n"]),
+                f"{name} ({sc['rate'] or 'unshaped'})", mode, _runs(s),
                 _cell(s, "wall_s"), _cell(s, "qemu_time_s"),
                 _cell({"x": wall_launch}, "x"),
                 _cell(s, "downtime_ms", digits=1), _cell(s, "qemu_downtime_ms", digits=0),

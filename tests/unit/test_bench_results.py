@@ -29,7 +29,7 @@ def results() -> dict[str, Any]:
 def test_summaries_and_verdicts_follow_from_the_stored_runs(results: dict[str, Any]) -> None:
     assert results["scenarios"]
     for name, scenario in results["scenarios"].items():
-        for mode in ("ferry", "bare"):
+        for mode in ("ferry", "bare", "bare_zstd"):
             assert summarize(scenario[mode]["runs"]) == scenario[mode]["summary"], (name, mode)
         assert (
             verdicts(
