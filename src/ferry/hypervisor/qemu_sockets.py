@@ -18,6 +18,7 @@ import ctypes
 import ipaddress
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -80,21 +81,10 @@ def foreign_fds_on_port(pid: int, port: int, allowed: str) -> dict[int, int]:
 
 def shut_down(pid: int, fds: list[int]) -> None:
     """End QEMU's connections ``fds`` (both directions); QEMU sees them fail."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        for fd in fds:
-            dup = _pidfd_getfd(pidfd, fd)
-            try:
-                sock = socket.socket(fileno=dup)
-                try:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-                finally:
-                    sock.detach()
-            finally:
-                os.close(dup)
-    finally:
-        os.close(pidfd)
+    with _borrowed(pid, fds) as socks:
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _fds_of(pid: int, wanted: set[int]) -> dict[int, int]:
@@ -114,17 +104,30 @@ def _fds_of(pid: int, wanted: set[int]) -> dict[int, int]:
 
 def set_notsent_lowat(pid: int, fds: list[int], value: int) -> None:
     """Set ``TCP_NOTSENT_LOWAT`` on QEMU's sockets ``fds``; OSError if it cannot."""
+    with _borrowed(pid, fds) as socks:
+        for sock in socks:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, value)
+
+
+@contextlib.contextmanager
+def _borrowed(pid: int, fds: list[int]) -> Iterator[list[socket.socket]]:
+    """Copies of QEMU's descriptors ``fds`` as sockets, closed afterwards.
+
+    What is done to a copy (an option, a shutdown) is done to the socket;
+    closing the copy leaves QEMU's descriptor open.
+    """
     pidfd = os.pidfd_open(pid)
+    socks: list[socket.socket] = []
     try:
         for fd in fds:
             dup = _pidfd_getfd(pidfd, fd)
             try:
-                sock = socket.socket(fileno=dup)
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, value)
-                finally:
-                    sock.detach()
-            finally:
+                socks.append(socket.socket(fileno=dup))
+            except OSError:
                 os.close(dup)
+                raise
+        yield socks
     finally:
+        for sock in socks:
+            sock.close()
         os.close(pidfd)
