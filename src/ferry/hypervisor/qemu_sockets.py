@@ -59,6 +59,17 @@ def socket_fds_to_port(pid: int, port: int) -> dict[int, int]:
     return _fds_of(pid, {inode for _, remote, inode in _connections(pid) if remote[1] == port})
 
 
+def is_listening(pid: int, port: int) -> bool:
+    """Whether a socket in ``pid``'s network namespace still listens on ``port``."""
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "0A" and _address(fields[1])[1] == port:
+                    return True
+    return False
+
+
 def socket_fds_on_port(pid: int, port: int) -> dict[int, int]:
     """QEMU's descriptors of connections accepted on its local ``port``."""
     return _fds_of(pid, {inode for local, _, inode in _connections(pid) if local[1] == port})

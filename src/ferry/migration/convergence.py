@@ -55,6 +55,7 @@ class Convergence:
     _last_step: float = 0.0
     _throttle: int = 0
     _first_throttle: int = 0
+    _first_pass_end: float | None = None
 
     def __post_init__(self) -> None:
         self.limit_ms = self.params.max_downtime_ms
@@ -115,8 +116,15 @@ class Convergence:
                 shrank = p.remaining < self._pass_remaining * SHRINK
                 self._stalled = 0 if shrank else self._stalled + 1
             self._pass, self._pass_remaining = p.passes, p.remaining
+        if p.passes < 2:
+            # The first pass copies all of RAM: however long it takes, that is
+            # no sign of a guest outrunning the link. The clocks start after it.
+            return None
+        if self._first_pass_end is None:
+            self._last_step = self._first_pass_end = now
         timeout = self.params.converge_timeout_s
-        if timeout and now - self.started >= timeout:
+        since = now - self._first_pass_end
+        if timeout and since >= timeout and p.status == "active":
             return GiveUp(self._give_up_reason(p, now))
         stalled = self._stalled >= self.params.stall_passes
         slow = now - self._last_step >= self.params.converge_after_s
@@ -143,7 +151,8 @@ class Convergence:
         dirty_mb_s = p.dirty_rate * 4096 / 1e6
         link_mb_s = p.rate_mbit / 8
         return (
-            f"not converging after {now - self.started:.0f} s and {p.passes} passes: "
+            f"not converging {now - (self._first_pass_end or now):.0f} s after the first pass "
+            f"({p.passes} passes): "
             f"{p.remaining / 1e6:.0f} MB still dirty, the guest dirties {dirty_mb_s:.1f} MB/s "
             f"against {link_mb_s:.1f} MB/s sent, with the downtime limit at {self.limit_ms} ms "
             f"(cap {self.params.max_downtime_cap_ms}) and the vCPUs throttled to "

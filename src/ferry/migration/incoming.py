@@ -30,7 +30,6 @@ from ferry.errors import (
     ImageError,
     MigrationError,
     MigrationRefused,
-    PkiError,
     QmpError,
     StorageError,
 )
@@ -155,9 +154,13 @@ class IncomingMigrations:
                 dom.monitor, params, self.tls, source, StreamKey.new(migration_id),
                 dom.paths.run_dir / STREAM_KEY_DIR, bind,
             )  # fmt: skip
-        except (QmpError, PkiError, MigrationError) as err:
+        except (FerryError, OSError) as err:
             await self.abort_incoming(migration_id, str(err))
             raise MigrationRefused(f"{where}: {err}") from err
+        except BaseException as err:
+            # Whatever else: the launched QEMU and its slot are not left behind.
+            await self.abort_incoming(migration_id, repr(err))
+            raise
         if stream and dom.pid is not None:
             arriving.gate = asyncio.create_task(
                 keep_port_to_source(
@@ -165,6 +168,7 @@ class IncomingMigrations:
                 ),
                 name=f"stream gate of {cfg.name}",
             )
+            arriving.gate.add_done_callback(_gate_ended)
         steps.mark("qemu_setup")
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
         return Prepared(token, steps.steps_ms, stream)
@@ -415,6 +419,11 @@ async def decide_in_store(ownership: Ownership, dom: RunningDomain, commit: bool
             return False
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+def _gate_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the stream gate failed; the arriving port is unguarded: %r", task.exception())
 
 
 def _stop_gate(arriving: Incoming) -> None:

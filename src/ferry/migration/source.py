@@ -247,7 +247,9 @@ class OutgoingMigration:
         monitor = self.monitor
         try:
             self._downtime_limit = self.params.max_downtime_ms
-            uri = await setup_source(monitor, self.params, self.tls, channel.peer_address(), stream)
+            uri = await setup_source(
+                monitor, self.params, self.tls, self.host, stream, channel.peer_address()
+            )
             # What QEMU itself will do, not what we asked: shown in the result.
             set_up = await monitor.execute("query-migrate-parameters")
             tls = isinstance(set_up, dict) and set_up.get("tls-creds")

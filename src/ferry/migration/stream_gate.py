@@ -17,16 +17,27 @@ import asyncio
 import contextlib
 import logging
 
-from ferry.hypervisor.qemu_sockets import foreign_fds_on_port, shut_down, socket_fds_on_port
+from ferry.hypervisor.qemu_sockets import (
+    foreign_fds_on_port,
+    is_listening,
+    shut_down,
+    socket_fds_on_port,
+)
 
 log = logging.getLogger("ferryd")
 
 POLL_S = 0.005
+SETTLED_POLL_S = 0.05
 WINDOW_S = 120.0  # the source connects within its prepare timeout, or never
 
 
 async def keep_port_to_source(name: str, pid: int, port: int, source: str, channels: int) -> None:
-    """Until ``channels`` connections from ``source`` are in: end everyone else's."""
+    """Until QEMU closes its listener: end every connection not from ``source``.
+
+    QEMU counts a channel, and closes the listener after the last, only once
+    its TLS handshake is done: the port is guarded until then, every 5 ms
+    while fewer than ``channels`` connections are in, every 50 ms after.
+    """
     loop = asyncio.get_running_loop()
     end = loop.time() + WINDOW_S
     ended: set[int] = set()  # socket inodes, until QEMU closes its descriptors
@@ -41,6 +52,7 @@ async def keep_port_to_source(name: str, pid: int, port: int, source: str, chann
             with contextlib.suppress(OSError):
                 shut_down(pid, list(new))
             ended |= set(new.values())
-        elif len(socket_fds_on_port(pid, port)) - len(foreign) >= channels:
+        elif not is_listening(pid, port):
             return
-        await asyncio.sleep(POLL_S)
+        connected = len(socket_fds_on_port(pid, port)) - len(foreign)
+        await asyncio.sleep(POLL_S if connected < channels else SETTLED_POLL_S)

@@ -82,6 +82,7 @@ async def setup_source(
     tls: QemuTls | None,
     host: str,
     stream: dict[str, Any],
+    address: str | None = None,
 ) -> str | None:
     """Ready the outgoing QEMU; the URI to migrate to, or None for the data connection's fd."""
     await monitor.execute("migrate-set-capabilities", _caps(params.capabilities()))
@@ -96,7 +97,9 @@ async def setup_source(
         raise MigrationError(f"{host} did not open a multifd stream")
     key = StreamKey.from_wire(stream.get("key_name"), stream.get("key"))
     port = stream["port"]
-    if not isinstance(port, int) or not 0 < port < 65536:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise MigrationError(f"{host} sent a malformed stream port")
     await setup_source_psk(monitor, key, tls.directory)
-    return f"tcp:{uri_host(host)}:{port}"
+    # The address the relocation channel reached; ``host`` is the name the
+    # x509 certificate is checked against (one stream), not always an address.
+    return f"tcp:{uri_host(address or host)}:{port}"

@@ -15,7 +15,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ _KEY_RE = re.compile(r"[0-9a-f]{64}")
 @dataclass(frozen=True)
 class StreamKey:
     username: str
-    key: str  # hex
+    key: str = field(repr=False)  # hex; never in a log line by accident
 
     @classmethod
     def new(cls, migration_id: str) -> StreamKey:
