@@ -13,7 +13,8 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from ferry.config.loader import load_domain_file
-from ferry.hypervisor.cmdline import MachinePaths
+from ferry.domain.config import DomainConfig
+from ferry.hypervisor.cmdline import BootFiles, MachinePaths
 from ferry.lab import topology
 from ferry.lab.lab import Lab
 from ferry.util.wait import wait_until
@@ -126,6 +127,15 @@ async def bare_migrate(
     return run, dst
 
 
+def bench_domain(lab: Lab, ferry_cmdlines: dict[str, list[str]]) -> tuple[DomainConfig, BootFiles]:
+    """The lab's domain config and the boot files ferry's own QEMU booted."""
+    # The lab's disk is raw (lab up's default), as ferry pinned it at create;
+    # compare_cmdline holds the bare command line to ferry's.
+    loaded = load_domain_file(lab.domain_config)
+    cfg = replace(loaded, disks=tuple(replace(d, format=d.format or "raw") for d in loaded.disks))
+    return cfg, boot_files_from(ferry_cmdlines["created"])
+
+
 async def run_bare_async(
     lab: Lab,
     scenario: str,
@@ -134,11 +144,7 @@ async def run_bare_async(
     ferry_cmdlines: dict[str, list[str]],
     variant: str = "bare",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    # The lab's disk is raw (lab up's default), as ferry pinned it at create;
-    # compare_cmdline below holds our command line to ferry's.
-    loaded = load_domain_file(lab.domain_config)
-    cfg = replace(loaded, disks=tuple(replace(d, format=d.format or "raw") for d in loaded.disks))
-    boot = boot_files_from(ferry_cmdlines["created"])
+    cfg, boot = bench_domain(lab, ferry_cmdlines)
     base = Path(tempfile.mkdtemp(prefix="bare-", dir=lab.workdir))
     rig = BareRig(lab, cfg, boot, base)
     runs: list[dict[str, Any]] = []

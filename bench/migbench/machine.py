@@ -25,7 +25,12 @@ def machine() -> dict[str, Any]:
         for line in Path("/etc/os-release").read_text().splitlines():
             if line.startswith("PRETTY_NAME="):
                 os_name = line.split("=", 1)[1].strip('"')
+    libvirt = "not installed"
+    with contextlib.suppress(OSError):
+        out = subprocess.run(["libvirtd", "--version"], capture_output=True, text=True)
+        libvirt = out.stdout.strip() or libvirt
     return {
+        "libvirt": libvirt,
         "cpu": cpu, "cores": os.cpu_count(), "qemu": qemu[0] if qemu else "unknown",
         "kernel": platform.release(), "os": os_name, "python": platform.python_version(),
         "accel": "tcg", "loadavg_at_start": os.getloadavg(),

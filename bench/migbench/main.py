@@ -21,8 +21,10 @@ from typing import Any
 from ferry.hypervisor import process
 from ferry.lab import lab as lab_mod
 from ferry.lab.lab import Lab
-from migbench.bare_mode import run_bare_async
+from migbench import libvirt_rig
+from migbench.bare_mode import bench_domain, run_bare_async
 from migbench.ferry_mode import run_ferry
+from migbench.libvirt_mode import run_libvirt
 from migbench.machine import machine
 from migbench.report import markdown, print_report
 from migbench.settings import (
@@ -31,6 +33,8 @@ from migbench.settings import (
     CLIP,
     CONTROL_OVERHEAD_MAX_S,
     IDLE_WALL_RATIO_MAX,
+    LIBVIRT_SCENARIOS,
+    LIBVIRT_WALL_RATIO_MAX,
     PLAYER_GAP_MAX_MS,
     SCENARIOS,
     SWITCHOVER_MAX_MS,
@@ -52,26 +56,40 @@ def lab_session(rate: str | None, memory: int) -> Iterator[Lab]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_scenario(name: str, reps: int, memory: int) -> dict[str, Any]:
+def run_scenario(name: str, reps: int, memory: int, with_libvirt: bool) -> dict[str, Any]:
     rate = SCENARIOS[name]
     with_player = name == "classic"
     started = time.monotonic()
+    skipped = None if with_libvirt else "--no-libvirt"
+    if skipped is None and name not in LIBVIRT_SCENARIOS:
+        skipped = f"not run in the {name} scenario"
+    skipped = skipped or libvirt_rig.missing()
     with lab_session(rate, memory) as lab:
         ferry_runs, cmdlines, control = run_ferry(lab, name, reps, with_player)
-        bare: dict[str, list[dict[str, Any]]] = {}
+        others: dict[str, list[dict[str, Any]]] = {}
         for variant in BARE_VARIANTS:
-            bare[variant], check = asyncio.run(
+            others[variant], check = asyncio.run(
                 run_bare_async(lab, name, reps, with_player, cmdlines, variant)
             )
-    ferry_s, bare_s = summarize(ferry_runs), summarize(bare["bare"])
+        if skipped is None:
+            cfg, boot = bench_domain(lab, cmdlines)
+            others.update(run_libvirt(lab, name, reps, with_player, cfg, boot))
+        else:
+            log(f"[{name}] libvirt: not run ({skipped})")
+    modes: dict[str, dict[str, Any]] = {
+        v: {"summary": summarize(runs), "runs": runs} for v, runs in others.items()
+    }
+    ferry_s = summarize(ferry_runs)
+    libvirt = {v: m["summary"] for v, m in modes.items() if v.startswith("libvirt")}
     return {
         "rate": rate, "storage": "nfs", "memory_mib": memory, "reps": reps,
         "player": CLIP if with_player else None,
         "cmdline_check": check,
         "control_player": control,
         "ferry": {"summary": ferry_s, "runs": ferry_runs},
-        **{v: {"summary": summarize(runs), "runs": runs} for v, runs in bare.items()},
-        "targets": verdicts(name, rate, ferry_s, bare_s),
+        **modes,
+        "libvirt_skipped": skipped,
+        "targets": verdicts(name, rate, ferry_s, modes["bare"]["summary"], libvirt),
         "elapsed_s": round(time.monotonic() - started, 1),
     }  # fmt: skip
 
@@ -95,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="idle,classic", help="comma-separated")
     parser.add_argument("--memory", type=int, default=lab_mod.DEFAULT_MEMORY, help="guest MiB")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument(
+        "--no-libvirt", action="store_true", help="leave out the libvirt rows even if installed"
+    )
     parser.add_argument(
         "--markdown", type=Path, metavar="RESULTS", help="print the tables of a results file"
     )
@@ -120,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             "switchover_max_ms": SWITCHOVER_MAX_MS, "player_gap_max_ms": PLAYER_GAP_MAX_MS,
             "idle_wall_ratio_max": IDLE_WALL_RATIO_MAX,
             "control_overhead_max_s": CONTROL_OVERHEAD_MAX_S,
+            "libvirt_wall_ratio_max": LIBVIRT_WALL_RATIO_MAX,
         },
         "scenarios": {},
     }  # fmt: skip
     for name in names:
-        results["scenarios"][name] = run_scenario(name, args.reps, args.memory)
+        results["scenarios"][name] = run_scenario(name, args.reps, args.memory, not args.no_libvirt)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     results["machine"]["loadavg_at_end"] = os.getloadavg()

@@ -6,7 +6,7 @@ from typing import Any
 
 from migbench.summary import METRICS
 
-MODES = ("ferry", "bare", "bare_zstd")
+MODES = ("ferry", "bare", "bare_zstd", "libvirt", "libvirt_best")
 
 
 def brief(run: dict[str, Any]) -> str:
@@ -38,7 +38,9 @@ def print_report(results: dict[str, Any]) -> None:
                 g = s["player_longest_gap_ms"]
                 parts.append(f"gap {g['median']} [{g['min']}..{g['max']}]")
                 parts.append(f"stalls {s['player_stalls_total']}")
-            print(f"  {mode:5}: " + ", ".join(parts))
+            print(f"  {mode:12}: " + ", ".join(parts))
+        if sc.get("libvirt_skipped"):
+            print(f"  libvirt: not run ({sc['libvirt_skipped']})")
         for t in sc["targets"]:
             mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[t["met"]]
             print(f"  {mark} {t['target']}: {t['detail']}")
@@ -63,7 +65,8 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}, kernel {m['kernel']}, "
-        f"{m['qemu']}, accel {m['accel']}. Run started {results['started']}.",
+        f"{m['qemu']}, {m.get('libvirt', 'libvirt not recorded')}, accel {m['accel']}. "
+        f"Run started {results['started']}.",
         "",
         "| scenario | mode | n | total wall s | QEMU migration s | wall incl. target launch s "
         "| downtime ms (STOP->RESUME) | QEMU downtime ms | commit ms | MB sent | passes "

@@ -36,12 +36,22 @@ BARE_VARIANTS: dict[str, dict[str, int | str]] = {
     "bare_zstd": {"multifd-channels": 2, "multifd-compression": "zstd"},
 }
 
+# libvirt's variants (``virsh migrate --live --p2p`` plus these flags): its
+# defaults, and its best flags here: multifd with ferry's channel count and
+# XBZRLE (libvirt 9.0 refuses zstd: "Unsupported compression method").
+LIBVIRT_VARIANTS: dict[str, list[str]] = {
+    "libvirt": [],
+    "libvirt_best": ["--parallel", "--parallel-connections", "2", "--compressed"],
+}
+LIBVIRT_SCENARIOS = ("idle", "classic")  # busy would only repeat bare's unfinished runs
+
 # Targets (issue 11; ratios within one run).
 CLASSIC_WALL_RATIO_MAX = 0.5  # ferry's wall <= 0.5 x bare's default
 SWITCHOVER_MAX_MS = 60.0  # STOP -> RESUME, median
 PLAYER_GAP_MAX_MS = 150.0  # the worst ferry rep
 IDLE_WALL_RATIO_MAX = 1.5  # ferry's wall <= 1.5 x bare's incl. the target's launch
 CONTROL_OVERHEAD_MAX_S = 0.2
+LIBVIRT_WALL_RATIO_MAX = 0.5  # classic: ferry's wall <= 0.5 x libvirt's default
 
 
 def log(line: str) -> None:

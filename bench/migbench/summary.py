@@ -12,6 +12,7 @@ from migbench.settings import (
     CLASSIC_WALL_RATIO_MAX,
     CONTROL_OVERHEAD_MAX_S,
     IDLE_WALL_RATIO_MAX,
+    LIBVIRT_WALL_RATIO_MAX,
     PLAYER_GAP_MAX_MS,
     SWITCHOVER_MAX_MS,
 )
@@ -54,8 +55,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def verdicts(
-    scenario: str, rate: str | None, ferry_s: dict[str, Any], bare_s: dict[str, Any]
+    scenario: str,
+    rate: str | None,
+    ferry_s: dict[str, Any],
+    bare_s: dict[str, Any],
+    libvirt: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
+    """Each target met or missed; ``libvirt`` holds its variants' summaries, if it ran."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float | None, unit: str) -> None:
@@ -108,4 +114,22 @@ def verdicts(
             "ms",
         )
         add("player stalls == 0 (all ferry runs)", ferry_s["player_stalls_total"], 0, "stalls")
+    if libvirt:
+        _libvirt_verdicts(add, rate, fw, fd, libvirt)
     return out
+
+
+def _libvirt_verdicts(
+    add: Any, rate: str | None, fw: float, fd: float, libvirt: dict[str, dict[str, Any]]
+) -> None:
+    default, best = libvirt.get("libvirt"), libvirt.get("libvirt_best")
+    if rate is not None and default:
+        lw = default["wall_s"]["median"]
+        add(
+            f"ferry wall <= {LIBVIRT_WALL_RATIO_MAX} x libvirt's default (median)",
+            fw, lw * LIBVIRT_WALL_RATIO_MAX if lw else None, "s",
+        )  # fmt: skip
+    if best:
+        add("ferry wall <= libvirt's best flags (median)", fw, best["wall_s"]["median"], "s")
+        add("ferry STOP->RESUME <= libvirt's best flags (median)", fd,
+            best["downtime_ms"]["median"], "ms")  # fmt: skip

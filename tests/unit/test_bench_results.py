@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from migbench.report import MODES
 from migbench.summary import summarize, verdicts
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -29,14 +30,14 @@ def results() -> dict[str, Any]:
 def test_summaries_and_verdicts_follow_from_the_stored_runs(results: dict[str, Any]) -> None:
     assert results["scenarios"]
     for name, scenario in results["scenarios"].items():
-        for mode in ("ferry", "bare", "bare_zstd"):
+        modes = [m for m in MODES if m in scenario]
+        assert {"ferry", "bare", "bare_zstd"} <= set(modes), name
+        for mode in modes:
             assert summarize(scenario[mode]["runs"]) == scenario[mode]["summary"], (name, mode)
-        assert (
-            verdicts(
-                name, scenario["rate"], scenario["ferry"]["summary"], scenario["bare"]["summary"]
-            )
-            == scenario["targets"]
-        )
+        libvirt = {m: scenario[m]["summary"] for m in modes if m.startswith("libvirt")}
+        assert bool(libvirt) == (scenario.get("libvirt_skipped") is None), name
+        ferry, bare = scenario["ferry"]["summary"], scenario["bare"]["summary"]
+        assert verdicts(name, scenario["rate"], ferry, bare, libvirt) == scenario["targets"]
 
 
 def test_the_script_prints_the_tables_the_readme_shows() -> None:

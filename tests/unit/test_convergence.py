@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ferry.cli.main import DEFAULT_START_DOWNTIME_MS
+from ferry.cli.migrate_cli import DEFAULT_START_DOWNTIME_MS
 from ferry.migration.convergence import Convergence, GiveUp, SetDowntime, SetFirstThrottle
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress

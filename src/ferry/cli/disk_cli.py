@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 
-from ferry.client.daemon_client import DaemonClient
-
-ClientFactory = Callable[[argparse.Namespace], DaemonClient]
+from ferry.cli.parsers import ClientFactory, Subparsers
 
 
-def add_disk_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], client: ClientFactory
-) -> None:
+def add_disk_parser(sub: Subparsers, client: ClientFactory) -> None:
     disk = sub.add_parser("disk", help="disk images in the host's storage roots")
     actions = disk.add_subparsers(dest="disk_command", required=True, metavar="ACTION")
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ferry.client.daemon_client import DaemonClient
-
-ClientFactory = Callable[[argparse.Namespace], DaemonClient]
+from ferry.cli.parsers import ClientFactory, Subparsers
 
 
 def format_hosts(rows: Sequence[dict[str, Any]]) -> str:
@@ -36,9 +34,7 @@ def format_hosts(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def add_host_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], client: ClientFactory
-) -> None:
+def add_host_parser(sub: Subparsers, client: ClientFactory) -> None:
     host = sub.add_parser("host", help="the cluster's hosts: health, lease, capacity")
     actions = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
 

@@ -1,0 +1,153 @@
+"""libvirt's migrations of the same guest: ``virsh migrate --live --p2p``, with its defaults
+and with its best flags, between two libvirtd's in the lab's host namespaces."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ferry.domain.config import DomainConfig
+from ferry.hypervisor.cmdline import BootFiles
+from ferry.lab.lab import Lab
+from migbench.guest import Player, guest_survived, wait_guest
+from migbench.libvirt_rig import LibvirtRig, QemuReaper, domain_xml, uri
+from migbench.report import brief
+from migbench.settings import HOSTS, LIBVIRT_VARIANTS, PLAYER_LEAD_S, VM, log
+
+_EVENT = re.compile(r"event (\w+) at (\d+)\.(\d{6}) for domain")
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+# virsh gives no sign once its event callback is registered; connecting takes
+# ~20 ms here. A missing event shows as a run with no downtime, never as 0.
+EVENT_LEAD_S = 1.0
+MIGRATE_TIMEOUT_S = 600.0
+
+
+def parse_events(text: str, name: str) -> list[float]:
+    """QEMU's own timestamps of ``name`` events in ``virsh qemu-monitor-event`` output."""
+    return [
+        int(m.group(2)) + int(m.group(3)) / 1e6 for m in _EVENT.finditer(text) if m.group(1) == name
+    ]
+
+
+def parse_jobinfo(text: str) -> dict[str, float]:
+    """``virsh domjobinfo``: the numbers, with sizes in bytes and times in ms."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        parts = rest.split()
+        if not sep or not parts:
+            continue
+        try:
+            value = float(parts[0])
+        except ValueError:
+            continue
+        unit = parts[1] if len(parts) > 1 else ""
+        out[key.strip()] = value * _UNITS.get(unit, 1)
+    return out
+
+
+def _stop(watcher: subprocess.Popen[str]) -> str:
+    watcher.send_signal(signal.SIGINT)  # virsh ends its --loop cleanly on Ctrl-C
+    try:
+        out, _ = watcher.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        watcher.kill()
+        out, _ = watcher.communicate()
+    return out or ""
+
+
+def libvirt_migrate(rig: LibvirtRig, src: str, dst: str, flags: list[str]) -> dict[str, Any]:
+    stops, resumes = rig.events(src, "STOP"), rig.events(dst, "RESUME")
+    try:
+        time.sleep(EVENT_LEAD_S)
+        start = time.monotonic()
+        result = rig.virsh(
+            src, "migrate", "--live", "--p2p", *flags, VM, uri(dst),
+            check=False, timeout=MIGRATE_TIMEOUT_S,
+        )  # fmt: skip
+        wall = time.monotonic() - start
+    finally:
+        stop_text, resume_text = _stop(stops), _stop(resumes)
+    if result.returncode != 0:
+        raise RuntimeError(f"virsh migrate {src} -> {dst}: {result.stderr.strip()}")
+    job = parse_jobinfo(rig.virsh(dst, "domjobinfo", "--completed", VM).stdout)
+    stop_ts, resume_ts = parse_events(stop_text, "STOP"), parse_events(resume_text, "RESUME")
+    downtime = (resume_ts[-1] - stop_ts[-1]) * 1000 if stop_ts and resume_ts else None
+    qemu_s = job.get("Time elapsed", 0.0) / 1000
+    return {
+        "src": src, "dst": dst,
+        # The whole virsh command, as ferry's wall is its whole CLI; libvirt
+        # launches the target's QEMU inside it.
+        "wall_s": round(wall, 3), "wall_with_target_launch_s": round(wall, 3),
+        "qemu_time_s": round(qemu_s, 3),
+        "downtime_ms": round(downtime, 1) if downtime is not None else None,
+        "qemu_downtime_ms": job.get("Total downtime"),
+        "commit_ms": None,
+        "bytes_sent": int(job.get("Data processed", 0)),
+        "passes": int(job.get("Iteration", 0)),
+        "overhead_s": round(wall - qemu_s, 3),
+        "finished": True,
+        "raw": job,
+    }  # fmt: skip
+
+
+def run_libvirt(
+    lab: Lab, scenario: str, reps: int, with_player: bool, cfg: DomainConfig, boot: BootFiles
+) -> dict[str, list[dict[str, Any]]]:
+    """Every libvirt variant, ``reps`` migrations each, alternating direction."""
+    base = Path(tempfile.mkdtemp(prefix="libvirt-", dir=lab.workdir))
+    rig = LibvirtRig(base)
+    (base / "domain.xml").write_text(domain_xml(cfg, boot))
+    out: dict[str, list[dict[str, Any]]] = {}
+    with QemuReaper():
+        try:
+            _run_variants(lab, scenario, reps, with_player, rig, base, out)
+        finally:
+            rig.close()
+            shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def _run_variants(
+    lab: Lab,
+    scenario: str,
+    reps: int,
+    with_player: bool,
+    rig: LibvirtRig,
+    base: Path,
+    out: dict[str, list[dict[str, Any]]],
+) -> None:
+    for host in HOSTS:
+        rig.start(host)
+    for variant, flags in LIBVIRT_VARIANTS.items():
+        log(f"[{scenario}] {variant}: virsh create {VM} on xen_host_1")
+        rig.virsh("xen_host_1", "create", str(base / "domain.xml"))
+        before = wait_guest(lab)
+        time.sleep(3)  # let the guest's services settle after boot, as for ferry
+        runs: list[dict[str, Any]] = []
+        for rep in range(reps):
+            src, dst = HOSTS[rep % 2], HOSTS[(rep + 1) % 2]
+            player = None
+            if with_player:
+                player = Player.start(lab, lab.workdir / f"watch-{variant}-{rep}.json")
+                time.sleep(PLAYER_LEAD_S)
+            try:
+                run = {"mode": variant, "rep": rep, **libvirt_migrate(rig, src, dst, flags)}
+            except BaseException:
+                if player:
+                    player.stop()
+                raise
+            if player:
+                run["migration_end_in_clip_s"] = round(time.monotonic() - player.started, 1)
+                run["player"] = player.finish()
+            run["guest_ok"] = guest_survived(lab, before)
+            log(f"[{scenario}] {variant} {src} -> {dst}: {brief(run)}")
+            runs.append(run)
+        rig.virsh(HOSTS[reps % 2], "destroy", VM)
+        out[variant] = runs
