@@ -20,7 +20,7 @@ from migbench.libvirt_rig import LibvirtRig, QemuReaper, domain_xml, uri
 from migbench.report import brief
 from migbench.settings import HOSTS, LIBVIRT_VARIANTS, PLAYER_LEAD_S, VM, log
 
-_EVENT = re.compile(r"event (\w+) at (\d+)\.(\d{6}) for domain")
+_EVENT = re.compile(r"event (\w+) at (\d+)\.(\d{6}) for domain '[^']*': ?(.*)")
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 # virsh gives no sign once its event callback is registered; connecting takes
 # ~20 ms here. A missing event shows as a run with no downtime, never as 0.
@@ -28,15 +28,20 @@ EVENT_LEAD_S = 1.0
 MIGRATE_TIMEOUT_S = 600.0
 
 
-def parse_events(text: str, name: str) -> list[float]:
-    """QEMU's own timestamps of ``name`` events in ``virsh qemu-monitor-event`` output."""
-    return [
-        int(m.group(2)) + int(m.group(3)) / 1e6 for m in _EVENT.finditer(text) if m.group(1) == name
-    ]
+def parse_events(text: str, name: str, status: str | None = None) -> list[float]:
+    """QEMU's own timestamps of ``name`` events in ``virsh qemu-monitor-event`` output
+    (for MIGRATION, only those with ``status``)."""
+    out = []
+    for m in _EVENT.finditer(text):
+        details = m.group(4).replace(" ", "")
+        if m.group(1) == name and (status is None or f'"status":"{status}"' in details):
+            out.append(int(m.group(2)) + int(m.group(3)) / 1e6)
+    return out
 
 
 def parse_jobinfo(text: str) -> dict[str, float]:
-    """``virsh domjobinfo``: the numbers, with sizes in bytes and times in ms."""
+    """``virsh domjobinfo`` (C locale): the numbers, sizes in bytes, times in ms, rates as
+    printed."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         key, sep, rest = line.partition(":")
@@ -63,7 +68,7 @@ def _stop(watcher: subprocess.Popen[str]) -> str:
 
 
 def libvirt_migrate(rig: LibvirtRig, src: str, dst: str, flags: list[str]) -> dict[str, Any]:
-    stops, resumes = rig.events(src, "STOP"), rig.events(dst, "RESUME")
+    source_events, target_events = rig.events(src), rig.events(dst)
     try:
         time.sleep(EVENT_LEAD_S)
         start = time.monotonic()
@@ -73,25 +78,33 @@ def libvirt_migrate(rig: LibvirtRig, src: str, dst: str, flags: list[str]) -> di
         )  # fmt: skip
         wall = time.monotonic() - start
     finally:
-        stop_text, resume_text = _stop(stops), _stop(resumes)
+        source_text, target_text = _stop(source_events), _stop(target_events)
     if result.returncode != 0:
         raise RuntimeError(f"virsh migrate {src} -> {dst}: {result.stderr.strip()}")
     job = parse_jobinfo(rig.virsh(dst, "domjobinfo", "--completed", VM).stdout)
-    stop_ts, resume_ts = parse_events(stop_text, "STOP"), parse_events(resume_text, "RESUME")
+    stop_ts, resume_ts = parse_events(source_text, "STOP"), parse_events(target_text, "RESUME")
     downtime = (resume_ts[-1] - stop_ts[-1]) * 1000 if stop_ts and resume_ts else None
-    qemu_s = job.get("Time elapsed", 0.0) / 1000
+    # QEMU's part, from its own MIGRATION events on the source: libvirt's
+    # "Time elapsed" also counts its job's set-up and the target's launch.
+    began = parse_events(source_text, "MIGRATION", "setup")
+    done = parse_events(source_text, "MIGRATION", "completed")
+    qemu_s = done[-1] - began[-1] if began and done else None
+    data, passes = job.get("Data processed"), job.get("Iteration")
     return {
         "src": src, "dst": dst,
         # The whole virsh command, as ferry's wall is its whole CLI; libvirt
         # launches the target's QEMU inside it.
         "wall_s": round(wall, 3), "wall_with_target_launch_s": round(wall, 3),
-        "qemu_time_s": round(qemu_s, 3),
+        "qemu_time_s": round(qemu_s, 3) if qemu_s is not None else None,
         "downtime_ms": round(downtime, 1) if downtime is not None else None,
-        "qemu_downtime_ms": job.get("Total downtime"),
+        # libvirt replaces QEMU's own downtime with its figure (its STOP ->
+        # the target's finish): kept apart, not in QEMU's column.
+        "qemu_downtime_ms": None,
+        "libvirt_downtime_ms": job.get("Total downtime"),
         "commit_ms": None,
-        "bytes_sent": int(job.get("Data processed", 0)),
-        "passes": int(job.get("Iteration", 0)),
-        "overhead_s": round(wall - qemu_s, 3),
+        "bytes_sent": int(data) if data is not None else None,
+        "passes": int(passes) if passes is not None else None,
+        "overhead_s": round(wall - qemu_s, 3) if qemu_s is not None else None,
         "finished": True,
         "raw": job,
     }  # fmt: skip

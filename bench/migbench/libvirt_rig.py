@@ -17,6 +17,7 @@ MAC on xenbr0, the same machine and CPU model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -42,6 +43,8 @@ BOUND = {
 }
 QEMU_USER = "libvirt-qemu"  # libvirtd refuses to start its QEMU driver without it
 SETUP_HINT = "run bench/setup-libvirt.sh once to add the libvirt rows"
+# virsh translates its labels and formats numbers by locale: read it in C.
+VIRSH_ENV = {**os.environ, "LC_ALL": "C"}
 
 
 def missing() -> str | None:
@@ -88,10 +91,12 @@ def qemu_conf(address: str) -> str:
     )
 
 
-def _disk_xml(path: str, fmt: str, cache: str, index: int) -> str:
+def _disk_xml(path: str, fmt: str, cache: str, index: int, writable: bool) -> str:
     target = f"vd{chr(ord('a') + index)}"
     slot = f"{8 + index:#04x}"  # ferry's fixed layout: disk N in PCI slot 8+N
     driver = f"<driver name='qemu' type={quoteattr(fmt)} cache={quoteattr(cache)}/>"
+    if not writable:
+        driver += "<readonly/>"
     address = f"<address type='pci' domain='0' bus='0' slot='{slot}' function='0'/>"
     if path.startswith("nfs://"):
         url = urlsplit(path)
@@ -117,12 +122,15 @@ def domain_xml(cfg: DomainConfig, boot: BootFiles) -> str:
     libvirt sizes RAM in whole MiB, so the extra TCG page ferry adds (see
     ``cmdline.memory_size``) cannot be given: this guest runs with QEMU 7.2's
     TCG dirty-tracking loss armed, and the bench's guest check tells whether it
-    survived.
+    survived. Left out as well: ferry's cloud-init seed, pvpanic and guest-agent
+    channel (the lab's guest boots and serves without them).
     """
     if boot.kernel is None:
         raise ValueError("the libvirt rig boots ferry's kernel directly")
     initrd = f"<initrd>{escape(str(boot.initrd))}</initrd>" if boot.initrd else ""
-    disks = "".join(_disk_xml(d.path, d.format or "raw", d.cache_mode, d.index) for d in cfg.disks)
+    disks = "".join(
+        _disk_xml(d.path, d.format or "raw", d.cache_mode, d.index, d.writable) for d in cfg.disks
+    )
     nics = "".join(
         f"<interface type='bridge'><mac address={quoteattr(v.mac)}/>"
         f"<source bridge={quoteattr(v.bridge)}/><model type='virtio'/>"
@@ -137,6 +145,8 @@ def domain_xml(cfg: DomainConfig, boot: BootFiles) -> str:
         "<os><type arch='x86_64' machine='pc'>hvm</type>"
         f"<kernel>{escape(str(boot.kernel))}</kernel>{initrd}"
         f"<cmdline>{escape(kernel_command_line(cfg))}</cmdline></os>"
+        # ACPI as ferry's machine has it (libvirt adds -no-acpi without it).
+        "<features><acpi/></features>"
         f"<cpu mode='custom' match='exact'><model fallback='forbid'>{CPU_MODEL}</model></cpu>"
         f"<on_poweroff>{cfg.on_poweroff}</on_poweroff><on_reboot>{cfg.on_reboot}</on_reboot>"
         f"<on_crash>{cfg.on_crash}</on_crash>"
@@ -147,6 +157,7 @@ def domain_xml(cfg: DomainConfig, boot: BootFiles) -> str:
 
 
 def _zombie_qemus() -> list[int]:
+    """qemu-system zombies whose parent is the bench (libvirt's capability probes too)."""
     me, found = os.getpid(), []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -165,21 +176,34 @@ def _zombie_qemus() -> list[int]:
 class QemuReaper:
     """Reaps the QEMUs libvirt leaves to the bench, as soon as they end.
 
-    libvirt's QEMUs (and its capability probes) double-fork; the bench is a
-    child subreaper, so they become its children. libvirtd waits for an ended
-    QEMU to vanish; as an unreaped zombie it does not, and each migration then
-    took 41 s instead of 2 (seen here). Only qemu-system zombies are reaped:
-    the bench's own subprocesses keep their exit status for their waiters.
+    libvirt's QEMUs (and the QEMUs it probes for capabilities) double-fork; the
+    bench is a child subreaper, so they become its children. libvirtd waits for
+    an ended QEMU to vanish; as an unreaped zombie it does not: each migration
+    then took 41 s instead of 2, and a daemon's start hung on its probes (both
+    seen here). Every 20 ms one ``waitid`` peeks, without reaping, whether any
+    child has ended; only then is /proc searched, and only qemu-system zombies
+    are reaped: the bench's own subprocesses keep their exit status for their
+    waiters.
     """
 
     def __init__(self, interval: float = 0.02) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
+    @staticmethod
+    def reap_now() -> None:
+        try:
+            ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if ended is None:
+            return
+        for pid in _zombie_qemus():
+            process.reap(pid)
+
     def _run(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            for pid in _zombie_qemus():
-                process.reap(pid)
+            self.reap_now()
 
     def __enter__(self) -> QemuReaper:
         self._thread.start()
@@ -227,8 +251,11 @@ class LibvirtRig:
         deadline = time.monotonic() + timeout
         while self.virsh(host, "version", check=False).returncode != 0:
             if proc.poll() is not None or time.monotonic() > deadline:
-                log = (root / "log" / "libvirtd.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"libvirtd on {host} did not answer: {log}")
+                said = ""
+                for name in ("libvirtd.out", "log/libvirtd.log"):
+                    with contextlib.suppress(OSError):
+                        said += (root / name).read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"libvirtd on {host} did not answer: {said or 'no output'}")
             time.sleep(0.2)
 
     def virsh(
@@ -236,19 +263,19 @@ class LibvirtRig:
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             ["ip", "netns", "exec", topology.node(host).ns, "virsh", "-c", uri(host), *args],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True, text=True, timeout=timeout, env=VIRSH_ENV,
         )  # fmt: skip
         if check and result.returncode != 0:
             raise RuntimeError(f"virsh {' '.join(args)} on {host}: {result.stderr.strip()}")
         return result
 
-    def events(self, host: str, event: str) -> subprocess.Popen[str]:
-        """``virsh qemu-monitor-event`` printing QEMU's own event timestamps."""
+    def events(self, host: str) -> subprocess.Popen[str]:
+        """``virsh qemu-monitor-event``: every QEMU event, with QEMU's own timestamps."""
         return subprocess.Popen(
             ["ip", "netns", "exec", topology.node(host).ns, "virsh", "-c", uri(host),
-             "qemu-monitor-event", "--loop", "--event", event],
+             "qemu-monitor-event", "--loop"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True,
+            text=True, env=VIRSH_ENV,
         )  # fmt: skip
 
     def qemu_pids(self, host: str) -> list[int]:
@@ -261,11 +288,15 @@ class LibvirtRig:
         return pids
 
     def close(self) -> None:
+        """Destroy every domain, end any QEMU left, end the daemons; each step whatever failed."""
         for host, daemon in self.daemons.items():
             if daemon.proc.poll() is None:
-                listed = self.virsh(host, "list", "--name", check=False, timeout=30)
-                for name in listed.stdout.split():
-                    self.virsh(host, "destroy", name, check=False, timeout=60)
+                try:
+                    listed = self.virsh(host, "list", "--name", check=False, timeout=30)
+                    for name in listed.stdout.split():
+                        self.virsh(host, "destroy", name, check=False, timeout=60)
+                except subprocess.TimeoutExpired:
+                    pass  # a hung libvirtd: its QEMUs are ended below all the same
             # libvirtd leaves its QEMUs running when it ends: end any it still had.
             for pid in self.qemu_pids(host):
                 asyncio.run(process.terminate(pid, 5.0))

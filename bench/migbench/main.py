@@ -73,7 +73,11 @@ def run_scenario(name: str, reps: int, memory: int, with_libvirt: bool) -> dict[
             )
         if skipped is None:
             cfg, boot = bench_domain(lab, cmdlines)
-            others.update(run_libvirt(lab, name, reps, with_player, cfg, boot))
+            try:
+                others.update(run_libvirt(lab, name, reps, with_player, cfg, boot))
+            except Exception as err:  # libvirt is optional: its failure loses no other row
+                skipped = f"failed: {err}"
+                log(f"[{name}] libvirt: {skipped}")
         else:
             log(f"[{name}] libvirt: not run ({skipped})")
     modes: dict[str, dict[str, Any]] = {

@@ -46,6 +46,7 @@ def test_the_libvirt_guest_is_ferrys_guest() -> None:
     assert dom.findtext("os/initrd") == "/cache/initrd.img"
     assert dom.findtext("os/cmdline") == kernel_command_line(CFG)
     assert dom.findtext("cpu/model") == CPU_MODEL
+    node(dom, "features/acpi")  # as ferry's machine (libvirt adds -no-acpi otherwise)
     disk = node(dom, "devices/disk")
     assert disk.get("type") == "network"
     assert node(disk, "source").attrib == {"protocol": "nfs", "name": "/xen/virt_server.img"}
@@ -64,6 +65,10 @@ def test_a_local_disk_is_a_file_and_other_urls_are_refused() -> None:
     assert disk.get("type") == "file"
     assert node(disk, "source").get("file") == "/srv/vm.img"
     assert node(disk, "driver").get("type") == "qcow2"
+    assert disk.find("readonly") is None
+    shared = replace(CFG, disks=(DiskSpec("/srv/iso.img", "xvdb", False, "raw"),))
+    readonly = node(ET.fromstring(domain_xml(shared, BOOT)), "devices/disk")
+    node(readonly, "readonly")
     nbd = replace(CFG, disks=(DiskSpec("nbd://10.0.0.1/vm", "xvda", True, "raw"),))
     with pytest.raises(ValueError, match="nbd://"):
         domain_xml(nbd, BOOT)
@@ -74,14 +79,25 @@ def test_each_libvirtd_sends_its_migration_to_its_lab_address() -> None:
 
 
 def test_events_are_read_with_qemus_own_timestamps() -> None:
-    # As virsh 9.0 printed them here.
+    # As virsh 9.0 printed them here, on the source of a p2p migration.
     out = (
-        "event STOP at 1796413834.594217 for domain 'virt_server': <null>\n"
-        "event RESUME at 1796413834.692903 for domain 'virt_server': <null>\n"
+        'event MIGRATION at 1796418444.454003 for domain \'virt_server\': {"status":"setup"}\n'
+        "event MIGRATION_PASS at 1796418444.454809 for domain 'virt_server': {\"pass\":1}\n"
+        'event MIGRATION at 1796418444.454941 for domain \'virt_server\': {"status":"active"}\n'
+        "event STOP at 1796418426.056685 for domain 'virt_server': <null>\n"
+        "event MIGRATION at 1796418426.058020 for domain 'virt_server': "
+        '{"status":"pre-switchover"}\n'
+        "event MIGRATION at 1796418445.137294 for domain 'virt_server': "
+        '{"status":"completed"}\n'
+        "event RESUME at 1796418426.154990 for domain 'virt_server': <null>\n"
     )
-    assert parse_events(out, "STOP") == [pytest.approx(1796413834.594217)]
+    assert parse_events(out, "STOP") == [pytest.approx(1796418426.056685)]
     resume = parse_events(out, "RESUME")
-    assert (resume[0] - parse_events(out, "STOP")[0]) * 1000 == pytest.approx(98.686, abs=1e-3)
+    assert (resume[0] - parse_events(out, "STOP")[0]) * 1000 == pytest.approx(98.305, abs=1e-3)
+    assert parse_events(out, "MIGRATION", "setup") == [pytest.approx(1796418444.454003)]
+    assert parse_events(out, "MIGRATION", "completed") == [pytest.approx(1796418445.137294)]
+    assert len(parse_events(out, "MIGRATION")) == 4
+    assert parse_events(out, "MIGRATION", "failed") == []
     assert parse_events("error: failed to connect\n", "STOP") == []
 
 

@@ -8,10 +8,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
-
 from ferry.cli.parsers import ClientFactory, Subparsers
 
 
@@ -108,6 +104,10 @@ class EvacuationView:
     """One line per domain, updated in place while the migrations run (a terminal only)."""
 
     def __init__(self, host: str) -> None:
+        # Here, not at the top: every `ferry` command builds this module's parser.
+        from rich.console import Console
+        from rich.live import Live
+
         self.console = Console(stderr=True)
         self.host = host
         self.rows: dict[str, str] = {}
@@ -135,6 +135,8 @@ class EvacuationView:
         elif event == "failed":
             self.rows[name] = f"-> {p['target']}: FAILED, stays on {self.host}"
         if self.console.is_terminal:
+            from rich.table import Table
+
             table = Table("Domain", "Migration", box=None, title=f"evacuating {self.host}")
             for row_name, text in self.rows.items():
                 table.add_row(row_name, text)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 def _mb(n: float) -> str:
@@ -16,38 +17,46 @@ class MigrationView:
     """Feeds on the daemon's progress lines; silent when stderr is not a terminal."""
 
     def __init__(self, name: str, host: str) -> None:
-        self.console = Console(stderr=True)
-        self.enabled = self.console.is_terminal
-        self.bar = Progress(
-            TextColumn("[bold]{task.fields[phase]:>8}"),
-            BarColumn(),
-            TextColumn("{task.fields[detail]}"),
-            console=self.console,
-            transient=True,
-        )
+        self.bar: Progress | None = None
+        # rich only for a terminal: scripts (--json, a pipe) do not pay for importing it.
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.fields[phase]:>8}"),
+                BarColumn(),
+                TextColumn("{task.fields[detail]}"),
+                console=Console(stderr=True),
+                transient=True,
+            )
         self.task: TaskID | None = None
         self.label = f"{name} -> {host}"
 
     def __enter__(self) -> MigrationView:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=1, phase="connect", detail=self.label)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.stop()
 
     def update(self, p: dict[str, Any]) -> None:
         decision = p.get("decision")
         if isinstance(decision, dict):
             # Every convergence decision is said, on a terminal or not.
-            self.console.print(
+            line = (
                 f"pass {decision.get('pass')}, {decision.get('t_s')} s: "
                 f"{decision.get('decision')} ({decision.get('why')})"
             )
+            if self.bar is not None:
+                self.bar.console.print(line, markup=False, highlight=False)
+            else:
+                print(line, file=sys.stderr, flush=True)
             return
-        if self.task is None:
+        if self.task is None or self.bar is None:
             return
         total = max(int(p.get("total") or 0), 1)
         done = max(total - int(p.get("remaining") or 0), 0)

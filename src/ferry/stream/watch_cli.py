@@ -10,7 +10,6 @@ start at all.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import signal
@@ -178,6 +177,8 @@ async def _watch_until_stopped(
     args: argparse.Namespace, on_status: Callable[[Status], None]
 ) -> WatchReport:
     """The watch, ended early (with its report) by SIGTERM, as a player window closing."""
+    import asyncio
+
     from ferry.stream.player import watch_async
 
     stop = asyncio.Event()
@@ -203,6 +204,8 @@ async def _watch_until_stopped(
 
 def run_watch(args: argparse.Namespace) -> int:
     # Here, not at the top: every `ferry` command builds this parser.
+    import asyncio
+
     from ferry.stream.player import EXIT_ERROR
 
     status_stream = sys.stderr if args.json else sys.stdout
