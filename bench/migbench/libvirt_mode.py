@@ -120,47 +120,47 @@ def run_libvirt(
     out: dict[str, list[dict[str, Any]]] = {}
     with QemuReaper():
         try:
-            _run_variants(lab, scenario, reps, with_player, rig, base, out)
+            for host in HOSTS:
+                rig.start(host)
+            for variant, flags in LIBVIRT_VARIANTS.items():
+                out[variant] = _run_variant(lab, scenario, reps, with_player, rig, variant, flags)
         finally:
             rig.close()
             shutil.rmtree(base, ignore_errors=True)
     return out
 
 
-def _run_variants(
+def _run_variant(
     lab: Lab,
     scenario: str,
     reps: int,
     with_player: bool,
     rig: LibvirtRig,
-    base: Path,
-    out: dict[str, list[dict[str, Any]]],
-) -> None:
-    for host in HOSTS:
-        rig.start(host)
-    for variant, flags in LIBVIRT_VARIANTS.items():
-        log(f"[{scenario}] {variant}: virsh create {VM} on xen_host_1")
-        rig.virsh("xen_host_1", "create", str(base / "domain.xml"))
-        before = wait_guest(lab)
-        time.sleep(3)  # let the guest's services settle after boot, as for ferry
-        runs: list[dict[str, Any]] = []
-        for rep in range(reps):
-            src, dst = HOSTS[rep % 2], HOSTS[(rep + 1) % 2]
-            player = None
-            if with_player:
-                player = Player.start(lab, lab.workdir / f"watch-{variant}-{rep}.json")
-                time.sleep(PLAYER_LEAD_S)
-            try:
-                run = {"mode": variant, "rep": rep, **libvirt_migrate(rig, src, dst, flags)}
-            except BaseException:
-                if player:
-                    player.stop()
-                raise
+    variant: str,
+    flags: list[str],
+) -> list[dict[str, Any]]:
+    log(f"[{scenario}] {variant}: virsh create {VM} on xen_host_1")
+    rig.virsh("xen_host_1", "create", str(rig.base / "domain.xml"))
+    before = wait_guest(lab)
+    time.sleep(3)  # let the guest's services settle after boot, as for ferry
+    runs: list[dict[str, Any]] = []
+    for rep in range(reps):
+        src, dst = HOSTS[rep % 2], HOSTS[(rep + 1) % 2]
+        player = None
+        if with_player:
+            player = Player.start(lab, lab.workdir / f"watch-{variant}-{rep}.json")
+            time.sleep(PLAYER_LEAD_S)
+        try:
+            run = {"mode": variant, "rep": rep, **libvirt_migrate(rig, src, dst, flags)}
+        except BaseException:
             if player:
-                run["migration_end_in_clip_s"] = round(time.monotonic() - player.started, 1)
-                run["player"] = player.finish()
-            run["guest_ok"] = guest_survived(lab, before)
-            log(f"[{scenario}] {variant} {src} -> {dst}: {brief(run)}")
-            runs.append(run)
-        rig.virsh(HOSTS[reps % 2], "destroy", VM)
-        out[variant] = runs
+                player.stop()
+            raise
+        if player:
+            run["migration_end_in_clip_s"] = round(time.monotonic() - player.started, 1)
+            run["player"] = player.finish()
+        run["guest_ok"] = guest_survived(lab, before)
+        log(f"[{scenario}] {variant} {src} -> {dst}: {brief(run)}")
+        runs.append(run)
+    rig.virsh(HOSTS[reps % 2], "destroy", VM)
+    return runs

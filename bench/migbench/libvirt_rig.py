@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import shutil
 import subprocess
 import threading
@@ -55,8 +56,6 @@ def missing() -> str | None:
     if not any(Path("/usr/lib").glob("*/libvirt/connection-driver/libvirt_driver_qemu.so")):
         return f"libvirt's QEMU driver is not installed; {SETUP_HINT}"
     try:
-        import pwd
-
         pwd.getpwnam(QEMU_USER)
     except KeyError:
         return f"user {QEMU_USER} does not exist; {SETUP_HINT}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.cli.migrate_cli import add_migrate_parser
+from ferry.cli.parsers import note
 from ferry.client.daemon_client import DaemonClient, default_socket
 from ferry.errors import FerryError
 
@@ -38,10 +39,6 @@ def _pki_dir(args: argparse.Namespace) -> Path:
     return personal if personal.is_dir() else Path("/etc/ferry/pki")
 
 
-def _note(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
 # -- domain commands ---------------------------------------------------------
 
 
@@ -49,8 +46,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     from ferry.config.loader import find_domain_file, load_domain_file
 
     cfg = load_domain_file(find_domain_file(args.config), args.overrides)
-    for note in cfg.ignored:
-        _note(f"note: {note}")
+    for ignored in cfg.ignored:
+        note(f"note: {ignored}")
     client = _client(args)
     result = client.call("create", config=cfg.to_mapping())
     if args.json:
@@ -185,7 +182,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from ferry.guest.image import build_image
 
     start = time.monotonic()
-    image = build_image(args.cache_dir, force=args.force, log=_note)
+    image = build_image(args.cache_dir, force=args.force, log=note)
     took = time.monotonic() - start
     if args.json:
         print(json.dumps({k: str(v) for k, v in vars(image).items()} | {"seconds": took}))

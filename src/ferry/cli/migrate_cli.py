@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from ferry.cli.parsers import ClientFactory, Subparsers
+from ferry.cli.parsers import ClientFactory, Subparsers, note
 from ferry.client.daemon_client import DaemonClient
 from ferry.errors import FerryError, WaitTimeout
 
 # The downtime limit a migration starts with (MigrationParams' default), known
 # here without importing the migration layer into the command line.
 DEFAULT_START_DOWNTIME_MS = 100
-
-
-def note(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 def add_migrate_parser(sub: Subparsers, client: ClientFactory) -> None:

@@ -1,8 +1,10 @@
-"""What the command modules share: the shape of a subcommand table and of a client factory."""
+"""What the command modules share: the shape of a subcommand table and of a client factory,
+and how a note reaches the user."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -15,3 +17,8 @@ else:
     Subparsers = argparse._SubParsersAction
 # How a command reaches ferryd: the local socket, or a remote host (--host).
 ClientFactory = Callable[[argparse.Namespace], DaemonClient]
+
+
+def note(text: str) -> None:
+    """A line for the user beside a command's output (stderr: stdout may be --json)."""
+    print(text, file=sys.stderr)
