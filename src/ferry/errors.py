@@ -161,6 +161,12 @@ class MigrationAborted(MigrationError):
     """The migration was cancelled by the user."""
 
 
+class PostcopyFailed(FerryError):
+    """Post-copy broke after the switch: the target had committed and lacks pages
+    that only the source had. The domain is lost (the weaker guarantee of
+    ``--postcopy``)."""
+
+
 class MigrationInDoubt(MigrationError):
     """The commit was sent but its answer lost: the VM stays paused on the source
     until the target says whether it resumed the VM."""

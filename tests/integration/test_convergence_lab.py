@@ -82,3 +82,27 @@ def test_a_downtime_it_cannot_meet_ends_it_with_the_reason_on_the_source(busy: S
         lambda: dirty(s.lab, "status")["pages"] > pages, timeout=10,
         what="the workload to go on on the source",
     )  # fmt: skip
+
+
+def test_postcopy_ends_a_busy_guests_migration_after_one_pass(busy: Scenario) -> None:
+    """The opt-in: one pre-copy pass, then the target runs the guest and pulls the rest."""
+    s = busy
+    before = s.status()
+    pages = dirty(s.lab, "status")["pages"]
+    result = s.migrate("xen_host_1", "xen_host_2", "-l", "--postcopy")
+    assert result.returncode == 0, result.stderr
+    assert "post-copy" in result.stderr  # the weaker guarantee is said before it starts
+    out = json.loads(result.stdout)
+    shown = ("total_s", "switchover_ms", "passes", "postcopy_s", "postcopy_requests")
+    print("post-copy:", {k: out[k] for k in shown}, out["decisions"])
+    assert out["postcopy"] is True and out["channels"] == 1
+    assert [d["decision"] for d in out["decisions"]] == ["switching to post-copy"]
+    assert out["passes"] <= 3 and out["postcopy_s"] is not None
+    assert out["switchover_ms"] is not None  # the target's RESUME reached the source
+    s.runs_only_on("xen_host_2", before)
+    after = dirty(s.lab, "status")
+    assert after["running"] and after["pages"] > pages
+    wait_until_sync(
+        lambda: dirty(s.lab, "status")["pages"] > after["pages"], timeout=10,
+        what="the workload to go on after the post-copy",
+    )  # fmt: skip

@@ -58,16 +58,54 @@ async def connect(path: Path) -> QMPClient:
     return client
 
 
-@pytest.mark.parametrize(("fmt", "multifd"), [("raw", False), ("qcow2", False), ("raw", True)])
+def target_caps(settings: MigrationParams) -> dict[str, bool]:
+    """As ferry's target sets them (ferry.migration.stream_setup)."""
+    return {"multifd": settings.multifd, "postcopy-ram": settings.postcopy}
+
+
+async def switch_to_postcopy(src: QMPClient) -> None:
+    """What ferry's source does: switch after the first pass, and let the held stop through."""
+
+    async def first_pass_done() -> bool:
+        info = await src.execute("query-migrate")
+        return info.get("ram", {}).get("dirty-sync-count", 0) >= 2  # type: ignore[union-attr,no-any-return]
+
+    await wait_until(first_pass_done, timeout=120, interval=0.05, what="the first pass")
+    await src.execute("migrate-start-postcopy")
+
+    async def held() -> bool:
+        return (await src.execute("query-migrate"))["status"] == "pre-switchover"  # type: ignore[index,no-any-return]
+
+    await wait_until(held, timeout=30, interval=0.01, what="the stream held before the switch")
+    await src.execute("migrate-continue", {"state": "pre-switchover"})
+
+    async def switched() -> bool:
+        return (await src.execute("query-migrate"))["status"] in ("postcopy-active", "completed")  # type: ignore[index,no-any-return]
+
+    await wait_until(switched, timeout=30, interval=0.01, what="the switch to post-copy")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "stream"),
+    [("raw", "one"), ("qcow2", "one"), ("raw", "multifd"), ("raw", "postcopy")],
+)
 async def test_migrated_ram_is_identical(
-    guest_image: GuestImage, tmp_path: Path, fmt: str, multifd: bool
+    guest_image: GuestImage, tmp_path: Path, fmt: str, stream: str
 ) -> None:
-    """With the disk as ferry opens it (O_DIRECT, raw or qcow2), on one stream and on
-    the multifd channels with the compression ferry chooses by default."""
+    """With the disk as ferry opens it (O_DIRECT, raw or qcow2), on one stream, on
+    the multifd channels with the compression ferry chooses by default, and with
+    ferry's post-copy (switched after the first pass, held for the commit).
+
+    Post-copy: the target stays paused (it is not told to run), so that both
+    copies can be compared; the pages still come in the post-copy's own way,
+    after the switch and the discard of the dirty ones."""
     settings = plan_stream(MigrationParams(), secure=True, cpus=2).params
     assert settings.multifd
-    if not multifd:
+    if stream == "one":
         settings = plan_stream(MigrationParams(channels=1), secure=True).params
+    if stream == "postcopy":
+        settings = plan_stream(MigrationParams(postcopy=True), secure=True).params
+        assert not settings.multifd
     disk = tmp_path / "disk.img"
     make_domain_disk(guest_image, disk)
     if fmt == "qcow2":
@@ -102,8 +140,8 @@ async def test_migrated_ram_is_identical(
             )
         )
         dst = await connect(tmp_path / "dst.sock")
-        for qmp in (src, dst):
-            caps = [{"capability": "multifd", "state": settings.multifd}]
+        for qmp, names in ((src, settings.capabilities()), (dst, target_caps(settings))):
+            caps = [{"capability": k, "state": v} for k, v in names.items()]
             await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
             await qmp.execute("migrate-set-parameters", settings.multifd_parameters())
         await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
@@ -111,13 +149,19 @@ async def test_migrated_ram_is_identical(
         await src.execute("migrate-set-parameters", {"max-bandwidth": 12_500_000})
         await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
 
+        if settings.postcopy:
+            await switch_to_postcopy(src)
+
         async def ended() -> Any:
             info = await src.execute("query-migrate")
             return info if info["status"] in ("completed", "failed") else None  # type: ignore[index]
 
         info = await wait_until(ended, timeout=120, interval=0.1, what="the migration to end")
         assert info["status"] == "completed", info
-        assert info["ram"]["dirty-sync-count"] >= 3, "too fast to exercise the dirty passes"  # type: ignore[index]
+        if settings.postcopy:
+            assert info["ram"]["postcopy-requests"] == 0, "the paused target asked for pages"  # type: ignore[index]
+        else:
+            assert info["ram"]["dirty-sync-count"] >= 3, "too fast to exercise the dirty passes"  # type: ignore[index]
 
         async def loaded() -> bool:
             return (await dst.execute("query-migrate"))["status"] == "completed"  # type: ignore[index,no-any-return]

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ferry.cli.migrate_cli import DEFAULT_START_DOWNTIME_MS
-from ferry.migration.convergence import Convergence, GiveUp, SetDowntime, SetFirstThrottle
+from ferry.migration.convergence import (
+    Convergence,
+    GiveUp,
+    SetDowntime,
+    SetFirstThrottle,
+    StartPostcopy,
+)
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress
 
@@ -102,3 +108,20 @@ def test_no_timeout_means_never_giving_up() -> None:
 
 def test_the_command_line_starts_where_the_settings_do() -> None:
     assert MigrationParams().max_downtime_ms == DEFAULT_START_DOWNTIME_MS
+
+
+def test_postcopy_switches_once_after_the_first_pass_and_nothing_else() -> None:
+    policy = Convergence(MigrationParams(postcopy=True, max_downtime_cap_ms=500), 0.0)
+    assert run(policy, [(1.0, 1, 200.0, 0), (5.0, 1, 100.0, 0)]) == []
+    # A busy guest: without post-copy this would throttle and step the limit.
+    busy = [(10.0 + i, 2 + i, 90.0, 20) for i in range(10)]
+    assert run(policy, busy) == [StartPostcopy()]
+    assert policy.switched and policy.limit_ms == 100
+    [decision] = policy.decisions
+    assert decision["decision"] == "switching to post-copy" and "90 MB" in decision["why"]
+
+
+def test_postcopy_does_not_switch_a_stream_that_is_no_longer_active() -> None:
+    policy = Convergence(MigrationParams(postcopy=True), 0.0)
+    held = replace(sample(2, 5.0), status="pre-switchover")
+    assert policy.observe(held, 3.0) == [] and not policy.switched

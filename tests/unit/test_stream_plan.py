@@ -58,10 +58,23 @@ def test_what_the_operator_asks_is_kept() -> None:
     assert plain.multifd and plain.qemu_parameters()["multifd-compression"] == "none"
 
 
+def test_postcopy_runs_on_one_stream_held_before_its_switch() -> None:
+    for secure in (True, False):
+        plan = plan_stream(params(postcopy=True), secure=secure, cpus=8)
+        assert not plan.params.multifd and plan.params.compression == "none"
+        assert "post-copy" in plan.reason
+        caps = plan.params.capabilities()
+        assert caps["postcopy-ram"] and caps["pause-before-switchover"]
+    caps = plan_stream(params(), secure=True, cpus=8).params.capabilities()
+    assert not caps["postcopy-ram"] and not caps["pause-before-switchover"]
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"compression": "lz4"}, {"channels": 17}, {"channels": -1},
-     {"channels": 1, "compression": "zstd"}, {"compression": 3}],
+     {"channels": 1, "compression": "zstd"}, {"compression": 3},
+     {"postcopy": True, "channels": 2}, {"postcopy": True, "compression": "zstd"},
+     {"postcopy": "yes"}],
 )  # fmt: skip
 def test_bad_stream_settings_are_refused_in_one_line(bad: dict[str, object]) -> None:
     with pytest.raises(ConfigError) as err:

@@ -53,6 +53,12 @@ def add_migrate_parser(sub: Subparsers, client: ClientFactory) -> None:
         help="multifd channels (default: chosen with compression; 1: one stream)",
     )
     p.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="switch to post-copy after the first pass: ends however busy the guest, but a "
+        "link or host lost after the switch loses the domain (one stream, no compression)",
+    )
+    p.add_argument(
         "--unsafe",
         action="store_true",
         help="migrate even a disk cached in the page cache of a shared file system (risk of "
@@ -91,6 +97,12 @@ def cmd_migrate(client: DaemonClient, args: argparse.Namespace) -> int:
         params["compression"] = args.compression
     if args.channels is not None:
         params["channels"] = args.channels
+    if args.postcopy:
+        params["postcopy"] = True
+        note(
+            "post-copy: after the switch the domain runs on the target with pages still on "
+            "this host; a link or host lost then loses the domain"
+        )
     request = {"name": args.domain, "host": args.host, "port": args.port, "params": params}
     with MigrationView(args.domain, args.host) as view:
         try:

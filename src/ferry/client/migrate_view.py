@@ -79,6 +79,16 @@ def summary(name: str, host: str, result: dict[str, Any]) -> str:
         f"migrated {name} to {host} in {result['total_s']:.1f} s: downtime {downtime} "
         f"(QEMU {qemu} ms, limit {result['downtime_limit_ms']} ms), "
         f"{_mb(result['bytes_sent'])} sent in {result['passes']} passes{_stream(result)}"
+        f"{_postcopy(result)}"
+    )
+
+
+def _postcopy(result: dict[str, Any]) -> str:
+    if not result.get("postcopy"):
+        return ""
+    return (
+        f"; post-copy after the switch: {result.get('postcopy_s') or 0:.1f} s, "
+        f"{result.get('postcopy_requests') or 0} pages fetched on demand"
     )
 
 

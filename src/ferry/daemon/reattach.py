@@ -30,7 +30,7 @@ from ferry.hypervisor.monitor import Monitor
 from ferry.migration.incoming import decide_in_store
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.outgoing import OutgoingMigrations
-from ferry.migration.source import wait_migration_settled
+from ferry.migration.switchover import HELD, PAST_SWITCH, wait_migration_settled
 
 log = logging.getLogger("ferryd")
 
@@ -143,8 +143,9 @@ class Reattach:
         """ferryd died while migrating this domain out: finish or undo it safely."""
         info: Any = await dom.monitor.execute("query-migrate")
         qemu_state = info.get("status") if isinstance(info, dict) else None
-        if qemu_state == "completed" and dom.record.migration_id:
-            # The target may have resumed it: only the target can say.
+        if qemu_state in ("completed", HELD, *PAST_SWITCH) and dom.record.migration_id:
+            # The target may have resumed it (or, held before a post-copy
+            # switch, committed it): only the target can say.
             self.outgoing.resume_in_doubt(dom)
             return
         if qemu_state not in (None, "none", "failed", "cancelled"):

@@ -64,6 +64,8 @@ class Incoming:
     deciding: bool = False
     # multifd: the task that keeps the arriving QEMU's port to the source.
     gate: asyncio.Task[None] | None = None
+    # Post-copy: the commit comes before the device state, held at the source.
+    postcopy: bool = False
 
 
 BootFilesProvider = Callable[[DomainConfig], BootFiles]

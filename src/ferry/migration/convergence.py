@@ -10,6 +10,9 @@ dirty memory left at the start of a pass did not shrink by a tenth over
 if the migration is still not done after ``converge_timeout_s`` it is
 cancelled with the reason, and the VM keeps running on the source (as xl's
 ``--abort-if-busy``). Every decision is kept, with when and why.
+
+With ``--postcopy`` (an opt-in: see MigrationParams.postcopy) none of that
+applies: the migration switches to post-copy when the first pass is done.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ class GiveUp:
     reason: str
 
 
-Action = SetDowntime | SetFirstThrottle | GiveUp
+@dataclass(frozen=True)
+class StartPostcopy:
+    """Switch to post-copy: the target runs the VM and pulls the pages it lacks."""
+
+
+Action = SetDowntime | SetFirstThrottle | GiveUp | StartPostcopy
 
 
 @dataclass
@@ -56,6 +64,7 @@ class Convergence:
     _throttle: int = 0
     _first_throttle: int = 0
     _first_pass_end: float | None = None
+    switched: bool = False  # to post-copy
 
     def __post_init__(self) -> None:
         self.limit_ms = self.params.max_downtime_ms
@@ -65,6 +74,8 @@ class Convergence:
     def observe(self, p: Progress, now: float) -> list[Action]:
         """One ``query-migrate`` sample; what to do now, if anything."""
         actions: list[Action] = []
+        if self.params.postcopy:
+            return self._postcopy_for(p, now)
         first = self._first_throttle_for(p, now)
         if first is not None:
             actions.append(first)
@@ -72,6 +83,23 @@ class Convergence:
         if step is not None:
             actions.append(step)
         return actions
+
+    def _postcopy_for(self, p: Progress, now: float) -> list[Action]:
+        """Post-copy, opted into: switch once the first pass has copied all of RAM.
+
+        What is still dirty then could not go in one stop (else QEMU would
+        have finished), and every further pass re-sends what the guest
+        dirties again. After the switch each page crosses once more at most.
+        """
+        if self.switched or p.passes < 2 or p.status != "active":
+            return []
+        self.switched = True
+        self._note(
+            now, p, "switching to post-copy",
+            f"the first pass is done and {p.remaining / 1e6:.0f} MB are still dirty: the "
+            "target runs the VM now and fetches those pages from here",
+        )  # fmt: skip
+        return [StartPostcopy()]
 
     def _first_throttle_for(self, p: Progress, now: float) -> SetFirstThrottle | None:
         """Size QEMU's first throttle from the measured rates, before it bites.

@@ -27,7 +27,6 @@ from ferry.errors import (
     ClusterError,
     ClusterUnavailable,
     FerryError,
-    ImageError,
     MigrationError,
     MigrationRefused,
     QmpError,
@@ -37,10 +36,9 @@ from ferry.host.launcher import Launcher
 from ferry.host.running import Incoming, RunningDomain
 from ferry.host.table import DomainTable
 from ferry.host.watcher import DomainWatcher
-from ferry.hypervisor.firmware import UefiFiles
-from ferry.hypervisor.seed import seed_digest
 from ferry.migration.data_link import FD_NAME
 from ferry.migration.params import MigrationParams
+from ferry.migration.sameness import SameDomain
 from ferry.migration.stream_gate import keep_port_to_source
 from ferry.migration.stream_setup import setup_target
 from ferry.migration.target import Prepared
@@ -49,8 +47,7 @@ from ferry.network import tap
 from ferry.pki.identity import Identity
 from ferry.pki.qemu_psk import StreamKey
 from ferry.pki.qemu_tls import QemuTls
-from ferry.storage import images, lease
-from ferry.storage.cache_safety import migration_hazard
+from ferry.storage import lease
 from ferry.storage.disks import check_disks
 from ferry.util.wait import wait_until
 
@@ -80,6 +77,9 @@ class IncomingMigrations:
         self.launcher = launcher
         self.watcher = watcher
         self.host = launcher.host
+        self.same = SameDomain(launcher)
+        # Committed post-copy arrivals whose device state is still to come.
+        self._switching: dict[str, tuple[RunningDomain, bool]] = {}
 
     async def prepare_incoming(
         self,
@@ -112,11 +112,11 @@ class IncomingMigrations:
             try:
                 in_use = self.table.disks_in_use(roots, exclude=local)
                 check_disks(cfg, roots, in_use, self.host.storage_servers)
-                await self._check_same_disks(cfg, disks, params)
+                await self.same.disks(cfg, disks, params)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot_files = self.launcher.boot_files(cfg)
-                await self._check_same_boot(cfg, boot)
+                await self.same.boot(cfg, boot)
                 accel = (await self.launcher.accel()).accel
                 steps.mark("checks")
                 ticket = await self.launcher.ownership.expect_move(
@@ -142,7 +142,7 @@ class IncomingMigrations:
                 raise
             steps.mark("launch")
             token = secrets.token_hex(16)
-            arriving = Incoming(migration_id, dom, token, peer)
+            arriving = Incoming(migration_id, dom, token, peer, postcopy=params.postcopy)
             self.table.add_incoming(arriving)
             self.watcher.start(dom)
         if params.multifd:
@@ -173,100 +173,6 @@ class IncomingMigrations:
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
         return Prepared(token, steps.steps_ms, stream)
 
-    async def _check_same_disks(
-        self, cfg: DomainConfig, facts: list[Any], params: MigrationParams
-    ) -> None:
-        if len(facts) != len(cfg.disks):
-            raise StorageError("the source described a different number of disks")
-        for disk, fact in zip(cfg.disks, facts, strict=True):
-            if not isinstance(fact, dict):
-                raise StorageError("malformed disk description")
-            if disk.format is None:
-                raise StorageError(f"disk {disk.path}: the source sent no format for it")
-            hazard = None if params.unsafe_cache else migration_hazard(disk)
-            if hazard is not None:
-                raise StorageError(hazard)
-            # The image as this host reads it: its format must be the one the
-            # source runs (a header rewritten meanwhile is not the same image).
-            here = await images.inspect(
-                disk, self.host.storage_roots, self.host.storage_servers, share=True
-            )
-            size = fact.get("size")
-            if size is not None and here.virtual_size != size:
-                raise StorageError(
-                    f"disk {disk.path} is {here.virtual_size} bytes here but {size} bytes on "
-                    "the source: not the same image"
-                )
-            theirs = fact.get("format")
-            if theirs is not None and theirs != here.format:
-                raise StorageError(
-                    f"disk {disk.path} is a {here.format} image here but {theirs} on the "
-                    "source: not the same image"
-                )
-            if disk.writable and not disk.is_url:
-                # Required: the token proves the source holds the disk and that
-                # this host sees that very file, not a copy at the same path.
-                token = fact.get("lease_token")
-                held = lease.read_lease(disk.path)
-                if not isinstance(token, str) or held is None or held.token != token:
-                    raise StorageError(
-                        f"disk {disk.path} here is not the source's disk (its lease differs): "
-                        "is the storage really shared?"
-                    )
-
-    async def _check_same_boot(self, cfg: DomainConfig, boot: Mapping[str, Any]) -> None:
-        """The very boot files of the source, found in this host's image directory.
-
-        One answer whether a file is missing, elsewhere or different, so that a
-        peer learns nothing about the files of this host.
-        """
-        seed = cfg.seed_files()
-        if seed is not None and boot.get("seed_sha256") != await asyncio.to_thread(
-            seed_digest, seed
-        ):
-            raise ImageError(
-                "the cloud-init seed made here differs from the source's: the guest would see "
-                "another drive (different mtools or dosfstools versions?)"
-            )
-        if cfg.boots_from_disk:
-            await self._check_same_firmware(cfg, boot)
-            return
-        try:
-            files = self.launcher.boot_files(cfg)
-        except ImageError:
-            files = None
-        wanted = [("kernel", files.kernel if files else None, boot.get("kernel_sha256"))]
-        if cfg.ramdisk or boot.get("initrd_sha256") is not None or (files and files.initrd):
-            wanted.append(("initrd", files.initrd if files else None, boot.get("initrd_sha256")))
-        for role, path, digest in wanted:
-            if not (
-                isinstance(digest, str)
-                and path is not None
-                and self.launcher.in_boot_dirs(path)
-                and path.is_file()
-                and await self.launcher.file_digest(path) == digest
-            ):
-                raise ImageError(
-                    f"this host's image directory has no {role} identical to the source's"
-                )
-
-    async def _check_same_firmware(self, cfg: DomainConfig, boot: Mapping[str, Any]) -> None:
-        """Flash images travel in the stream, but only into files of the same sizes."""
-        if boot.get("firmware", "bios") != cfg.firmware:
-            theirs = boot.get("firmware")
-            raise ImageError(f"the source boots firmware {theirs}, not {cfg.firmware}")
-        if cfg.firmware != "uefi":
-            return
-        files = self.launcher.boot_files(cfg)
-        assert files.uefi is not None
-        here = UefiFiles(files.uefi.code, files.uefi.vars_template).sizes()
-        for key, size in here.items():
-            if boot.get(key) != size:
-                raise ImageError(
-                    f"this host's UEFI firmware differs from the source's ({key} {size} here, "
-                    f"{boot.get(key)} there)"
-                )
-
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None:
         arriving = self.table.incoming(migration_id)
         if arriving is None or not secrets.compare_digest(arriving.token, token):
@@ -289,7 +195,12 @@ class IncomingMigrations:
         if arriving is None:
             raise MigrationError(f"migration {migration_id[:8]} is not pending here")
         dom = arriving.dom
-        await self._wait_stream_complete(dom)
+        if arriving.postcopy:
+            # The source holds its VM stopped before the switch: the device
+            # state and the rest of RAM come only after this commit.
+            await self._check_stream_alive(dom)
+        else:
+            await self._wait_stream_complete(dom)
         _stop_gate(arriving)
         # Every channel has connected: the one-time key has done its job.
         shutil.rmtree(dom.paths.run_dir / STREAM_KEY_DIR, ignore_errors=True)
@@ -312,6 +223,28 @@ class IncomingMigrations:
         dom.record.started_at = time.time()
         dom.record.leases = [d.path for d in dom.record.config.disks if d.writable and not d.is_url]
         self._take_leases(dom)
+        log.info("committed incoming %s (migration %s)", dom.name, migration_id[:8])
+        if arriving.postcopy:
+            self._switching[migration_id] = (dom, resume)
+            return {"switch": "after-commit"}
+        return {"resume_ts": await self._start(dom, resume), "loaded_ts": loaded_ts}
+
+    async def finish_switch(self, migration_id: str) -> dict[str, Any]:
+        """After a post-copy commit: run the domain once its device state is here.
+
+        Never raises: the domain is this host's whatever happens; a QEMU that
+        ends before its state arrives has lost it (the post-copy guarantee).
+        """
+        dom, resume = self._switching.pop(migration_id)
+        try:
+            await wait_device_state(dom)
+        except FerryError as err:
+            log.error("domain %s (migration %s) is lost: %s", dom.name, migration_id[:8], err)
+            return {}
+        return {"resume_ts": await self._start(dom, resume)}
+
+    async def _start(self, dom: RunningDomain, resume: bool) -> float | None:
+        """The committed domain's state is all here: run it (if it ran), and announce it."""
         resume_ts = await self._resume(dom) if resume else None
         self.table.transition(
             dom,
@@ -320,8 +253,7 @@ class IncomingMigrations:
         with contextlib.suppress(QmpError):
             # Switches and clients learn at once where the VM's MAC lives now.
             await dom.monitor.execute("announce-self", _ANNOUNCE)
-        log.info("committed incoming %s (migration %s)", dom.name, migration_id[:8])
-        return {"resume_ts": resume_ts, "loaded_ts": loaded_ts}
+        return resume_ts
 
     async def decide_in_store(self, dom: RunningDomain, commit: bool) -> bool:
         return await decide_in_store(self.launcher.ownership, dom, commit)
@@ -351,6 +283,12 @@ class IncomingMigrations:
                 return time.time()
         stamp = event["timestamp"]
         return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
+
+    async def _check_stream_alive(self, dom: RunningDomain) -> None:
+        info = await dom.monitor.execute("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status != "active":
+            raise MigrationError(f"the incoming stream of '{dom.name}' is {status} here")
 
     async def _wait_stream_complete(self, dom: RunningDomain) -> None:
         async def completed() -> bool:
@@ -419,6 +357,26 @@ async def decide_in_store(ownership: Ownership, dom: RunningDomain, commit: bool
             return False
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+async def wait_device_state(dom: RunningDomain) -> None:
+    """Until the arriving QEMU has loaded the device state (its runstate leaves inmigrate).
+
+    Quick at first: the source lets its stream through as soon as it hears
+    the commit. Then for as long as it takes: a source whose ferryd lost the
+    answer lets it through once it learns the outcome, even after a restart.
+    Raises FerryError when the QEMU's stream fails or the QEMU ends.
+    """
+    began = time.monotonic()
+    while True:
+        status = await dom.monitor.execute("query-status")
+        if isinstance(status, dict) and status.get("status") not in ("inmigrate", None):
+            return
+        info = await dom.monitor.execute("query-migrate")
+        stream = info.get("status") if isinstance(info, dict) else None
+        if stream in ("failed", "cancelled"):
+            raise MigrationError(f"its incoming stream {stream} before the device state came")
+        await asyncio.sleep(0.005 if time.monotonic() - began < 10 else 0.5)
 
 
 def _gate_ended(task: asyncio.Task[None]) -> None:

@@ -21,11 +21,12 @@ from collections.abc import Awaitable, Callable
 
 from ferry.domain.migration_state import UNKNOWN, Outcome
 from ferry.domain.state import Event
-from ferry.errors import ClusterError, MigrationError, QmpError
+from ferry.errors import ClusterError, MigrationError, QmpError, WaitTimeout
 from ferry.host.launcher import Launcher
 from ferry.host.running import RunningDomain
 from ferry.host.table import DomainTable
 from ferry.migration.channel import Channel
+from ferry.migration.switchover import release_held, settle_for_handover
 from ferry.pki.credentials import Credentials
 
 log = logging.getLogger("ferryd")
@@ -64,6 +65,7 @@ class SourceEnd:
 
     async def hand_over(self, dom: RunningDomain) -> None:
         """The target runs the domain now: end our copy; its disks' leases are theirs."""
+        await settle_for_handover(dom.monitor)
         dom.handed_over = True
         self.table.transition(dom, Event.MIGRATE_OUT_DONE)
         await self.launcher.end_qemu(dom)
@@ -78,6 +80,8 @@ class SourceEnd:
         dom.record.migration_target = None
         running = False
         try:
+            if not await release_held(dom.monitor):
+                raise MigrationError("its stream is past the switch to post-copy")
             status = await dom.monitor.execute("query-status")
             running = bool(status.get("running"))
             if was_running and not running:
@@ -85,7 +89,7 @@ class SourceEnd:
                 # them back (QEMU re-activates them) and runs the guest here.
                 await dom.monitor.execute("cont")
                 running = True
-        except QmpError as err:
+        except (QmpError, MigrationError, WaitTimeout) as err:
             log.error("cannot restore domain %s after its migration: %s", dom.name, err)
         event = Event.MIGRATE_OUT_ABORT_RUNNING if running else Event.MIGRATE_OUT_ABORT_PAUSED
         self.table.transition(dom, event)

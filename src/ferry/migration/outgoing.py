@@ -92,7 +92,12 @@ class OutgoingMigrations:
             raise
         except BaseException:
             dom.outgoing = None
-            await self.end.keep(dom)
+            if control.phase is Phase.DONE:
+                # Committed: the domain is the target's, even if its post-copy
+                # broke on the way (PostcopyFailed says it is lost).
+                await self.end.hand_over(dom)
+            else:
+                await self.end.keep(dom)
             raise
         dom.outgoing = None
         began = time.monotonic()

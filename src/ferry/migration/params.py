@@ -54,6 +54,13 @@ class MigrationParams:
     # multifd channels: 0 lets ferry choose (with compression), 1 keeps one
     # stream, 2..16 force multifd with that many channels.
     channels: int = 0
+    # Post-copy (`ferry migrate --postcopy`), an opt-in with a weaker
+    # guarantee: after the first pre-copy pass the VM switches to the target,
+    # which fetches the pages it still lacks from the source. The target
+    # commits before the switch, and from then on a cut link or a dead host
+    # loses the VM (ferry does not drive QEMU's post-copy recovery). Its gain:
+    # the migration ends after one pass however fast the guest dirties memory.
+    postcopy: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +99,11 @@ class MigrationParams:
             raise ConfigError(f"{source}: channels {self.channels} is not in 0..{MAX_CHANNELS}")
         if self.channels == 1 and self.compression not in ("auto", "none"):
             raise ConfigError(f"{source}: compression {self.compression} needs 2 or more channels")
+        if self.postcopy and (self.channels >= 2 or self.compression in ("zstd", "zlib")):
+            raise ConfigError(
+                f"{source}: postcopy runs on one stream without compression (QEMU 7.2 refuses "
+                "post-copy with multifd channels)"
+            )
 
     @property
     def multifd(self) -> bool:
@@ -105,6 +117,10 @@ class MigrationParams:
             "xbzrle": self.xbzrle,
             "events": True,
             "multifd": self.multifd,
+            "postcopy-ram": self.postcopy,
+            # The source stops before the switch and waits for ferry: the
+            # target commits there, while the source can still take the VM back.
+            "pause-before-switchover": self.postcopy,
         }
 
     def qemu_parameters(self) -> dict[str, Any]:

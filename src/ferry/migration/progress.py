@@ -20,6 +20,7 @@ class Progress:
     expected_downtime_ms: int | None
     setup_ms: int | None
     throttle_pct: int = 0  # auto-converge's vCPU throttle
+    postcopy_requests: int = 0  # pages the target asked for after a post-copy switch
 
     @property
     def eta_s(self) -> float | None:
@@ -47,6 +48,7 @@ class Progress:
             expected_downtime_ms=_opt_int(info.get("expected-downtime")),
             setup_ms=_opt_int(info.get("setup-time")),
             throttle_pct=int(info.get("cpu-throttle-percentage", 0) or 0),
+            postcopy_requests=int(ram.get("postcopy-requests", 0) or 0),
         )
 
 

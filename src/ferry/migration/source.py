@@ -33,14 +33,20 @@ from ferry.host.running import OutgoingControl
 from ferry.hypervisor.monitor import Monitor
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.migration.channel_tuning import ChannelTuner
-from ferry.migration.convergence import Action, Convergence, GiveUp, SetDowntime
+from ferry.migration.convergence import (
+    Action,
+    Convergence,
+    GiveUp,
+    SetDowntime,
+    SetFirstThrottle,
+)
 from ferry.migration.data_link import CONNECT_TIMEOUT, FD_NAME, open_data_connection
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress
 from ferry.migration.stream_setup import setup_source
+from ferry.migration.switchover import HELD, finish_postcopy, wait_migration_settled
 from ferry.migration.timeline import Timeline
 from ferry.pki.qemu_tls import QemuTls
-from ferry.util.wait import wait_until
 
 log = logging.getLogger("ferryd")
 
@@ -75,6 +81,11 @@ class OutgoingResult:
     compression: str = "none"
     stream_plan: str = ""
     tuned_channels: int = 0  # multifd sockets given the low-water mark
+    # Post-copy (opted into): the phase after the switch, and the pages the
+    # running target had to ask for (each one a guest stall on the target).
+    postcopy: bool = False
+    postcopy_s: float | None = None
+    postcopy_requests: int | None = None
     # What the convergence policy did, in order (ferry.migration.convergence).
     decisions: list[dict[str, Any]] = field(default_factory=list)
     throttle_pct: int = 0  # auto-converge's vCPU throttle at the end
@@ -162,6 +173,7 @@ class OutgoingMigration:
             reply = await channel.recv(COMMIT_TIMEOUT, "committed")
             steps.mark("commit")
         except BaseException as err:
+            await channel.close()
             # Sent or not, the commit may have reached the target: from here
             # only the target's word may end the migration.
             self.control.advance(Phase.IN_DOUBT)
@@ -172,9 +184,18 @@ class OutgoingMigration:
                 f"was lost ({err}); the domain is held paused here until {self.host} says "
                 "whether it resumed it"
             ) from err
+        self.control.advance(Phase.DONE)
+        postcopy_s = None
+        try:
+            if progress.status == HELD:
+                # The target has committed: only now may the VM switch over.
+                progress, resumed, postcopy_s = await finish_postcopy(
+                    self.monitor, channel, self._report_after_switch
+                )
+                reply["resume_ts"] = resumed
+                steps.mark("postcopy")
         finally:
             await channel.close()
-        self.control.advance(Phase.DONE)
         resume_ts = reply.get("resume_ts")
         loaded_ts = reply.get("loaded_ts")
         switchover = commit = None
@@ -203,6 +224,9 @@ class OutgoingMigration:
             tuned_channels=len(self._tuner.tuned) if self._tuner else 0,
             decisions=self._convergence.decisions if self._convergence else [],
             throttle_pct=progress.throttle_pct,
+            postcopy=self._convergence is not None and self._convergence.switched,
+            postcopy_s=None if postcopy_s is None else round(postcopy_s, 3),
+            postcopy_requests=progress.postcopy_requests if postcopy_s is not None else None,
             steps_ms=steps.steps_ms,
             target_steps_ms=self._target_steps,
         )
@@ -295,7 +319,8 @@ class OutgoingMigration:
                 self.on_progress(update | {"downtime_limit_ms": policy.limit_ms})
                 if self._tuner is not None:
                     self._tuner.poll()
-                if progress.status == "completed":
+                if progress.status in ("completed", HELD):
+                    # Held (post-copy): the VM is stopped here, waiting for the commit.
                     return progress
                 if progress.status in ("failed", "cancelled"):
                     desc = info.get("error-desc", progress.status) if isinstance(info, dict) else ""
@@ -336,10 +361,16 @@ class OutgoingMigration:
                 await self.monitor.execute(
                     "migrate-set-parameters", {"downtime-limit": action.limit_ms}
                 )
-            else:
+            elif isinstance(action, SetFirstThrottle):
                 await self.monitor.execute(
                     "migrate-set-parameters", {"cpu-throttle-initial": action.pct}
                 )
+            else:
+                # QEMU stops the VM at the switch and holds (pause-before-switchover).
+                await self.monitor.execute("migrate-start-postcopy")
+
+    def _report_after_switch(self, progress: Progress) -> None:
+        self.on_progress({"phase": "postcopy"} | progress.to_wire())
 
     def _check_abort(self) -> None:
         if self.control.abort_requested.is_set():
@@ -362,20 +393,6 @@ class OutgoingMigration:
             log.error("rollback of %s on the source: %s", self.name, rollback_err)
         await channel.send_error(MigrationError(f"source aborted: {err}"))
         await channel.close()
-
-
-async def wait_migration_settled(monitor: Monitor, timeout: float = 30.0) -> None:
-    """Until QEMU's outgoing migration has ended one way or the other."""
-
-    async def settled() -> bool:
-        info = await monitor.execute("query-migrate")
-        return not isinstance(info, dict) or info.get("status") in (
-            "none", "cancelled", "failed", "completed",
-        )  # fmt: skip
-
-    await wait_until(
-        settled, timeout=timeout, what=f"QEMU of '{monitor.domain}' to settle its migration"
-    )
 
 
 def _last_event_time(events: Any, name: str) -> float | None:

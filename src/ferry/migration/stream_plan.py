@@ -42,6 +42,11 @@ class StreamPlan:
 def plan_stream(params: MigrationParams, secure: bool, cpus: int | None = None) -> StreamPlan:
     """Resolve ``compression`` and ``channels``; refuse what cannot be carried."""
     cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    if params.postcopy:
+        return StreamPlan(
+            replace(params, channels=1, compression="none"),
+            "one stream, no compression: post-copy (QEMU 7.2 refuses it with multifd)",
+        )
     wants_multifd = params.channels >= 2 or params.compression in ("zstd", "zlib")
     if not secure:
         if wants_multifd:

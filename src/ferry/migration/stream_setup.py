@@ -52,6 +52,7 @@ async def setup_target(
                 "late-block-activate": True,
                 "events": True,
                 "multifd": params.multifd,
+                "postcopy-ram": params.postcopy,
             }
         ),
     )

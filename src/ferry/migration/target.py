@@ -9,6 +9,7 @@ commit, and aborts (ending its QEMU) when the source goes silent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -61,6 +62,8 @@ class TargetHost(Protocol):
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None: ...
 
     async def commit_incoming(self, migration_id: str, resume: bool) -> dict[str, Any]: ...
+
+    async def finish_switch(self, migration_id: str) -> dict[str, Any]: ...
 
     async def abort_incoming(self, migration_id: str, reason: str) -> None: ...
 
@@ -183,7 +186,17 @@ async def _session(
         if not isinstance(err, FerryError):
             raise
         return
-    await channel.send({"type": "committed", **times})
+    if times.get("switch") != "after-commit":
+        await channel.send({"type": "committed", **times})
+        return
+    # Post-copy: the source lets its device state through on hearing the
+    # commit, and the domain runs here once it is loaded. A source that missed
+    # the answer learns the outcome later and lets it through then.
+    with contextlib.suppress(MigrationError):
+        await channel.send({"type": "committed"})
+    resumed = await host.finish_switch(migration_id)
+    with contextlib.suppress(MigrationError):
+        await channel.send({"type": "resumed", **resumed})
 
 
 def _describe(channel: Channel, hello: dict[str, Any]) -> str:
