@@ -12,7 +12,7 @@ from ferry.hypervisor import process
 from ferry.lab.lab import Lab
 from migbench.guest import Player, guest_survived, start_busy, wait_guest, workload
 from migbench.report import brief
-from migbench.settings import HOSTS, PLAYER_LEAD_S, VM, log
+from migbench.settings import FERRY_VARIANTS, HOSTS, PLAYER_LEAD_S, VM, log
 
 
 def ferry(
@@ -42,9 +42,11 @@ def ferry_qemu_cmdline(lab: Lab, host: str) -> list[str]:
 
 
 def run_ferry(
-    lab: Lab, scenario: str, reps: int, with_player: bool
+    lab: Lab, scenario: str, reps: int, with_player: bool, mode: str = "ferry"
 ) -> tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, Any] | None]:
-    log(f"[{scenario}] ferry: create {VM} on xen_host_1")
+    """ferry's reps in ``mode`` (a FERRY_VARIANTS key: its ``ferry migrate`` flags)."""
+    flags = FERRY_VARIANTS[mode]
+    log(f"[{scenario}] {mode}: create {VM} on xen_host_1")
     result = ferry(lab, "xen_host_1", "create", str(lab.domain_config))
     if result.returncode != 0:
         raise RuntimeError(f"ferry create failed: {result.stderr.strip()}")
@@ -55,7 +57,7 @@ def run_ferry(
     if busy:
         start_busy(lab)
     control: dict[str, Any] | None = None
-    if with_player:
+    if with_player and mode == "ferry":
         # The same clip with no migration: the player's largest gap at rest.
         log(f"[{scenario}] control: the player with no migration")
         control = Player.start(lab, lab.workdir / "watch-control.json").finish()
@@ -65,11 +67,11 @@ def run_ferry(
         src, dst = HOSTS[rep % 2], HOSTS[(rep + 1) % 2]
         player = None
         if with_player:
-            player = Player.start(lab, lab.workdir / f"watch-ferry-{rep}.json")
+            player = Player.start(lab, lab.workdir / f"watch-{mode}-{rep}.json")
             time.sleep(PLAYER_LEAD_S)
         pages = workload(lab, "status")["pages"] if busy else 0
         start = time.monotonic()
-        result = ferry(lab, src, "migrate", "-l", "--json", VM, dst)
+        result = ferry(lab, src, "migrate", "-l", "--json", *flags, VM, dst)
         wall = time.monotonic() - start
         if result.returncode != 0:
             if player:
@@ -77,7 +79,7 @@ def run_ferry(
             raise RuntimeError(f"ferry migrate {src} -> {dst} failed: {result.stderr.strip()}")
         out = json.loads(result.stdout)
         run: dict[str, Any] = {
-            "mode": "ferry", "rep": rep, "src": src, "dst": dst,
+            "mode": mode, "rep": rep, "src": src, "dst": dst,
             "wall_s": round(wall, 3),
             "qemu_time_s": out.get("transfer_s"),
             "ferryd_total_s": out.get("total_s"),
@@ -87,6 +89,8 @@ def run_ferry(
             "bytes_sent": out.get("bytes_sent"),
             "passes": out.get("passes"),
             "overhead_s": round(wall - float(out.get("transfer_s") or 0), 3),
+            "postcopy_s": out.get("postcopy_s"),
+            "postcopy_requests": out.get("postcopy_requests"),
             "raw": out,
         }  # fmt: skip
         if player:
@@ -97,7 +101,7 @@ def run_ferry(
             after = workload(lab, "status")
             run["workload"] = {"pages_before": pages, **after}
             run["finished"] = True
-        log(f"[{scenario}] ferry {src} -> {dst}: {brief(run)}")
+        log(f"[{scenario}] {mode} {src} -> {dst}: {brief(run)}")
         runs.append(run)
     host = where_is_vm(lab)
     cmdlines = {"created": created_cmdline}

@@ -36,6 +36,7 @@ from migbench.settings import (
     LIBVIRT_SCENARIOS,
     LIBVIRT_WALL_RATIO_MAX,
     PLAYER_GAP_MAX_MS,
+    POSTCOPY_SCENARIOS,
     SCENARIOS,
     SWITCHOVER_MAX_MS,
     log,
@@ -67,6 +68,8 @@ def run_scenario(name: str, reps: int, memory: int, with_libvirt: bool) -> dict[
     with lab_session(rate, memory) as lab:
         ferry_runs, cmdlines, control = run_ferry(lab, name, reps, with_player)
         others: dict[str, list[dict[str, Any]]] = {}
+        if name in POSTCOPY_SCENARIOS:
+            others["ferry_postcopy"] = run_ferry(lab, name, reps, with_player, "ferry_postcopy")[0]
         for variant in BARE_VARIANTS:
             others[variant], check = asyncio.run(
                 run_bare_async(lab, name, reps, with_player, cmdlines, variant)
@@ -85,6 +88,7 @@ def run_scenario(name: str, reps: int, memory: int, with_libvirt: bool) -> dict[
     }
     ferry_s = summarize(ferry_runs)
     libvirt = {v: m["summary"] for v, m in modes.items() if v.startswith("libvirt")}
+    postcopy = modes["ferry_postcopy"]["summary"] if "ferry_postcopy" in modes else None
     return {
         "rate": rate, "storage": "nfs", "memory_mib": memory, "reps": reps,
         "player": CLIP if with_player else None,
@@ -93,7 +97,7 @@ def run_scenario(name: str, reps: int, memory: int, with_libvirt: bool) -> dict[
         "ferry": {"summary": ferry_s, "runs": ferry_runs},
         **modes,
         "libvirt_skipped": skipped,
-        "targets": verdicts(name, rate, ferry_s, modes["bare"]["summary"], libvirt),
+        "targets": verdicts(name, rate, ferry_s, modes["bare"]["summary"], libvirt, postcopy),
         "elapsed_s": round(time.monotonic() - started, 1),
     }  # fmt: skip
 

@@ -28,6 +28,11 @@ BARE_GIVE_UP_S = 120.0  # a bare pre-copy still running then is cancelled
 BUSY_WALL_MAX_S = 60.0
 BUSY_DOWNTIME_MAX_MS = 500.0
 
+# ferry's variants (``ferry migrate -l`` plus these flags): no flags, and
+# the post-copy opt-in where pre-copy has the most trouble.
+FERRY_VARIANTS: dict[str, list[str]] = {"ferry": [], "ferry_postcopy": ["--postcopy"]}
+POSTCOPY_SCENARIOS = ("busy",)
+
 # The bare side's variants: QEMU's default transport, and the same with the
 # stream ferry chooses by default (multifd, 2 channels, zstd; no TLS), so that
 # what compression gives and what the toolstack adds are told apart.

@@ -60,8 +60,10 @@ def verdicts(
     ferry_s: dict[str, Any],
     bare_s: dict[str, Any],
     libvirt: dict[str, dict[str, Any]] | None = None,
+    postcopy: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Each target met or missed; ``libvirt`` holds its variants' summaries, if it ran."""
+    """Each target met or missed; ``libvirt`` holds its variants' summaries, if it ran,
+    and ``postcopy`` ferry's ``--postcopy`` summary, where it ran."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float | None, unit: str) -> None:
@@ -88,6 +90,15 @@ def verdicts(
             ferry_s["downtime_ms"]["max"], BUSY_DOWNTIME_MAX_MS, "ms")  # fmt: skip
         add("the guest's workload progressed through every ferry migration",
             ferry_s.get("workload_stalled_runs"), 0, "stalled runs")  # fmt: skip
+        if postcopy:
+            add(f"ferry --postcopy finishes in <= {BUSY_WALL_MAX_S:.0f} s (worst run)",
+                postcopy["wall_s"]["max"], BUSY_WALL_MAX_S, "s")  # fmt: skip
+            add(f"ferry --postcopy STOP->RESUME <= {BUSY_DOWNTIME_MAX_MS:.0f} ms (worst run)",
+                postcopy["downtime_ms"]["max"], BUSY_DOWNTIME_MAX_MS, "ms")  # fmt: skip
+            add("ferry --postcopy ends sooner than ferry's pre-copy (median)",
+                postcopy["wall_s"]["median"], fw, "s")  # fmt: skip
+            add("the guest's workload progressed through every post-copy migration",
+                postcopy.get("workload_stalled_runs"), 0, "stalled runs")  # fmt: skip
         return out
     if rate is not None:
         bw = bare_s["wall_s"]["median"]

@@ -15,7 +15,16 @@ injects faults: ``rate`` (bytes/s); ``hold_at`` (bytes after which the
 source waits until the file ``<plan>.release`` exists); ``hold_complete``
 (the target, having read everything, waits as long before it completes);
 ``cancel_fails``; ``exit_on_commit`` (the target ends when told ``cont``);
-``silent_resume`` (``cont`` sends no RESUME event).
+``silent_resume`` (``cont`` sends no RESUME event); ``break_after_switch``
+(post-copy: the source's stream breaks once the target has its device state).
+
+Post-copy as QEMU 7.2 does it, in outline: with ``postcopy-ram`` the source
+waits after its first pass for ``migrate-start-postcopy``; with
+``pause-before-switchover`` it stops the VM and holds (``pre-switchover``)
+until ``migrate-continue``, and a cancel there leaves it ``postmigrate``; past
+the switch it cannot be cancelled. The target is ``paused`` once the device
+state is in, while the stream goes on (``postcopy-active``), and may be
+``cont``-ed then; a break leaves both ends ``postcopy-paused``.
 
 TLS is real, as QEMU's is: ``object-add`` of ``tls-creds-x509`` reads its
 directory's files at once (they may be gone afterwards), ``authz-simple``
@@ -33,7 +42,6 @@ import hashlib
 import json
 import os
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -43,9 +51,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-RAM_BYTES = 1 << 20
-CHUNK = 16 * 1024
-MAGIC = b"FAKEQEMU"
+from fake_qemu_stream import RAM_BYTES, load_plan, receive_stream, send_stream
+from fake_qemu_tls import load_tls_creds
+
+PAST_SWITCH = ("pre-switchover", "postcopy-active", "postcopy-paused", "cancelling")
 
 
 class Machine:
@@ -61,6 +70,8 @@ class Machine:
         self.caps: dict[str, bool] = {}
         self.params: dict[str, Any] = {}
         self.cancel = threading.Event()
+        self.start_postcopy = threading.Event()
+        self.proceed = threading.Event()
         self.plan: dict[str, Any] = {}
         self.disks: dict[str, tuple[str, str]] = {}  # qdev id -> (file, format)
         self.objects: dict[str, dict[str, Any]] = {}
@@ -100,49 +111,6 @@ class Machine:
         self.emit("MIGRATION", {"status": status})
 
 
-def load_tls_creds(machine: Machine, spec: dict[str, Any]) -> dict[str, Any]:
-    """As QEMU: the files are read when the object is created."""
-    directory = Path(spec["dir"])
-    side = "server" if spec["endpoint"] == "server" else "client"
-    # Beside the QMP socket: in the domain's run directory, which ferry removes.
-    keep = Path(tempfile.mkdtemp(prefix="fake-tls-", dir=machine.workdir))
-    for name in ("ca-cert.pem", f"{side}-cert.pem", f"{side}-key.pem"):
-        (keep / name).write_bytes((directory / name).read_bytes())
-    return spec | {"files": keep, "side": side}
-
-
-def tls_wrap(machine: Machine, sock: socket.socket) -> socket.socket:
-    creds_id = machine.params.get("tls-creds")
-    if not creds_id:
-        return sock
-    creds = machine.objects[creds_id]
-    files, side = creds["files"], creds["side"]
-    server = side == "server"
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = not server
-    # No session tickets: the source never reads, and unread bytes at its
-    # close would reset the connection under the target's last reads.
-    if server:
-        ctx.num_tickets = 0
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(str(files / "ca-cert.pem"))
-    ctx.load_cert_chain(str(files / f"{side}-cert.pem"), str(files / f"{side}-key.pem"))
-    if server:
-        wrapped = ctx.wrap_socket(sock, server_side=True)
-    else:
-        wrapped = ctx.wrap_socket(sock, server_hostname=machine.params["tls-hostname"])
-    cert = wrapped.getpeercert()
-    subject = ",".join(f"{k}={v}" for rdn in cert["subject"] for k, v in rdn)
-    subject = subject.replace("organizationName", "O").replace(
-        "organizationalUnitName", "OU").replace("commonName", "CN")  # fmt: skip
-    machine.tls_peer = subject
-    authz_id = machine.params.get("tls-authz")
-    if server and authz_id and machine.objects[authz_id]["identity"] != subject:
-        wrapped.close()
-        raise OSError(f"TLS x509 authz check for {subject} is denied")
-    return wrapped
-
-
 def guest(machine: Machine) -> None:
     """The guest: while it runs it counts, and dirties a page now and then."""
     while True:
@@ -153,114 +121,6 @@ def guest(machine: Machine) -> None:
                 struct.pack_into("<Q", machine.ram, 0, value)
                 page = (value * 4096) % RAM_BYTES
                 machine.ram[page : page + 8] = struct.pack("<Q", value)
-
-
-def load_plan(role: str) -> dict[str, Any]:
-    """This side's part (``source`` or ``target``) of the test's plan."""
-    path = os.environ.get("FAKE_QEMU_PLAN")
-    if not path or not Path(path).exists():
-        return {}
-    data = json.loads(Path(path).read_text()).get(role, {})
-    return data if isinstance(data, dict) else {}
-
-
-def released() -> bool:
-    path = os.environ.get("FAKE_QEMU_PLAN", "")
-    return Path(path + ".release").exists()
-
-
-def send_stream(machine: Machine, fd: int) -> None:
-    plan = machine.plan
-    rate = float(plan.get("rate", 0))
-    hold_at = plan.get("hold_at")
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(True)
-    started = time.monotonic()
-    machine.mig.update({"transferred": 0, "remaining": RAM_BYTES, "start": started})
-    try:
-        sock = tls_wrap(machine, sock)
-        with machine.lock:
-            machine.set_mig("active")
-            image = bytes(machine.ram)
-        sock.sendall(MAGIC + struct.pack("<Q", len(image)))
-        sent = 0
-        while sent < len(image):
-            if machine.cancel.is_set():
-                raise InterruptedError
-            if hold_at is not None and sent >= int(hold_at) and not released():
-                time.sleep(0.01)
-                continue
-            piece = image[sent : sent + CHUNK]
-            sock.sendall(piece)
-            sent += len(piece)
-            machine.mig.update({"transferred": sent, "remaining": len(image) - sent})
-            if rate:
-                time.sleep(len(piece) / rate)
-        # The final copy: the VM stops, its last state goes out.
-        stop_at = time.monotonic()
-        with machine.lock:
-            machine.set_status("finish-migrate")
-            final = bytes(machine.ram)
-        sock.sendall(MAGIC + struct.pack("<Q", len(final)) + final)
-        sock.sendall(hashlib.sha256(final).digest())
-        sock.shutdown(socket.SHUT_WR)
-        with machine.lock:
-            machine.status = "postmigrate"
-            machine.mig["downtime"] = int((time.monotonic() - stop_at) * 1000)
-            machine.mig["transferred"] = sent + len(final)
-            machine.mig["remaining"] = 0
-            machine.set_mig("completed")
-    except (OSError, InterruptedError) as err:
-        with machine.lock:
-            machine.mig["error-desc"] = str(err) or "cancelled"
-            if machine.status == "finish-migrate":
-                machine.set_status("running")
-            machine.set_mig("cancelled" if machine.cancel.is_set() else "failed")
-    finally:
-        sock.close()
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(min(size - len(data), 1 << 16))
-        if not chunk:
-            raise EOFError(f"stream ended after {len(data)} of {size} bytes")
-        data += chunk
-    return bytes(data)
-
-
-def receive_stream(machine: Machine, fd: int) -> None:
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(True)
-    machine.mig.update({"transferred": 0, "remaining": RAM_BYTES})
-    try:
-        sock = tls_wrap(machine, sock)
-        with machine.lock:
-            machine.set_mig("active")
-        for _ in range(2):  # the live copy, then the final one
-            head = recv_exact(sock, len(MAGIC) + 8)
-            if head[: len(MAGIC)] != MAGIC:
-                raise EOFError("bad stream header")
-            (size,) = struct.unpack("<Q", head[len(MAGIC) :])
-            image = recv_exact(sock, size)
-            machine.mig["transferred"] = machine.mig.get("transferred", 0) + size
-        if recv_exact(sock, 32) != hashlib.sha256(image).digest():
-            raise EOFError("stream checksum mismatch")
-        while machine.plan.get("hold_complete") and not released():
-            time.sleep(0.01)
-        with machine.lock:
-            machine.ram[:] = image
-            machine.status = "paused"
-            machine.set_mig("completed")
-    except (OSError, EOFError) as err:
-        # As QEMU does: a failed incoming migration ends the process.
-        with machine.lock:
-            machine.set_mig("failed")
-        print(f"fake-qemu: load of migration failed: {err}", file=sys.stderr, flush=True)
-        os._exit(1)
-    finally:
-        sock.close()
 
 
 def _image_info(path: str, fmt: str) -> dict[str, Any]:
@@ -282,8 +142,10 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
         machine.set_status("paused")
         return {}
     if command == "cont":
-        if machine.incoming and machine.mig.get("status") != "completed":
-            raise ValueError("migration is not finished yet")
+        if machine.incoming and machine.status == "inmigrate":
+            raise ValueError('Failed to get "write" lock')  # the source still holds the disk
+        if not machine.incoming and machine.mig.get("status") in PAST_SWITCH:
+            raise ValueError("Migration is not finalized yet")
         if machine.plan.get("exit_on_commit"):
             os._exit(3)
         if machine.plan.get("silent_resume"):
@@ -331,13 +193,28 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
         fd = machine.fds.pop(name)
         machine.plan = load_plan("target" if machine.incoming else "source")
         machine.cancel.clear()
+        machine.start_postcopy.clear()
+        machine.proceed.clear()
         work = send_stream if command == "migrate" else receive_stream
         threading.Thread(target=work, args=(machine, fd), daemon=True).start()
         return {}
     if command == "migrate_cancel":
         if machine.plan.get("cancel_fails"):
             raise ValueError("injected: cancel failed")
+        if machine.mig.get("status", "").startswith("postcopy"):
+            machine.set_mig("cancelling")  # and there it stays, as QEMU 7.2's does
+            return {}
         machine.cancel.set()
+        return {}
+    if command == "migrate-start-postcopy":
+        if not machine.caps.get("postcopy-ram"):
+            raise ValueError("Enable postcopy with migrate_set_capability before the start")
+        machine.start_postcopy.set()
+        return {}
+    if command == "migrate-continue":
+        if machine.mig.get("status") != args.get("state"):
+            raise ValueError(f"Migration not in expected state: {machine.mig.get('status')}")
+        machine.proceed.set()
         return {}
     if command == "query-migrate":
         info = dict(machine.mig)
@@ -350,7 +227,7 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
             "remaining": info.pop("remaining", 0),
             "total": RAM_BYTES,
             "mbps": 100.0,
-            "dirty-sync-count": 1,
+            "dirty-sync-count": info.pop("dirty-sync-count", 1),
         }
         return info
     if command == "announce-self":

@@ -37,7 +37,9 @@ def test_summaries_and_verdicts_follow_from_the_stored_runs(results: dict[str, A
         libvirt = {m: scenario[m]["summary"] for m in modes if m.startswith("libvirt")}
         assert bool(libvirt) == (scenario.get("libvirt_skipped") is None), name
         ferry, bare = scenario["ferry"]["summary"], scenario["bare"]["summary"]
-        assert verdicts(name, scenario["rate"], ferry, bare, libvirt) == scenario["targets"]
+        postcopy = scenario.get("ferry_postcopy", {}).get("summary")
+        targets = verdicts(name, scenario["rate"], ferry, bare, libvirt, postcopy)
+        assert targets == scenario["targets"]
 
 
 def test_the_script_prints_the_tables_the_readme_shows() -> None:
