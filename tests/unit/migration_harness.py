@@ -120,7 +120,7 @@ class FakeHost:
         services.launcher.end_qemu = dead  # type: ignore[method-assign]
         await relocation.close()
         await services.background.close()
-        for dom in services.table.everyone():
+        for dom in [*services.table.everyone(), *services.table.leaving()]:
             await services.watcher.stop(dom)
         if services.ha is not None:
             await services.ha.close()

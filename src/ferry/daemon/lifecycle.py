@@ -109,6 +109,7 @@ class Lifecycle:
         """Start a domain. ``ha_restart``: its HA restart, already owned here in etcd."""
         cfg = DomainConfig.from_mapping(mapping, "domain config")
         async with self.table.claim_lock:
+            await self.table.wait_gone(cfg.name)
             if self.table.find(cfg.name) or self.table.arriving(cfg.name):
                 raise DomainExists(
                     f"cannot create domain '{cfg.name}': a domain of that name is already "

@@ -82,6 +82,14 @@ class Reattach:
         monitor = Monitor(name)
         await monitor.connect(paths.qmp_socket, QMP_TIMEOUT)
         dom = RunningDomain(record=record, paths=paths, monitor=monitor)
+        if record.state is DomainState.SHUTOFF:
+            # Handed over (or destroyed) just before ferryd went down: its QEMU
+            # only had to end. A migration's leases are the target's now.
+            log.info("domain %s was shut off here, its QEMU still running: ending it", name)
+            dom.handed_over = record.migration_id is not None
+            self.watcher.start(dom)
+            await self.launcher.end_qemu(dom)
+            return
         if record.state is DomainState.MIGRATING_IN:
             if not await self._arriving(dom):
                 return

@@ -130,5 +130,5 @@ class Services:
             await self.ha.close()
         if self.cluster is not None:
             await self.cluster.close()
-        for dom in self.table.everyone():
+        for dom in [*self.table.everyone(), *self.table.leaving()]:
             await self.watcher.stop(dom)

@@ -10,6 +10,7 @@ table does not allow and saves the record before anyone acts on the change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,9 @@ class DomainTable:
         self.outcomes = OutcomeBook(layout.state_dir / "migrations.json")
         self._domains: dict[str, RunningDomain] = {}
         self._incoming: dict[str, Incoming] = {}
+        # Handed over to another host, their QEMUs still ending: no longer
+        # ours (not listed, not found), but they still hold memory and disks.
+        self._leaving: list[RunningDomain] = []
         # Held while a name, a disk or memory is being claimed (create, prepare),
         # so that two requests never both see the same thing free.
         self.claim_lock = asyncio.Lock()
@@ -62,6 +66,20 @@ class DomainTable:
         arriving = [i.dom for i in self._incoming.values()]
         return sorted([*self._domains.values(), *arriving], key=lambda d: d.record.domid)
 
+    def leaving(self) -> list[RunningDomain]:
+        return list(self._leaving)
+
+    async def wait_gone(self, name: str, timeout: float = 15.0) -> None:
+        """Until no handed-over copy of ``name`` is left ending here (or ``timeout``).
+
+        A domain migrated away and straight back, or created again, finds its
+        name, run directory and disks free, not still held by the old QEMU.
+        """
+        for dom in [d for d in self._leaving if d.name == name]:
+            if dom.watcher is not None:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(dom.watcher), timeout)
+
     def arriving(self, name: str) -> Incoming | None:
         return next((i for i in self._incoming.values() if i.dom.name == name), None)
 
@@ -76,7 +94,7 @@ class DomainTable:
     ) -> list[tuple[str, str]]:
         return [
             (d.name, resolve_disk(disk, roots))
-            for d in self.everyone()
+            for d in [*self.everyone(), *self._leaving]
             if d is not exclude
             for disk in d.record.config.disks
         ]
@@ -86,7 +104,7 @@ class DomainTable:
         the guest touches it, and an arriving domain fills all of its RAM."""
         return sum(
             max(0, d.record.config.memory - (process.rss_mib(d.pid) if d.record.pid else 0))
-            for d in self.everyone()
+            for d in [*self.everyone(), *self._leaving]
         )
 
     # -- changes ---------------------------------------------------------------
@@ -106,12 +124,21 @@ class DomainTable:
         self.changed.set()
         return arriving.dom
 
+    def leave(self, dom: RunningDomain) -> None:
+        """``dom`` is handed over: another host's now, whatever its QEMU still does here."""
+        if self._domains.get(dom.name) is dom:
+            del self._domains[dom.name]
+            self._leaving.append(dom)
+            self.changed.set()
+
     def drop_incoming(self, migration_id: str) -> Incoming | None:
         return self._incoming.pop(migration_id, None)
 
     def discard(self, dom: RunningDomain) -> None:
         """``dom``'s QEMU has ended: it is no longer here, whatever it was."""
         self.changed.set()
+        if dom in self._leaving:
+            self._leaving.remove(dom)
         if self._domains.get(dom.name) is dom:
             del self._domains[dom.name]
         for mid, arriving in list(self._incoming.items()):
@@ -138,7 +165,7 @@ class DomainTable:
             last = int(counter.read_text())
         except (OSError, ValueError):
             last = 0
-        used = {d.record.domid for d in self.everyone()}
+        used = {d.record.domid for d in [*self.everyone(), *self._leaving]}
         domid = last + 1
         while domid in used:
             domid += 1

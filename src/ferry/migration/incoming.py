@@ -99,6 +99,9 @@ class IncomingMigrations:
         cfg = DomainConfig.from_mapping(mapping, f"domain config from {peer}")
         where = f"host {self.host.name} refuses domain '{cfg.name}'"
         async with self.table.claim_lock:
+            # Just migrated away from here and now coming back: the old
+            # copy's QEMU may still be ending, its disks still open.
+            await self.table.wait_gone(cfg.name)
             local = self.table.find(cfg.name)
             if local is not None and local.record.migration_id != migration_id:
                 raise MigrationRefused(f"{where}: a domain of that name already runs there")

@@ -65,10 +65,19 @@ class SourceEnd:
 
     async def hand_over(self, dom: RunningDomain) -> None:
         """The target runs the domain now: end our copy; its disks' leases are theirs."""
+        await self.release(dom)
+        await self.launcher.end_qemu(dom)
+
+    async def release(self, dom: RunningDomain) -> None:
+        """The domain is the target's: no longer ours, though its QEMU is still to end.
+
+        Saved before anything else: a ferryd restarting before the QEMU has
+        ended finds the record shut off, and ends the QEMU as handed over.
+        """
         await settle_for_handover(dom.monitor)
         dom.handed_over = True
         self.table.transition(dom, Event.MIGRATE_OUT_DONE)
-        await self.launcher.end_qemu(dom)
+        self.table.leave(dom)
 
     async def keep(self, dom: RunningDomain) -> None:
         """The migration failed before its commit: the domain is ours, as it was.

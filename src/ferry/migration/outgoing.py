@@ -101,7 +101,9 @@ class OutgoingMigrations:
             raise
         dom.outgoing = None
         began = time.monotonic()
-        await self.end.hand_over(dom)
+        # The answer goes out now; our copy's QEMU ends behind it (~30 ms).
+        await self.end.release(dom)
+        self.background.start(self.launcher.end_qemu(dom), f"end of {name}'s old copy")
         result.steps_ms = {
             "facts": facts_ms,
             **result.steps_ms,
