@@ -14,7 +14,8 @@ when a migration starts, one part per side: ``{"source": {}, "target": {}}``)
 injects faults: ``rate`` (bytes/s); ``hold_at`` (bytes after which the
 source waits until the file ``<plan>.release`` exists); ``hold_complete``
 (the target, having read everything, waits as long before it completes);
-``cancel_fails``; ``exit_on_commit`` (the target ends when told ``cont``);
+``cancel_fails``; ``cancel_hangs`` (as on a cut link: ``cancelling`` for
+good, the VM running on); ``exit_on_commit`` (the target ends when told ``cont``);
 ``silent_resume`` (``cont`` sends no RESUME event); ``break_after_switch``
 (post-copy: the source's stream breaks once the target has its device state).
 
@@ -201,7 +202,7 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
     if command == "migrate_cancel":
         if machine.plan.get("cancel_fails"):
             raise ValueError("injected: cancel failed")
-        if machine.mig.get("status", "").startswith("postcopy"):
+        if machine.plan.get("cancel_hangs") or machine.mig.get("status", "").startswith("postcopy"):
             machine.set_mig("cancelling")  # and there it stays, as QEMU 7.2's does
             return {}
         machine.cancel.set()

@@ -21,6 +21,7 @@ from ferry.domain.state import DomainState
 from ferry.errors import MigrationAborted, MigrationError, MigrationInDoubt
 from ferry.migration import incoming as incoming_mod
 from ferry.migration import source as source_mod
+from ferry.migration import switchover
 from ferry.migration import target as target_mod
 from ferry.migration.channel import Channel
 from ferry.storage import lease
@@ -47,10 +48,12 @@ def hosts(c: Cluster) -> tuple[FakeHost, FakeHost]:
     return c.hosts[0], c.hosts[1]
 
 
-async def start_migration(c: Cluster, **params: Any) -> asyncio.Task[dict[str, Any]]:
+async def start_migration(
+    c: Cluster, faults: dict[str, Any] | None = None, **params: Any
+) -> asyncio.Task[dict[str, Any]]:
     """A migration held midway: bytes are moving, the source waits for release()."""
     h1, h2 = hosts(c)
-    c.plan(source={"hold_at": HOLD_AT})
+    c.plan(source={"hold_at": HOLD_AT, **(faults or {})})
     task = asyncio.create_task(h1.migrate("vm", h2, **params), name="test migration")
 
     def midway() -> bool:
@@ -134,6 +137,21 @@ async def test_abort_midway_leaves_the_domain_as_it_was(created: Cluster, paused
     state = h1.s.table.get("vm").record.state
     assert state is (DomainState.PAUSED if paused else DomainState.RUNNING)
     await target_dropped(h2)
+
+
+async def test_a_cancel_that_never_settles_leaves_the_vm_running(
+    created: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a cut link: QEMU stays 'cancelling' until TCP gives up, its VM running on."""
+    monkeypatch.setattr(switchover, "SETTLE_TIMEOUT", 0.5)
+    h1, h2 = hosts(created)
+    task = await start_migration(created, {"cancel_hangs": True})
+    await h1.s.outgoing.abort_migration("vm")
+    with pytest.raises(MigrationAborted):
+        await task
+    await target_dropped(h2)
+    await created.assert_runs_once("h1")
+    assert h1.s.table.get("vm").record.state is DomainState.RUNNING
 
 
 async def test_abort_after_the_commit_is_refused(created: Cluster) -> None:

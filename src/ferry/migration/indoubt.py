@@ -90,7 +90,7 @@ class SourceEnd:
         running = False
         try:
             if not await release_held(dom.monitor):
-                raise MigrationError("its stream is past the switch to post-copy")
+                raise MigrationError("its stream is past the switch to post-copy: never here again")
             status = await dom.monitor.execute("query-status")
             running = bool(status.get("running"))
             if was_running and not running:

@@ -32,6 +32,7 @@ PAST_SWITCH = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover
 ENDED = frozenset({"none", "completed", "failed", "cancelled"})
 POLL_S = 0.25
 RESUMED_TIMEOUT = 30.0
+SETTLE_TIMEOUT = 30.0
 
 
 async def stream_status(monitor: Monitor) -> str:
@@ -114,21 +115,24 @@ async def settle_for_handover(monitor: Monitor) -> None:
 
 
 async def release_held(monitor: Monitor) -> bool:
-    """Before the source takes its VM back: cancel a stream not yet past its switch.
+    """Before the source takes its VM back: cancel a stream held before its switch.
 
     False if the stream is past it: the VM must then never run here again.
+    Any other stream was cancelled by the rollback already; a pre-copy's VM
+    runs on while QEMU cancels (on a cut link that lasts until TCP gives up).
     """
     status = await stream_status(monitor)
     if status in PAST_SWITCH:
         return False
-    if status not in ENDED:
+    if status == HELD:
         await monitor.execute("migrate_cancel")
         await wait_migration_settled(monitor)
     return True
 
 
-async def wait_migration_settled(monitor: Monitor, timeout: float = 30.0) -> None:
+async def wait_migration_settled(monitor: Monitor, timeout: float | None = None) -> None:
     """Until QEMU's outgoing migration has ended one way or the other."""
+    timeout = SETTLE_TIMEOUT if timeout is None else timeout
 
     async def settled() -> bool:
         return await stream_status(monitor) in ENDED
