@@ -165,6 +165,8 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
     if command == "migrate-set-capabilities":
         machine.caps.update({c["capability"]: c["state"] for c in args["capabilities"]})
         return {}
+    if command == "query-migrate-capabilities":
+        return [{"capability": k, "state": v} for k, v in machine.caps.items()]
     if command == "migrate-set-parameters":
         for key in ("tls-creds", "tls-authz"):
             if args.get(key) and args[key] not in machine.objects:

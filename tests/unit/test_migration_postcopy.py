@@ -9,6 +9,7 @@ test ends by asking the QEMU processes where the domain runs.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from ferry.domain.migration_state import Outcome
 from ferry.domain.state import DomainState
 from ferry.errors import MigrationInDoubt, PostcopyFailed
 from ferry.migration import incoming as incoming_mod
+from ferry.migration.channel import Channel
 from ferry.migration.incoming import IncomingMigrations
+from ferry.migration.params import MigrationParams
 
-from .migration_harness import Cluster, running
+from .migration_harness import Cluster, running, until
 from .test_migration_protocol import hosts, lose_committed_answer, ours_again, target_dropped
 
 
@@ -125,3 +128,49 @@ async def test_the_target_waits_for_a_device_state_that_comes_late(
     assert dom.record.state is DomainState.MIGRATING_IN
     assert not (await h2.s.table.get("vm").monitor.execute("query-status"))["running"]
     await created.assert_runs_once("h2")
+
+
+async def test_a_target_restarting_between_commit_and_device_state_runs_it_once_loaded(
+    created: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its QEMU still waits for the device state: re-attach must not cont it too early."""
+    h1, h2 = hosts(created)
+    lose_committed_answer(monkeypatch, then=h2.crash)
+    h1.s.source_end.retry_s = 0.3
+    with pytest.raises(MigrationInDoubt):
+        await h1.migrate("vm", h2, postcopy=True)
+    await h2.start()
+    await created.assert_runs_once("h2")
+    assert h2.s.table.get("vm").record.state is DomainState.RUNNING
+    assert h1.s.table.find("vm") is None
+
+
+@pytest.mark.parametrize("postcopy", [False, True], ids=["pre-copy", "post-copy"])
+async def test_a_migration_cancelled_while_its_commit_is_answered_is_never_kept(
+    created: Cluster, monkeypatch: pytest.MonkeyPatch, postcopy: bool
+) -> None:
+    """Cancelled in doubt (ferryd stopping, say): the source asks; it never resumes blindly."""
+    h1, h2 = hosts(created)
+    h1.s.source_end.retry_s = 0.3
+    real_recv = Channel.recv
+
+    async def recv(self: Channel, timeout: float, expect: str | None = None) -> dict[str, Any]:
+        if expect == "committed":
+            await asyncio.Event().wait()  # the answer never comes in
+        return await real_recv(self, timeout, expect)
+
+    monkeypatch.setattr(Channel, "recv", recv)
+    task = asyncio.create_task(h1.migrate("vm", h2, postcopy=postcopy))
+    await until(lambda: h2.s.table.find("vm") is not None, "the target to commit")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await created.assert_runs_once("h2")
+    assert h1.s.table.find("vm") is None
+
+
+def test_a_pre_copy_request_still_reads_as_before_postcopy() -> None:
+    """A target from before post-copy refuses unknown settings: none is sent when off."""
+    assert "postcopy" not in MigrationParams().to_wire()
+    assert MigrationParams(postcopy=True).to_wire()["postcopy"] is True
+    assert MigrationParams.from_wire(MigrationParams().to_wire()) == MigrationParams()

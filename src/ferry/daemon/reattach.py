@@ -27,10 +27,15 @@ from ferry.host.table import DomainTable, event_for_qemu_status
 from ferry.host.watcher import DomainWatcher
 from ferry.hypervisor import process
 from ferry.hypervisor.monitor import Monitor
-from ferry.migration.incoming import decide_in_store
+from ferry.migration.incoming import IncomingMigrations, decide_in_store
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.outgoing import OutgoingMigrations
-from ferry.migration.switchover import HELD, PAST_SWITCH, wait_migration_settled
+from ferry.migration.switchover import (
+    HELD,
+    PAST_SWITCH,
+    holds_for_commit,
+    wait_migration_settled,
+)
 
 log = logging.getLogger("ferryd")
 
@@ -43,7 +48,9 @@ class Reattach:
         watcher: DomainWatcher,
         outgoing: OutgoingMigrations,
         end: SourceEnd,
+        incoming: IncomingMigrations,
     ) -> None:
+        self.incoming = incoming
         self.table = table
         self.launcher = launcher
         self.watcher = watcher
@@ -124,6 +131,15 @@ class Reattach:
             self.table.decide(mid, Outcome.COMMITTED)
             outcome = Outcome.COMMITTED
         if outcome is Outcome.COMMITTED:
+            status = await dom.monitor.execute("query-status")
+            if isinstance(status, dict) and status.get("status") == "inmigrate":
+                # Committed before a post-copy switch: the device state comes
+                # when the source lets it through; run it then, not before.
+                self.incoming.background.start(
+                    self.incoming.run_when_loaded(dom, dom.record.migration_was_running),
+                    f"arrival of {dom.name}",
+                )
+                return True
             resumed = False
             if dom.record.migration_was_running:
                 try:
@@ -151,7 +167,12 @@ class Reattach:
         """ferryd died while migrating this domain out: finish or undo it safely."""
         info: Any = await dom.monitor.execute("query-migrate")
         qemu_state = info.get("status") if isinstance(info, dict) else None
-        if qemu_state in ("completed", HELD, *PAST_SWITCH) and dom.record.migration_id:
+        doubtful = {"completed", HELD, *PAST_SWITCH}
+        if await holds_for_commit(dom.monitor):
+            # Held for the commit, a stream that ended otherwise may have
+            # ended after it (let through, then failed): asking is safe.
+            doubtful |= {"failed", "cancelled"}
+        if qemu_state in doubtful and dom.record.migration_id:
             # The target may have resumed it (or, held before a post-copy
             # switch, committed it): only the target can say.
             self.outgoing.resume_in_doubt(dom)

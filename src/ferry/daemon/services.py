@@ -75,6 +75,7 @@ class Services:
         end = SourceEnd(table, launcher, functools.partial(ask_outcome, credentials=credentials))
         tls = QemuTls(credentials, layout.run_dir / "tls") if credentials else None
         outgoing = OutgoingMigrations(table, launcher, end, background, tls)
+        incoming = IncomingMigrations(table, launcher, watcher, tls)
         return cls(
             host=host,
             credentials=credentials,
@@ -84,9 +85,9 @@ class Services:
             watcher=watcher,
             lifecycle=Lifecycle(table, launcher, watcher),
             outgoing=outgoing,
-            incoming=IncomingMigrations(table, launcher, watcher, tls),
+            incoming=incoming,
             source_end=end,
-            reattach=Reattach(table, launcher, watcher, outgoing, end),
+            reattach=Reattach(table, launcher, watcher, outgoing, end, incoming),
             background=background,
             cluster=cluster,
         )

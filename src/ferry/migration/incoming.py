@@ -49,6 +49,7 @@ from ferry.pki.qemu_psk import StreamKey
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import lease
 from ferry.storage.disks import check_disks
+from ferry.util.tasks import Background
 from ferry.util.wait import wait_until
 
 log = logging.getLogger("ferryd")
@@ -80,6 +81,8 @@ class IncomingMigrations:
         self.same = SameDomain(launcher)
         # Committed post-copy arrivals whose device state is still to come.
         self._switching: dict[str, tuple[RunningDomain, bool]] = {}
+        # Such arrivals found again after a restart of ferryd.
+        self.background = Background()
 
     async def prepare_incoming(
         self,
@@ -115,11 +118,9 @@ class IncomingMigrations:
             try:
                 in_use = self.table.disks_in_use(roots, exclude=local)
                 check_disks(cfg, roots, in_use, self.host.storage_servers)
-                await self.same.disks(cfg, disks, params)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot_files = self.launcher.boot_files(cfg)
-                await self.same.boot(cfg, boot)
                 accel = (await self.launcher.accel()).accel
                 steps.mark("checks")
                 ticket = await self.launcher.ownership.expect_move(
@@ -138,16 +139,32 @@ class IncomingMigrations:
             # On disk before QEMU starts: a restart finds the migration either
             # way, and the outcome is never "unknown" for an id we prepared.
             self.table.outcomes.begin(migration_id)
+            # The costly checks (qemu-img on each disk, the boot files' digests)
+            # run while QEMU starts (56-115 ms here): it starts paused, waiting
+            # for a stream that only a passed prepare admits, its disks
+            # inactive, and it is ended at once if they fail.
+            launching = asyncio.create_task(
+                self.launcher.launch(record, boot_files, incoming=True),
+                name=f"launch of arriving {cfg.name}",
+            )
             try:
-                dom = await self.launcher.launch(record, boot_files, incoming=True)
+                unlike = await self._unlike(cfg, disks, params, boot)
+                steps.mark("same")
+                dom = await launching
             except FerryError:
                 self.table.decide(migration_id, Outcome.ABORTED)
+                raise
+            except BaseException:
+                launching.cancel()
                 raise
             steps.mark("launch")
             token = secrets.token_hex(16)
             arriving = Incoming(migration_id, dom, token, peer, postcopy=params.postcopy)
             self.table.add_incoming(arriving)
             self.watcher.start(dom)
+        if unlike is not None:
+            await self.abort_incoming(migration_id, str(unlike))
+            raise MigrationRefused(f"{where}: {unlike}") from unlike
         if params.multifd:
             # QEMU connects the channels itself: no data connection will come.
             arriving.streaming = True
@@ -175,6 +192,21 @@ class IncomingMigrations:
         steps.mark("qemu_setup")
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
         return Prepared(token, steps.steps_ms, stream)
+
+    async def _unlike(
+        self,
+        cfg: DomainConfig,
+        disks: list[Any],
+        params: MigrationParams,
+        boot: Mapping[str, Any],
+    ) -> FerryError | None:
+        """Why this host would not run the very domain the source runs, if it would not."""
+        try:
+            await self.same.disks(cfg, disks, params)
+            await self.same.boot(cfg, boot)
+        except FerryError as err:
+            return err
+        return None
 
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None:
         arriving = self.table.incoming(migration_id)
@@ -219,6 +251,10 @@ class IncomingMigrations:
                 f"'{dom.name}' (or this host holds no valid lease): not committed"
             )
         self.table.decide(migration_id, Outcome.COMMITTED)
+        if arriving.postcopy:
+            # First thing after the commit point: whatever fails below, the
+            # session still runs the domain once its device state is in.
+            self._switching[migration_id] = (dom, resume)
         self.table.commit_incoming(migration_id)
         loaded_ts = _event_time(arriving.events, "completed")
         if arriving.events is not None:
@@ -228,23 +264,29 @@ class IncomingMigrations:
         self._take_leases(dom)
         log.info("committed incoming %s (migration %s)", dom.name, migration_id[:8])
         if arriving.postcopy:
-            self._switching[migration_id] = (dom, resume)
             return {"switch": "after-commit"}
         return {"resume_ts": await self._start(dom, resume), "loaded_ts": loaded_ts}
 
     async def finish_switch(self, migration_id: str) -> dict[str, Any]:
-        """After a post-copy commit: run the domain once its device state is here.
+        """After a post-copy commit: run the domain once its device state is here."""
+        entry = self._switching.pop(migration_id, None)
+        if entry is None:
+            return {}  # a pre-copy's, or not committed
+        return {"resume_ts": await self.run_when_loaded(*entry)}
+
+    async def run_when_loaded(self, dom: RunningDomain, resume: bool) -> float | None:
+        """A committed domain whose state is still arriving: run it (if it ran) once loaded.
 
         Never raises: the domain is this host's whatever happens; a QEMU that
         ends before its state arrives has lost it (the post-copy guarantee).
         """
-        dom, resume = self._switching.pop(migration_id)
         try:
             await wait_device_state(dom)
         except FerryError as err:
-            log.error("domain %s (migration %s) is lost: %s", dom.name, migration_id[:8], err)
-            return {}
-        return {"resume_ts": await self._start(dom, resume)}
+            log.error("domain %s (migration %s) is lost: %s", dom.name,
+                      str(dom.record.migration_id)[:8], err)  # fmt: skip
+            return None
+        return await self._start(dom, resume)
 
     async def _start(self, dom: RunningDomain, resume: bool) -> float | None:
         """The committed domain's state is all here: run it (if it ran), and announce it."""
@@ -333,6 +375,7 @@ class IncomingMigrations:
 
     async def close(self) -> None:
         """ferryd is stopping: nobody will be left here to commit arriving domains."""
+        await self.background.close()
         for mid in self.table.incoming_ids():
             arriving = self.table.incoming(mid)
             if arriving is not None and arriving.deciding:
@@ -371,7 +414,12 @@ async def wait_device_state(dom: RunningDomain) -> None:
     Raises FerryError when the QEMU's stream fails or the QEMU ends.
     """
     began = time.monotonic()
+    warned = began
     while True:
+        if time.monotonic() - warned > 60:
+            warned = time.monotonic()
+            log.warning("committed domain %s still waits for its device state from %s (%.0f s)",
+                        dom.name, dom.record.migration_source, warned - began)  # fmt: skip
         status = await dom.monitor.execute("query-status")
         if isinstance(status, dict) and status.get("status") not in ("inmigrate", None):
             return

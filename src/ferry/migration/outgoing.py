@@ -11,7 +11,7 @@ from typing import Any
 from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import Phase
 from ferry.domain.state import DomainState, Event
-from ferry.errors import InvalidTransition, MigrationInDoubt, MigrationRefused, StorageError
+from ferry.errors import InvalidTransition, MigrationRefused, StorageError
 from ferry.host.launcher import Launcher
 from ferry.host.running import OutgoingControl, RunningDomain
 from ferry.host.table import DomainTable
@@ -85,12 +85,15 @@ class OutgoingMigrations:
                 tls=self.tls,
             )
             result = await out.run()
-        except MigrationInDoubt:
-            self.background.start(
-                self._in_doubt(dom), f"in-doubt {control.migration_id[:8]} of {name}"
-            )
-            raise
         except BaseException:
+            if control.phase is Phase.IN_DOUBT:
+                # The commit may have been applied (a lost answer, or this task
+                # cancelled while waiting for it): never keep; ask. A ferryd
+                # stopping here leaves it to the next one's re-attach.
+                self.background.start(
+                    self._in_doubt(dom), f"in-doubt {control.migration_id[:8]} of {name}"
+                )
+                raise
             dom.outgoing = None
             if control.phase is Phase.DONE:
                 # Committed: the domain is the target's, even if its post-copy

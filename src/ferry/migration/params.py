@@ -63,7 +63,11 @@ class MigrationParams:
     postcopy: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        wire = asdict(self)
+        if not self.postcopy:
+            # A target from before post-copy refuses settings it does not know.
+            del wire["postcopy"]
+        return wire
 
     @classmethod
     def from_wire(

@@ -27,8 +27,10 @@ from ferry.util.wait import wait_until
 log = logging.getLogger("ferryd")
 
 HELD = "pre-switchover"
-# Past the switch: the target runs the VM, and only this QEMU has its missing pages.
-PAST_SWITCH = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+# Let through (only ever after the target's commit): the device state is on its
+# way, or the target runs the VM and only this QEMU has its missing pages.
+# ("device" comes only after pre-switchover: a held pre-copy let through.)
+PAST_SWITCH = frozenset({"device", "postcopy-active", "postcopy-paused", "postcopy-recover"})
 ENDED = frozenset({"none", "completed", "failed", "cancelled"})
 POLL_S = 0.25
 RESUMED_TIMEOUT = 30.0
@@ -38,6 +40,15 @@ SETTLE_TIMEOUT = 30.0
 async def stream_status(monitor: Monitor) -> str:
     info = await monitor.execute("query-migrate")
     return str(info.get("status", "none")) if isinstance(info, dict) else "none"
+
+
+async def holds_for_commit(monitor: Monitor) -> bool:
+    """This QEMU stops before its switch for the commit (a post-copy migration's)."""
+    caps = await monitor.execute("query-migrate-capabilities")
+    return any(
+        c.get("capability") == "pause-before-switchover" and c.get("state")
+        for c in (caps if isinstance(caps, list) else [])
+    )
 
 
 async def let_through(monitor: Monitor) -> None:

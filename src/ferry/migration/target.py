@@ -179,7 +179,9 @@ async def _session(
             # Past the commit point the domain is ours whatever failed after it:
             # the source must hand over, never resume its copy.
             log.exception("migration %s committed, then failed", migration_id[:8])
-            await channel.send({"type": "committed"})
+            with contextlib.suppress(MigrationError):
+                await channel.send({"type": "committed"})
+            await host.finish_switch(migration_id)  # post-copy: it must still run
             return
         await host.abort_incoming(migration_id, f"commit failed: {err}")
         await channel.send_error(MigrationError(f"host {local_name} could not commit: {err}"))
