@@ -41,6 +41,7 @@ from ferry.migration.params import MigrationParams
 from ferry.migration.sameness import SameDomain
 from ferry.migration.stream_gate import keep_port_to_source
 from ferry.migration.stream_setup import setup_target
+from ferry.migration.switchover import stream_status
 from ferry.migration.target import Prepared
 from ferry.migration.timeline import Timeline
 from ferry.network import tap
@@ -330,15 +331,13 @@ class IncomingMigrations:
         return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
 
     async def _check_stream_alive(self, dom: RunningDomain) -> None:
-        info = await dom.monitor.execute("query-migrate")
-        status = info.get("status") if isinstance(info, dict) else None
+        status = await stream_status(dom.monitor)
         if status != "active":
             raise MigrationError(f"the incoming stream of '{dom.name}' is {status} here")
 
     async def _wait_stream_complete(self, dom: RunningDomain) -> None:
         async def completed() -> bool:
-            info = await dom.monitor.execute("query-migrate")
-            status = info.get("status") if isinstance(info, dict) else None
+            status = await stream_status(dom.monitor)
             if status in ("failed", "cancelled"):
                 raise MigrationError(f"the incoming stream of '{dom.name}' {status} here")
             return status == "completed"
@@ -423,8 +422,7 @@ async def wait_device_state(dom: RunningDomain) -> None:
         status = await dom.monitor.execute("query-status")
         if isinstance(status, dict) and status.get("status") not in ("inmigrate", None):
             return
-        info = await dom.monitor.execute("query-migrate")
-        stream = info.get("status") if isinstance(info, dict) else None
+        stream = await stream_status(dom.monitor)
         if stream in ("failed", "cancelled"):
             raise MigrationError(f"its incoming stream {stream} before the device state came")
         await asyncio.sleep(0.005 if time.monotonic() - began < 10 else 0.5)
