@@ -154,7 +154,47 @@ class MigrationError(FerryError):
 
 
 class MigrationRefused(MigrationError):
-    """The target refused the domain, or its hosts-allow refused this host."""
+    """The target refused the domain, or its hosts-allow refused this host.
+
+    ``reason`` is one word from :data:`REFUSAL_REASONS`, for the target's
+    metrics (a label must come from a small fixed set, never from a message).
+    """
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason if reason in REFUSAL_REASONS else "other"
+
+
+REFUSAL_REASONS = (
+    "access",  # hosts-allow, a certificate that is not a host's, or not valid here
+    "protocol",  # a malformed or unexpected request
+    "exists",  # a domain of that name runs here, or is arriving already
+    "busy",  # too many migrations arriving at once
+    "replay",  # a migration id seen before
+    "config",  # the domain's config does not parse here
+    "storage",  # its disks are not usable here
+    "network",  # its bridges are missing here
+    "capacity",  # not enough memory here, or no usable accelerator
+    "ownership",  # the cluster says the domain or a disk belongs elsewhere
+    "unlike",  # the disks or boot files would not be the very same here
+    "stream",  # the memory stream could not be set up
+    "other",
+)
+
+
+def refusal_reason(err: FerryError) -> str:
+    """The refusal reason for a target's check that failed with ``err``."""
+    if isinstance(err, MigrationRefused):
+        return err.reason
+    kinds: tuple[tuple[type[FerryError], str], ...] = (
+        (ConfigError, "config"),
+        (StorageError, "storage"),
+        (ImageError, "storage"),
+        (NetworkError, "network"),
+        (ClusterError, "ownership"),
+        (HypervisorError, "capacity"),
+    )
+    return next((reason for kind, reason in kinds if isinstance(err, kind)), "other")
 
 
 class MigrationAborted(MigrationError):

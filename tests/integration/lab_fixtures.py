@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,3 +61,17 @@ def lab_fixture(
     finally:
         keep_logs(request, lab_workdir)
         lab_mod.down(lab_workdir, log=print)
+
+
+METRICS_PORT = 9177  # ferryd's default: each lab host scrapes its own loopback
+
+
+def scrape_metrics(lab: Lab, host: str) -> str:
+    """The host's ferryd metrics, fetched over HTTP inside its namespace."""
+    code = (
+        "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+        f"'http://127.0.0.1:{METRICS_PORT}/metrics', timeout=10).read().decode())"
+    )
+    result = lab.run(host, [sys.executable, "-c", code], timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -28,7 +28,8 @@ from ferry.lab.lab import Lab
 from ferry.lab.witness import check_ledger
 from ferry.util.wait import wait_until_sync
 
-from .lab_fixtures import keep_logs
+from ..unit.metrics_support import value
+from .lab_fixtures import keep_logs, scrape_metrics
 
 pytestmark = pytest.mark.integration
 VM = "virt_server"
@@ -256,6 +257,14 @@ def test_stop_and_copy_migration(fast_lab: Lab) -> None:
     # Stopped from the first byte to the last: the whole transfer is downtime.
     assert report["switchover_ms"] >= 0.8 * report["transfer_s"] * 1000, report
     s.runs_only_on("xen_host_2", before)
+    # Each ferryd's metrics, scraped as Prometheus would, say the same.
+    source, target = (scrape_metrics(fast_lab, h) for h in ("xen_host_1", "xen_host_2"))
+    assert value(source, "ferry_migrations_total", outcome="completed") == 1
+    assert value(source, "ferry_migration_downtime_seconds_sum") == pytest.approx(
+        report["switchover_ms"] / 1000, abs=1e-6
+    )
+    assert value(source, "ferry_domains", state="running") == 0
+    assert value(target, "ferry_domains", state="running") == 1
 
 
 # -- refusals: the VM is untouched -------------------------------------------------
@@ -285,6 +294,10 @@ def test_refused_by_hosts_allow(fast_lab: Lab) -> None:
     assert_untouched(
         s, before, result, r"does not allow relocations from 10\.42\.0\.1 \(xen_host_1"
     )
+    target = scrape_metrics(fast_lab, "xen_host_2")
+    assert value(target, "ferry_relocation_refusals_total", reason="access") == 1
+    source = scrape_metrics(fast_lab, "xen_host_1")
+    assert value(source, "ferry_migrations_total", outcome="kept") == 1
 
 
 def test_a_name_is_one_domain_in_the_whole_cluster(fast_lab: Lab) -> None:

@@ -88,7 +88,11 @@ class FakeHost:
         # The same port again after a restart: a source in doubt asks there.
         relocation = replace(self.config.relocation, port=self.port)
         self.relocation = RelocationServer(
-            relocation, self.services.incoming, self.name, self.credentials
+            relocation,
+            self.services.incoming,
+            self.name,
+            self.credentials,
+            self.services.metrics,
         )
         await self.relocation.start()
         self.port = self.relocation.port

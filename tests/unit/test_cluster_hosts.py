@@ -23,6 +23,7 @@ from ferry.cluster.etcd import EtcdClient, Put, parse_endpoints
 from ferry.cluster.keys import Keys, decode
 from ferry.cluster.lease import LeaseState
 from ferry.daemon.evacuation import Evacuation
+from ferry.daemon.metrics import register_state
 from ferry.domain.state import DomainState
 from ferry.errors import ClusterError, MigrationInDoubt, MigrationRefused, OwnedElsewhere
 from ferry.hypervisor import process
@@ -30,9 +31,11 @@ from ferry.migration import source as source_mod
 from ferry.migration.params import MigrationParams
 from ferry.migration.target import Prepared
 from ferry.pki.identity import Role
+from ferry.util.metrics import Metrics
 from ferry.util.wait import wait_until
 
 from .etcd_support import EtcdMember
+from .metrics_support import scrape, value
 from .migration_harness import Cluster, FakeHost, running, until
 from .pki_support import TestCA
 from .test_migration_protocol import drop_message
@@ -164,6 +167,19 @@ async def test_a_host_cut_from_etcd_stops_its_vms_before_its_lease_expires_then_
     # The lease expired in etcd too: the domain is free, and the other host takes it.
     await until(lambda: h1.member is not None and h1.member.lease.state is LeaseState.HELD,
                 "h1 to hold a new lease", timeout=3 * ttl)  # fmt: skip
+    # Prometheus sees it: what fencing did, and renewals both ways.
+    metrics = Metrics()
+    register_state(metrics, "h1", h1.s.table, h1.member.lease)
+    text = await scrape(metrics)
+    for event in ("stopped", "killed"):
+        assert value(text, "ferry_fencing_events_total", event=event) >= 1, text
+    assert value(text, "ferry_lease_renewals_total", result="failed") >= 1, text
+    assert value(text, "ferry_lease_state", state="held") == 1
+
+    async def renewed() -> bool:
+        return value(await scrape(metrics), "ferry_lease_renewals_total", result="ok") >= 1
+
+    await wait_until(renewed, timeout=2 * ttl, what="a renewal of the new lease counted")
 
     async def freed() -> bool:
         return await owner(h2) is None

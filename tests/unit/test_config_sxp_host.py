@@ -9,6 +9,7 @@ import pytest
 
 from ferry.config.host import (
     HostConfig,
+    MetricsConfig,
     RelocationConfig,
     hosts_allow_matches,
     load_host_config,
@@ -167,6 +168,16 @@ hosts_allow = ['^xen_host_2$', '^192\\.168\\.1\\.']
         address="192.168.1.10",
         hosts_allow=("^xen_host_2$", r"^192\.168\.1\."),
     )
+    # Metrics are on, and local, unless the config says otherwise.
+    assert config.metrics == MetricsConfig(enabled=True, port=9177, address="127.0.0.1")
+
+
+def test_metrics_table(tmp_path: Path) -> None:
+    text = '[metrics]\nport = 9300\naddress = "10.0.0.5"\n'
+    config = load_host_config(write(tmp_path, text, "ferryd.toml"))
+    assert config.metrics == MetricsConfig(enabled=True, port=9300, address="10.0.0.5")
+    off = load_host_config(write(tmp_path, "[metrics]\nenabled = false\n", "off.toml"))
+    assert off.metrics.enabled is False
 
 
 @pytest.mark.parametrize(
@@ -183,6 +194,8 @@ hosts_allow = ['^xen_host_2$', '^192\\.168\\.1\\.']
         ("[relocation]\nhosts_allow = ['(']\n", ":2: 'relocation.hosts_allow': regex '('"),
         ("[relocation]\nhosts_allow = '^a$'\n", ":2: 'relocation.hosts_allow': expected a list"),
         ("relocation = 3\n", ":1: 'relocation': expected a [relocation] table"),
+        ("[metrics]\npath = '/m'\n", ":2: 'metrics.path': unknown key"),
+        ("[metrics]\nport = 70000\n", ":2: 'metrics.port': 70000 is out of range 1..65535"),
         ("name = \n", ":1:8: invalid TOML: "),
     ],
 )

@@ -57,6 +57,8 @@ class HostLease:
         self.state = LeaseState.LOST
         self.valid_until = 0.0  # monotonic
         self.confirmed_at = 0.0  # monotonic: when the last good renewal was sent
+        # Renewals since this object began, by result (for the metrics).
+        self.renewals = {"ok": 0, "failed": 0}
         self._listeners: list[Listener] = []
         self._renewed: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -141,6 +143,7 @@ class HostLease:
             left = await self.etcd.keepalive(self.id)
         except ClusterUnavailable as err:
             log.warning("etcd lease %x not renewed: %s", self.id, err)
+            self.renewals["failed"] += 1
             if self.state is LeaseState.HELD:
                 self._move(LeaseState.LATE)
             self._check_deadline()
@@ -148,9 +151,11 @@ class HostLease:
         if self.state is LeaseState.LOST:
             return  # too late: declared lost on this host's clock, whatever etcd says
         if left <= 0:
+            self.renewals["failed"] += 1
             self.valid_until = 0.0
             self._move(LeaseState.LOST)
             return
+        self.renewals["ok"] += 1
         self._confirmed(sent, left)
 
     def _check_deadline(self) -> None:

@@ -30,6 +30,10 @@ class LeaseStatus:
     stopped: list[int] = field(default_factory=list)
     # What fencing did, newest last (at most a few dozen).
     events: list[dict[str, object]] = field(default_factory=list)
+    # Counts for the metrics, kept across fencer restarts of one boot:
+    # renewals by result ("ok", "failed") and fencing events by kind.
+    renewals: dict[str, int] = field(default_factory=dict)
+    event_counts: dict[str, int] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")

@@ -11,6 +11,9 @@
     hosts_allow = ['xen_host_2', '192\\.168\\.1\\.\\d+']
     [control]                       # the control API for the management station
     port = 8003                     # (mutual TLS; admin and viewer certificates)
+    [metrics]                       # Prometheus, plain HTTP GET /metrics
+    address = "127.0.0.1"           # the default; elsewhere ferryd warns
+    port = 9177
     [cluster]                       # absent: a standalone host (local ownership only)
     etcd = ["https://10.0.0.5:2379", "https://10.0.0.6:2379", "https://10.0.0.7:2379"]
     lease_ttl = 6                   # seconds; the host fences its VMs before it ends
@@ -57,6 +60,13 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    port: int = 9177
+    address: str = "127.0.0.1"  # plain HTTP: local unless the config says otherwise
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     # etcd's client URLs; none: a standalone host whose ownership is local only.
     etcd: tuple[str, ...] = ()
@@ -85,6 +95,7 @@ class HostConfig:
     qemu_binary: str = "qemu-system-x86_64"
     relocation: RelocationConfig = field(default_factory=RelocationConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # This host's credentials, from the cluster CA (ferry.pki).
     pki_dir: Path = DEFAULT_PKI_DIR
@@ -135,11 +146,11 @@ def split_hosts_allow(text: str) -> tuple[str, ...]:
 _TOP_KEYS = frozenset(
     {"name", "state_dir", "run_dir", "accel", "storage_roots", "qemu_binary", "dom0_min_mem"}
     | {"storage_servers", "pki_dir", "insecure"}
-    | {"relocation", "migration", "control", "cluster"}
+    | {"relocation", "migration", "control", "cluster", "metrics"}
 )
 _CLUSTER_KEYS = frozenset({"etcd", "lease_ttl", "name"})
 _RELOCATION_KEYS = frozenset({"enabled", "port", "address", "hosts_allow"})
-_CONTROL_KEYS = frozenset({"enabled", "port", "address"})
+_ENDPOINT_KEYS = frozenset({"enabled", "port", "address"})
 
 
 def parse_host_toml(text: str, source: str) -> HostConfig:
@@ -163,7 +174,9 @@ class _TomlHost:
             raise self.fail("relocation", "expected a [relocation] table")
         self.no_unknown(relocation, _RELOCATION_KEYS, "relocation.")
         control = self.table(data, "control")
-        self.no_unknown(control, _CONTROL_KEYS, "control.")
+        self.no_unknown(control, _ENDPOINT_KEYS, "control.")
+        metrics = self.table(data, "metrics")
+        self.no_unknown(metrics, _ENDPOINT_KEYS, "metrics.")
         cluster = self.table(data, "cluster")
         self.no_unknown(cluster, _CLUSTER_KEYS, "cluster.")
         defaults = HostConfig(name="")
@@ -193,6 +206,7 @@ class _TomlHost:
                 ),
             ),
             control=ControlConfig(**self.endpoint(control, "control", 8003)),
+            metrics=MetricsConfig(**self.endpoint(metrics, "metrics", 9177, "127.0.0.1")),
             cluster=self.cluster(cluster),
             pki_dir=self.path(data, "pki_dir", DEFAULT_PKI_DIR),
             insecure=self.flag(data, "insecure", "insecure", default=False),
@@ -200,15 +214,17 @@ class _TomlHost:
             migration=self.table(data, "migration"),
         )
 
-    def endpoint(self, table: Mapping[str, Any], name: str, port: int) -> dict[str, Any]:
-        """``enabled``, ``port`` and ``address`` of a listening table ([relocation], [control])."""
+    def endpoint(
+        self, table: Mapping[str, Any], name: str, port: int, address: str = ""
+    ) -> dict[str, Any]:
+        """``enabled``, ``port`` and ``address`` of a listening table ([relocation], ...)."""
         return {
             "enabled": self.flag(table, "enabled", f"{name}.enabled"),
             "port": check_port(
                 self.integer(table, "port", port, f"{name}.port"),
                 lambda why: self.fail(f"{name}.port", why),
             ),
-            "address": self.text(table, "address", "", f"{name}.address", empty=True),
+            "address": self.text(table, "address", address, f"{name}.address", empty=True),
         }
 
     def cluster(self, table: Mapping[str, Any]) -> ClusterConfig:

@@ -65,6 +65,10 @@ class Fencer:
             pid for pid in (previous.stopped if previous else []) if process.is_alive(pid)
         }
         self.events: list[dict[str, object]] = previous.events if previous else []
+        # Counters go on from where a previous fencer left them (they are
+        # Prometheus counters: a reset would read as a restart of ferryd).
+        self.renewals_before = dict(previous.renewals) if previous else {}
+        self.event_counts: dict[str, int] = dict(previous.event_counts) if previous else {}
         self.lost_at: float | None = None
         lease.on_change(self._changed)
         lease.on_renewed(self.write_status)
@@ -107,6 +111,7 @@ class Fencer:
         event: dict[str, object] = {"event": kind, "why": why, "pids": pids, "at": time.time()}
         event.update({k: round(v, 3) for k, v in extra.items()})
         self.events = [*self.events, event][-MAX_EVENTS:]
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
         level = logging.INFO if kind == "continued" else logging.ERROR
         log.log(level, "FENCING: %s %d QEMU(s): %s", kind, len(pids), why)
         self.write_status()
@@ -133,6 +138,11 @@ class Fencer:
             ttl=self.lease.ttl,
             stopped=sorted(self.stopped),
             events=self.events,
+            renewals={
+                result: self.renewals_before.get(result, 0) + count
+                for result, count in self.lease.renewals.items()
+            },
+            event_counts=self.event_counts,
         ).write(self.files["status"])
 
     async def acquire(self) -> None:

@@ -15,6 +15,7 @@ from ferry.config.host import HostConfig, load_host_config
 from ferry.daemon.api import ControlServer
 from ferry.daemon.boot_files import guest_boot_files
 from ferry.daemon.cluster_member import ClusterMember
+from ferry.daemon.metrics import MetricsServer, register_state
 from ferry.daemon.relocation import RelocationServer
 from ferry.daemon.services import Services
 from ferry.errors import FerryError, PkiError
@@ -119,8 +120,14 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     await server.start()
     relocation = None
     if cfg.relocation.enabled:
-        relocation = RelocationServer(cfg.relocation, services.incoming, cfg.name, credentials)
+        relocation = RelocationServer(
+            cfg.relocation, services.incoming, cfg.name, credentials, services.metrics
+        )
         await relocation.start()
+    register_state(services.metrics, cfg.name, services.table, member.lease if member else None)
+    metrics = MetricsServer(cfg.metrics, services.metrics) if cfg.metrics.enabled else None
+    if metrics is not None:
+        await metrics.start()
     for note in cfg.ignored:
         log.info("config: %s", note)
     log.info("ferryd for host %s listening on %s", cfg.name, layout.control_socket)
@@ -133,6 +140,8 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     await server.close()
     if relocation is not None:
         await relocation.close()
+    if metrics is not None:
+        await metrics.close()
     await services.close()
     await reaper.close()
     lock.close()

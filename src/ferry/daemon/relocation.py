@@ -12,9 +12,10 @@ from ferry.config.host import RelocationConfig, hosts_allow_matches
 from ferry.daemon.listener import Connection, Limits, Listener
 from ferry.errors import MigrationRefused
 from ferry.migration.channel import MAX_MESSAGE, Channel
-from ferry.migration.target import TargetHost, serve_connection
+from ferry.migration.target import TargetHost, refuse, serve_connection
 from ferry.pki.credentials import Credentials
 from ferry.pki.identity import Role
+from ferry.util.metrics import Metrics
 
 log = logging.getLogger("ferryd")
 
@@ -55,8 +56,10 @@ class RelocationServer:
         host: TargetHost,
         local_name: str,
         credentials: Credentials | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.host = host
         self.local_name = local_name
         self.credentials = credentials
@@ -87,7 +90,7 @@ class RelocationServer:
         channel = Channel(conn.reader, conn.writer, conn.address, conn.peer)
         refusal = conn.refusal or await self._refusal(conn)
         if refusal is not None:
-            await channel.send_error(MigrationRefused(refusal))
+            await refuse(channel, MigrationRefused(refusal, "access"), self.metrics)
             return
         if self.credentials is None:
             kinds = frozenset({"hello", "data", "status"})
@@ -96,7 +99,7 @@ class RelocationServer:
             kinds = frozenset({"data"})
         else:
             kinds = frozenset({"hello", "status"})
-        await serve_connection(channel, self.host, self.local_name, kinds)
+        await serve_connection(channel, self.host, self.local_name, kinds, self.metrics)
 
     async def _refusal(self, conn: Connection) -> str | None:
         """Why this peer may not talk to us, or None."""

@@ -31,6 +31,7 @@ from ferry.migration.outgoing import OutgoingMigrations
 from ferry.migration.params import MigrationParams
 from ferry.pki.credentials import Credentials
 from ferry.pki.qemu_tls import QemuTls
+from ferry.util.metrics import Metrics
 from ferry.util.tasks import Background
 
 
@@ -49,6 +50,7 @@ class Services:
     source_end: SourceEnd
     reattach: Reattach
     background: Background
+    metrics: Metrics
     # This host's membership of a cluster (etcd); None: a standalone host.
     cluster: ClusterMember | None = None
     ha: HaRestarts | None = None
@@ -72,9 +74,10 @@ class Services:
         launcher = Launcher(host, layout, boot_files, accel_cache, boot_dirs, ownership)
         watcher = DomainWatcher(table, launcher)
         background = Background()
+        metrics = Metrics()
         end = SourceEnd(table, launcher, functools.partial(ask_outcome, credentials=credentials))
         tls = QemuTls(credentials, layout.run_dir / "tls") if credentials else None
-        outgoing = OutgoingMigrations(table, launcher, end, background, tls)
+        outgoing = OutgoingMigrations(table, launcher, end, background, tls, metrics)
         incoming = IncomingMigrations(table, launcher, watcher, tls)
         return cls(
             host=host,
@@ -89,6 +92,7 @@ class Services:
             source_end=end,
             reattach=Reattach(table, launcher, watcher, outgoing, end, incoming),
             background=background,
+            metrics=metrics,
             cluster=cluster,
         )
 

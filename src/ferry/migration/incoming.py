@@ -31,6 +31,7 @@ from ferry.errors import (
     MigrationRefused,
     QmpError,
     StorageError,
+    refusal_reason,
 )
 from ferry.host.launcher import Launcher
 from ferry.host.running import Incoming, RunningDomain
@@ -102,19 +103,23 @@ class IncomingMigrations:
         steps = Timeline()
         cfg = DomainConfig.from_mapping(mapping, f"domain config from {peer}")
         where = f"host {self.host.name} refuses domain '{cfg.name}'"
+
+        def refused(why: object, reason: str) -> MigrationRefused:
+            return MigrationRefused(f"{where}: {why}", reason)
+
         async with self.table.claim_lock:
             # Just migrated away from here and now coming back: the old
             # copy's QEMU may still be ending, its disks still open.
             await self.table.wait_gone(cfg.name)
             local = self.table.find(cfg.name)
             if local is not None and local.record.migration_id != migration_id:
-                raise MigrationRefused(f"{where}: a domain of that name already runs there")
+                raise refused("a domain of that name already runs there", "exists")
             if self.table.arriving(cfg.name):
-                raise MigrationRefused(f"{where}: it is already arriving from another migration")
+                raise refused("it is already arriving from another migration", "exists")
             if len(self.table.incoming_ids()) >= MAX_PENDING:
-                raise MigrationRefused(f"{where}: {MAX_PENDING} migrations are arriving already")
+                raise refused(f"{MAX_PENDING} migrations are arriving already", "busy")
             if self.table.outcomes.get(migration_id) is not None:
-                raise MigrationRefused(f"{where}: migration {migration_id[:8]} was seen before")
+                raise refused(f"migration {migration_id[:8]} was seen before", "replay")
             roots = self.host.storage_roots
             try:
                 in_use = self.table.disks_in_use(roots, exclude=local)
@@ -129,7 +134,7 @@ class IncomingMigrations:
                 )
                 steps.mark("ownership")
             except FerryError as err:
-                raise MigrationRefused(f"{where}: {err}") from err
+                raise refused(err, refusal_reason(err)) from err
             key = f"{cfg.name}@{migration_id[:8]}"
             record = self.launcher.new_record(cfg, accel, key, self.table.next_domid())
             record.migration_id = migration_id
@@ -165,7 +170,7 @@ class IncomingMigrations:
             self.watcher.start(dom)
         if unlike is not None:
             await self.abort_incoming(migration_id, str(unlike))
-            raise MigrationRefused(f"{where}: {unlike}") from unlike
+            raise refused(unlike, "unlike") from unlike
         if params.multifd:
             # QEMU connects the channels itself: no data connection will come.
             arriving.streaming = True
@@ -177,7 +182,7 @@ class IncomingMigrations:
             )  # fmt: skip
         except (FerryError, OSError) as err:
             await self.abort_incoming(migration_id, str(err))
-            raise MigrationRefused(f"{where}: {err}") from err
+            raise refused(err, "stream") from err
         except BaseException as err:
             # Whatever else: the launched QEMU and its slot are not left behind.
             await self.abort_incoming(migration_id, repr(err))
@@ -212,9 +217,9 @@ class IncomingMigrations:
     async def start_incoming_stream(self, migration_id: str, token: str, fd: int) -> None:
         arriving = self.table.incoming(migration_id)
         if arriving is None or not secrets.compare_digest(arriving.token, token):
-            raise MigrationRefused("no migration of that id and token is expected here")
+            raise MigrationRefused("no migration of that id and token is expected here", "access")
         if arriving.streaming:
-            raise MigrationRefused("this migration's stream is already connected")
+            raise MigrationRefused("this migration's stream is already connected", "protocol")
         arriving.streaming = True
         monitor = arriving.dom.monitor
         arriving.events = monitor.watch_events(("MIGRATION",))

@@ -11,7 +11,7 @@ from typing import Any
 from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import Phase
 from ferry.domain.state import DomainState, Event
-from ferry.errors import InvalidTransition, MigrationRefused, StorageError
+from ferry.errors import InvalidTransition, MigrationAborted, MigrationRefused, StorageError
 from ferry.host.launcher import Launcher
 from ferry.host.running import OutgoingControl, RunningDomain
 from ferry.host.table import DomainTable
@@ -24,6 +24,7 @@ from ferry.migration.stream_plan import plan_stream
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import lease
 from ferry.storage.cache_safety import migration_hazard
+from ferry.util.metrics import Metrics
 from ferry.util.tasks import Background
 
 log = logging.getLogger("ferryd")
@@ -37,8 +38,10 @@ class OutgoingMigrations:
         end: SourceEnd,
         background: Background,
         tls: QemuTls | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.tls = tls
+        self.metrics = metrics or Metrics()
         self.table = table
         self.launcher = launcher
         self.end = end
@@ -85,7 +88,8 @@ class OutgoingMigrations:
                 tls=self.tls,
             )
             result = await out.run()
-        except BaseException:
+        except BaseException as err:
+            self.metrics.migration_ended(_failed_outcome(control.phase, err))
             if control.phase is Phase.IN_DOUBT:
                 # The commit may have been applied (a lost answer, or this task
                 # cancelled while waiting for it): never keep; ask. A ferryd
@@ -112,6 +116,9 @@ class OutgoingMigrations:
             **result.steps_ms,
             "handover": round((time.monotonic() - began) * 1000, 1),
         }
+        self.metrics.migration_ended(
+            "completed", result.total_s, result.switchover_ms, result.bytes_sent
+        )
         log.info("domain %s migrated to %s: %s", name, host, result.to_wire())
         return result.to_wire()
 
@@ -190,3 +197,12 @@ class OutgoingMigrations:
             "kernel_sha256": await self.launcher.file_digest(boot.kernel),
             "initrd_sha256": initrd,
         }
+
+
+def _failed_outcome(phase: Phase, err: BaseException) -> str:
+    """The metrics' outcome of a migration that raised ``err`` in ``phase``."""
+    if phase is Phase.IN_DOUBT:
+        return "in_doubt"
+    if phase is Phase.DONE:
+        return "lost"
+    return "aborted" if isinstance(err, MigrationAborted) else "kept"

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ferry.domain.migration_state import Outcome
-from ferry.errors import FerryError, MigrationError, MigrationRefused
+from ferry.errors import FerryError, MigrationError, MigrationRefused, refusal_reason
 from ferry.migration.channel import PROTOCOL_VERSION, Channel
 from ferry.migration.params import MigrationParams
 from ferry.pki.identity import Identity
+from ferry.util.metrics import Metrics
 
 log = logging.getLogger("ferryd")
 
@@ -73,8 +74,19 @@ class TargetHost(Protocol):
 ALL_KINDS = frozenset({"hello", "data", "status"})
 
 
+async def refuse(channel: Channel, refusal: MigrationRefused, metrics: Metrics | None) -> None:
+    """Tell the peer why not, and count it by its reason."""
+    if metrics is not None:
+        metrics.refused(refusal.reason)
+    await channel.send_error(refusal)
+
+
 async def serve_connection(
-    channel: Channel, host: TargetHost, local_name: str, kinds: frozenset[str] = ALL_KINDS
+    channel: Channel,
+    host: TargetHost,
+    local_name: str,
+    kinds: frozenset[str] = ALL_KINDS,
+    metrics: Metrics | None = None,
 ) -> None:
     """Serve one connection whose first message is one of ``kinds``."""
     try:
@@ -82,18 +94,19 @@ async def serve_connection(
         kind = first["type"]
         if kind not in kinds and kind in ALL_KINDS:
             how = "in plain TCP" if channel.identity is None else "over TLS"
-            await channel.send_error(
-                MigrationRefused(f"host {local_name} takes no {kind!r} request {how}")
-            )
-        elif kind == "hello":
-            await _session(channel, host, local_name, first)
+            raise MigrationRefused(f"host {local_name} takes no {kind!r} request {how}", "protocol")
+        if kind == "hello":
+            await _session(channel, host, local_name, first, metrics)
         elif kind == "data":
-            await _data(channel, host, first)
+            await _data(channel, host, first, metrics)
         elif kind == "status":
             outcome = host.migration_outcome(str(first.get("migration_id")))
             await channel.send({"type": "status", "outcome": outcome})
         else:
             await channel.send_error(MigrationError(f"unknown relocation request {kind!r}"))
+    except MigrationRefused as err:
+        log.info("relocation connection from %s: %s", channel.peer, err)
+        await refuse(channel, err, metrics)
     except MigrationError as err:
         log.info("relocation connection from %s: %s", channel.peer, err)
         # A peer still listening learns why (a closed one learns nothing more).
@@ -102,39 +115,41 @@ async def serve_connection(
         # Whatever shape a peer's message takes, it gets one line back and
         # changes nothing here.
         log.warning("malformed relocation request from %s: %r", channel.peer, err)
-        await channel.send_error(MigrationRefused(f"malformed relocation request: {err}"))
+        refusal = MigrationRefused(f"malformed relocation request: {err}", "protocol")
+        await refuse(channel, refusal, metrics)
     finally:
         # A data connection's socket lives on in QEMU, which holds its own copy.
         await channel.close()
 
 
 async def _session(
-    channel: Channel, host: TargetHost, local_name: str, hello: dict[str, Any]
+    channel: Channel,
+    host: TargetHost,
+    local_name: str,
+    hello: dict[str, Any],
+    metrics: Metrics | None,
 ) -> None:
     if hello.get("version") != PROTOCOL_VERSION:
-        await channel.send_error(
-            MigrationRefused(
-                f"host {local_name} speaks relocation protocol {PROTOCOL_VERSION}, "
-                f"not {hello.get('version')}"
-            )
+        raise MigrationRefused(
+            f"host {local_name} speaks relocation protocol {PROTOCOL_VERSION}, "
+            f"not {hello.get('version')}",
+            "protocol",
         )
-        return
     await channel.send({"type": "hello", "version": PROTOCOL_VERSION, "host": local_name})
     prepare = await channel.recv(HELLO_TIMEOUT, "prepare")
     migration_id = str(prepare.get("migration_id", ""))
     if not MIGRATION_ID_RE.fullmatch(migration_id):
-        await channel.send_error(MigrationRefused("a migration id is 32 lowercase hex digits"))
-        return
+        raise MigrationRefused("a migration id is 32 lowercase hex digits", "protocol")
     try:
         config, params, disks, boot = (
             prepare.get(k) for k in ("config", "params", "disks", "boot")
         )
         if not isinstance(config, dict):
-            raise MigrationRefused("the source sent no domain config")
+            raise MigrationRefused("the source sent no domain config", "protocol")
         if not isinstance(params, dict | None) or not isinstance(disks, list | None):
-            raise MigrationRefused("'params' must be an object and 'disks' a list")
+            raise MigrationRefused("'params' must be an object and 'disks' a list", "protocol")
         if not isinstance(boot, dict | None):
-            raise MigrationRefused("'boot' must be an object")
+            raise MigrationRefused("'boot' must be an object", "protocol")
         prepared = await host.prepare_incoming(
             migration_id,
             config,
@@ -150,8 +165,12 @@ async def _session(
             channel.peer_address(),
         )
     except FerryError as err:
-        refusal = err if isinstance(err, MigrationRefused) else MigrationRefused(str(err))
-        await channel.send_error(refusal)
+        refusal = (
+            err
+            if isinstance(err, MigrationRefused)
+            else MigrationRefused(str(err), refusal_reason(err))
+        )
+        await refuse(channel, refusal, metrics)
         return
     try:
         await channel.send(
@@ -207,7 +226,9 @@ def _describe(channel: Channel, hello: dict[str, Any]) -> str:
     return f"{str(hello.get('host'))[:64]} ({channel.peer}, unauthenticated)"
 
 
-async def _data(channel: Channel, host: TargetHost, header: dict[str, Any]) -> None:
+async def _data(
+    channel: Channel, host: TargetHost, header: dict[str, Any], metrics: Metrics | None
+) -> None:
     # Nothing more may be read by us: the rest of this socket is QEMU's.
     channel.writer.transport.pause_reading()  # type: ignore[attr-defined]
     fd = os.dup(channel.socket().fileno())
@@ -216,6 +237,8 @@ async def _data(channel: Channel, host: TargetHost, header: dict[str, Any]) -> N
             str(header.get("migration_id")), str(header.get("token")), fd
         )
     except FerryError as err:
+        if isinstance(err, MigrationRefused) and metrics is not None:
+            metrics.refused(err.reason)
         channel.writer.write(f"refused: {err}\n".encode())
         await channel.writer.drain()
         return
