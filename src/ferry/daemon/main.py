@@ -18,6 +18,7 @@ from ferry.daemon.cluster_member import ClusterMember
 from ferry.daemon.metrics import MetricsServer, register_state
 from ferry.daemon.relocation import RelocationServer
 from ferry.daemon.services import Services
+from ferry.daemon.systemd import Notifier, setup_logging
 from ferry.errors import FerryError, PkiError
 from ferry.guest.image import default_cache_dir, load_image
 from ferry.host.layout import HostLayout
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"])
     parser.add_argument("--image-cache", type=Path, help="guest image cache directory")
     parser.add_argument("--pki-dir", type=Path, help="this host's credentials (/etc/ferry/pki)")
+    parser.add_argument(
+        "--log-file", type=Path, help="also log here (reopened after logrotate moves it)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -135,8 +139,12 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    systemd = Notifier()
+    systemd.ready(f"host {cfg.name}: {len(services.table.everyone())} domain(s) re-attached")
     await stop.wait()
     log.info("ferryd stopping; domains keep running")
+    systemd.stopping("stopping; domains keep running")
+    await systemd.close()
     await server.close()
     if relocation is not None:
         await relocation.close()
@@ -149,11 +157,7 @@ async def serve(cfg: HostConfig, image_cache: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s ferryd[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.verbose, args.log_file)
     try:
         cfg = host_config(args)
         asyncio.run(serve(cfg, args.image_cache or default_cache_dir()))

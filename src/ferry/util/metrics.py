@@ -31,7 +31,7 @@ TOTAL_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 DOWNTIME_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
 # No ``*_created`` series beside each counter: they double the exposition
 # and say only when ferryd started. (A process-wide switch; ferryd is the process.)
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 MIB = 1 << 20
 BYTES_BUCKETS = tuple(float(n * MIB) for n in (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384))
