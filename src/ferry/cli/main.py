@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--append", default="", metavar="ARGS", help="kernel arguments the disk's bootloader gives"
     )
     p.add_argument("path", type=Path)
+
+    from ferry.cli.docs_cli import add_docs_parser
+
+    add_docs_parser(sub, parser, _client)
     return parser
 
 

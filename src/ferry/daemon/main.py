@@ -31,8 +31,12 @@ from ferry.pki.identity import Role
 log = logging.getLogger("ferryd")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ferryd", description="ferry's per-host daemon")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferryd",
+        description="ferry's per-host daemon: runs this host's domains, serves the control "
+        "API and the relocation port, and migrates domains; run it from its systemd unit",
+    )
     parser.add_argument("--config", type=Path, help="host config: ferryd.toml or xend-config.sxp")
     parser.add_argument("--name", help="this host's name (default: from config, else hostname)")
     parser.add_argument("--state-dir", type=Path, help="default /var/lib/ferry")
@@ -43,8 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-file", type=Path, help="also log here (reopened after logrotate moves it)"
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def host_config(args: argparse.Namespace) -> HostConfig:
