@@ -157,6 +157,8 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
     if command in ("quit", "system_powerdown"):
         threading.Timer(0.05, lambda: os._exit(0)).start()
         return {}
+    if command == "query-version":
+        return {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "fake"}
     if command == "query-block":
         return [
             {"qdev": qdev, "inserted": {"image": _image_info(path, fmt)}}

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -24,6 +25,35 @@ END = b"FAKE-END"
 CHUNK = 16 * 1024
 
 Machine = Any  # fake_qemu.Machine: that script is __main__, not importable here
+
+
+class FileChannel:
+    """A regular file given as the stream (``ferry save``/``restore``), as a socket's calls."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def recv(self, size: int) -> bytes:
+        return os.read(self.fd, size)
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def channel_of(fd: int) -> Any:
+    """QEMU's fd: takes a socket, a pipe or a file alike."""
+    return FileChannel(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else socket.socket(fileno=fd)
 
 
 def load_plan(role: str) -> dict[str, Any]:
@@ -44,7 +74,7 @@ def send_stream(machine: Machine, fd: int) -> None:
     plan = machine.plan
     rate = float(plan.get("rate", 0))
     hold_at = plan.get("hold_at")
-    sock = socket.socket(fileno=fd)
+    sock = channel_of(fd)
     sock.setblocking(True)
     started = time.monotonic()
     machine.mig.update({"transferred": 0, "remaining": RAM_BYTES, "start": started})
@@ -130,7 +160,7 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
 
 
 def receive_stream(machine: Machine, fd: int) -> None:
-    sock = socket.socket(fileno=fd)
+    sock = channel_of(fd)
     sock.setblocking(True)
     machine.mig.update({"transferred": 0, "remaining": RAM_BYTES})
     try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ferry.cli.migrate_cli import add_migrate_parser
 from ferry.cli.parsers import note
+from ferry.cli.save_cli import add_save_parsers
 from ferry.client.daemon_client import DaemonClient, default_socket
 from ferry.errors import FerryError
 
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(name, func, text).add_argument("domain")
 
     add_migrate_parser(sub, _client)
+
+    add_save_parsers(sub, _client)
 
     p = add("shutdown", cmd_shutdown, "shut a domain down: guest agent, else ACPI")
     p.add_argument("-w", "--wait", action="store_true", help="wait until it has powered off")

@@ -14,7 +14,7 @@ from pathlib import Path
 # a file, one of fixed choices, or anything.
 DOMAIN, HOST, FILE, CHOICE, ANY = "domain", "host", "file", "choice", "any"
 _DOMAIN_DESTS = frozenset({"domain", "names"})
-_FILE_DESTS = frozenset({"config", "path", "output", "report", "workdir", "status_file"})
+_FILE_DESTS = frozenset({"config", "path", "output", "report", "workdir", "status_file", "file"})
 
 
 @dataclass(frozen=True)

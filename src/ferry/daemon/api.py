@@ -108,6 +108,8 @@ class ControlServer:
             "migrate_abort": self._migrate_abort,
             "host_activate": self._host_activate,
             "disk_create": self._disk_create,
+            "save": self._save,
+            "restore": self._restore,
         }
         # Requests that write progress lines before their one final reply.
         self.streaming: dict[str, StreamingHandler] = {
@@ -332,6 +334,14 @@ class ControlServer:
         fmt = str(args.get("format", "raw"))
         roots = self.services.host.storage_roots
         return await images.create_disk(_arg(args, "path", str), size, fmt, roots)
+
+    async def _save(self, args: dict[str, Any]) -> Any:
+        return await self.services.save_restore.save(
+            _arg(args, "name", str), _arg(args, "path", str)
+        )
+
+    async def _restore(self, args: dict[str, Any]) -> Any:
+        return await self.services.save_restore.restore(_arg(args, "path", str))
 
     async def _migrate_abort(self, args: dict[str, Any]) -> Any:
         await self.services.outgoing.abort_migration(_arg(args, "name", str))

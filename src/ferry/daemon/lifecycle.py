@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from ferry.domain.config import DomainConfig
@@ -28,6 +28,9 @@ from ferry.storage.images import pin_formats
 log = logging.getLogger("ferryd")
 # The guest agent answers at once or not at all (none installed, guest busy).
 AGENT_TIMEOUT = 2.0
+ABANDON_GRACE = 5.0
+# Feeds a restored domain's QEMU its saved stream (ferry.daemon.save_restore).
+Loader = Callable[[RunningDomain], Awaitable[None]]
 
 
 class Lifecycle:
@@ -105,8 +108,19 @@ class Lifecycle:
 
     # -- create ----------------------------------------------------------------
 
-    async def create(self, mapping: Mapping[str, Any], ha_restart: bool = False) -> dict[str, Any]:
-        """Start a domain. ``ha_restart``: its HA restart, already owned here in etcd."""
+    async def create(
+        self,
+        mapping: Mapping[str, Any],
+        ha_restart: bool = False,
+        load: Loader | None = None,
+        paused: bool = False,
+    ) -> dict[str, Any]:
+        """Start a domain. ``ha_restart``: its HA restart, already owned here in etcd.
+
+        ``load``: a restore; QEMU starts waiting for a stream, and ``load`` feeds
+        it and runs the domain (or, ``paused``, leaves it paused). A load that
+        fails ends that QEMU and gives back what was taken for it.
+        """
         cfg = DomainConfig.from_mapping(mapping, "domain config")
         async with self.table.claim_lock:
             await self.table.wait_gone(cfg.name)
@@ -131,15 +145,31 @@ class Lifecycle:
             record = self.launcher.new_record(cfg, accel, cfg.name, self.table.next_domid())
             record.owned_disks, record.leases = owned, leases
             try:
-                dom = await self.launcher.launch(record, boot)
+                dom = await self.launcher.launch(record, boot, incoming=load is not None)
             except FerryError:
                 await self.launcher.release(record)
                 raise
+            if load is not None:
+                try:
+                    await load(dom)
+                except BaseException:
+                    await self._abandon(dom)
+                    raise
             self.table.transition(dom, Event.START)
+            if paused:
+                self.table.transition(dom, Event.PAUSE)
             self.table.add(dom)
             self.watcher.start(dom)
         log.info("created domain %s (id %d, pid %s, %s)", cfg.name, record.domid, record.pid, accel)
         return {"name": cfg.name, "id": record.domid, "accel": accel, "ignored": list(cfg.ignored)}
+
+    async def _abandon(self, dom: RunningDomain) -> None:
+        """A QEMU launched but never a domain here: ended, its files and claims gone."""
+        await dom.monitor.close()
+        if dom.pid is not None:
+            await process.terminate(dom.pid, ABANDON_GRACE)
+        await asyncio.to_thread(self.launcher.cleanup_files, dom.record, dom.paths)
+        await self.launcher.release(dom.record)
 
     # -- requests on a running domain -----------------------------------------
 

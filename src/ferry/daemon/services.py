@@ -20,6 +20,7 @@ from ferry.daemon.cluster_member import ClusterMember
 from ferry.daemon.ha import HaRestarts
 from ferry.daemon.lifecycle import Lifecycle
 from ferry.daemon.reattach import Reattach
+from ferry.daemon.save_restore import SaveRestore
 from ferry.host.launcher import Launcher
 from ferry.host.layout import HostLayout
 from ferry.host.running import BootFilesProvider
@@ -51,6 +52,7 @@ class Services:
     reattach: Reattach
     background: Background
     metrics: Metrics
+    save_restore: SaveRestore
     # This host's membership of a cluster (etcd); None: a standalone host.
     cluster: ClusterMember | None = None
     ha: HaRestarts | None = None
@@ -78,6 +80,7 @@ class Services:
         end = SourceEnd(table, launcher, functools.partial(ask_outcome, credentials=credentials))
         tls = QemuTls(credentials, layout.run_dir / "tls") if credentials else None
         outgoing = OutgoingMigrations(table, launcher, end, background, tls, metrics)
+        lifecycle = Lifecycle(table, launcher, watcher)
         incoming = IncomingMigrations(table, launcher, watcher, tls)
         return cls(
             host=host,
@@ -86,13 +89,14 @@ class Services:
             table=table,
             launcher=launcher,
             watcher=watcher,
-            lifecycle=Lifecycle(table, launcher, watcher),
+            lifecycle=lifecycle,
             outgoing=outgoing,
             incoming=incoming,
             source_end=end,
             reattach=Reattach(table, launcher, watcher, outgoing, end, incoming),
             background=background,
             metrics=metrics,
+            save_restore=SaveRestore(table, launcher, lifecycle),
             cluster=cluster,
         )
 

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from typing import Any
 
-from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import Phase
 from ferry.domain.state import DomainState, Event
 from ferry.errors import InvalidTransition, MigrationAborted, MigrationRefused, StorageError
 from ferry.host.launcher import Launcher
 from ferry.host.running import OutgoingControl, RunningDomain
 from ferry.host.table import DomainTable
-from ferry.hypervisor.firmware import UefiFiles
-from ferry.hypervisor.seed import seed_digest
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.params import MigrationParams
+from ferry.migration.sameness import boot_facts
 from ferry.migration.source import OutgoingMigration, ProgressCallback
 from ferry.migration.stream_plan import plan_stream
 from ferry.pki.qemu_tls import QemuTls
@@ -68,7 +65,7 @@ class OutgoingMigrations:
             began = time.monotonic()
             plan = plan_stream(params, secure=self.tls is not None)
             facts = await self._disk_facts(dom, params)
-            boot = await self._boot_facts(dom.record.config)
+            boot = await boot_facts(self.launcher, dom.record.config)
             facts_ms = round((time.monotonic() - began) * 1000, 1)
             out = OutgoingMigration(
                 name=name,
@@ -179,24 +176,6 @@ class OutgoingMigrations:
                 fact["lease_token"] = held.token
             facts.append(fact)
         return facts
-
-    async def _boot_facts(self, cfg: DomainConfig) -> dict[str, Any]:
-        seed = cfg.seed_files()
-        facts = {} if seed is None else {"seed_sha256": await asyncio.to_thread(seed_digest, seed)}
-        return facts | await self._boot_file_facts(cfg)
-
-    async def _boot_file_facts(self, cfg: DomainConfig) -> dict[str, Any]:
-        boot = self.launcher.boot_files(cfg)
-        if boot.kernel is None:
-            if boot.uefi is None:
-                return {"firmware": "bios"}
-            sizes = UefiFiles(boot.uefi.code, boot.uefi.vars_template).sizes()
-            return {"firmware": "uefi", **sizes}
-        initrd = await self.launcher.file_digest(boot.initrd) if boot.initrd else None
-        return {
-            "kernel_sha256": await self.launcher.file_digest(boot.kernel),
-            "initrd_sha256": initrd,
-        }
 
 
 def _failed_outcome(phase: Phase, err: BaseException) -> str:

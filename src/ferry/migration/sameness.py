@@ -120,3 +120,23 @@ class SameDomain:
                     f"this host's UEFI firmware differs from the source's ({key} {size} here, "
                     f"{boot.get(key)} there)"
                 )
+
+
+async def boot_facts(launcher: Launcher, cfg: DomainConfig) -> dict[str, Any]:
+    """What a host checks with ``SameDomain.boot``: the seed's and boot files' digests,
+    or the firmware and the sizes of its flash images."""
+    seed = cfg.seed_files()
+    facts = {} if seed is None else {"seed_sha256": await asyncio.to_thread(seed_digest, seed)}
+    boot = launcher.boot_files(cfg)
+    if boot.kernel is None:
+        if boot.uefi is None:
+            return facts | {"firmware": "bios"}
+        return facts | {
+            "firmware": "uefi",
+            **UefiFiles(boot.uefi.code, boot.uefi.vars_template).sizes(),
+        }
+    initrd = await launcher.file_digest(boot.initrd) if boot.initrd else None
+    return facts | {
+        "kernel_sha256": await launcher.file_digest(boot.kernel),
+        "initrd_sha256": initrd,
+    }
