@@ -22,7 +22,7 @@ from ferry.migration.outgoing import _failed_outcome
 from ferry.util.metrics import Metrics
 
 from .metrics_support import fetch, scrape, value
-from .migration_harness import Cluster, running
+from .migration_harness import Cluster, running, until
 
 
 @pytest.fixture
@@ -162,3 +162,25 @@ async def test_a_port_taken_is_a_one_line_error() -> None:
         server = MetricsServer(MetricsConfig(port=port), Metrics())
         with pytest.raises(FerryError, match=rf"cannot listen for metrics on 127.0.0.1:{port}"):
             await server.start()
+
+
+async def test_migrations_in_progress_and_recent_ones_are_listed(cluster: Cluster) -> None:
+    h1, h2 = cluster.hosts
+    await h1.s.lifecycle.create(cluster.domain())
+    cluster.plan(source={"hold_at": 256 * 1024})
+    task = asyncio.create_task(h1.migrate("vm", h2))
+
+    def moving() -> bool:
+        rows = h1.s.outgoing.in_progress()
+        return bool(rows) and rows[0]["progress"].get("transferred", 0) >= 256 * 1024
+
+    await until(moving, "the migration's progress to be listed")
+    (row,) = h1.s.outgoing.in_progress()
+    assert row["name"] == "vm" and row["phase"] == "transfer"
+    assert {"rate_mbit", "remaining", "passes", "expected_downtime_ms"} <= set(row["progress"])
+    cluster.release()
+    result = await task
+    assert h1.s.outgoing.in_progress() == []
+    (done,) = h1.s.outgoing.recent
+    assert done["outcome"] == "completed" and done["target"] == "127.0.0.1"
+    assert done["bytes_sent"] == result["bytes_sent"]

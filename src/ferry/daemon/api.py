@@ -43,7 +43,7 @@ log = logging.getLogger("ferryd")
 
 MAX_REQUEST = 1 << 20
 # What a viewer's certificate may ask: what reads, nothing that changes.
-VIEWER_OPS = frozenset({"ping", "list", "info", "list_all", "host_list"})
+VIEWER_OPS = frozenset({"ping", "list", "info", "list_all", "host_list", "migrations"})
 CONSOLE_CHUNK = 65536
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 _DETACHED = object()  # the request took the connection over (a console)
@@ -109,6 +109,7 @@ class ControlServer:
             "host_activate": self._host_activate,
             "disk_create": self._disk_create,
             "save": self._save,
+            "migrations": self._migrations,
             "restore": self._restore,
         }
         # Requests that write progress lines before their one final reply.
@@ -334,6 +335,10 @@ class ControlServer:
         fmt = str(args.get("format", "raw"))
         roots = self.services.host.storage_roots
         return await images.create_disk(_arg(args, "path", str), size, fmt, roots)
+
+    async def _migrations(self, args: dict[str, Any]) -> Any:
+        outgoing = self.services.outgoing
+        return {"active": outgoing.in_progress(), "recent": list(outgoing.recent)}
 
     async def _save(self, args: dict[str, Any]) -> Any:
         return await self.services.save_restore.save(

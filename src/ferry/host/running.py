@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from qemu.qmp import EventListener
 
@@ -22,6 +24,10 @@ class OutgoingControl:
     migration_id: str
     phase: Phase = Phase.CONNECT
     abort_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    # The latest progress line (rate, remaining, passes, expected downtime), for
+    # whoever watches (the dashboard), not only the caller of the migration.
+    progress: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
 
     def advance(self, new: Phase) -> None:
         self.phase = next_phase(self.migration_id[:8], self.phase, new)

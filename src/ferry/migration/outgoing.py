@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from ferry.domain.migration_state import Phase
@@ -25,6 +26,7 @@ from ferry.util.metrics import Metrics
 from ferry.util.tasks import Background
 
 log = logging.getLogger("ferryd")
+RECENT = 20
 
 
 class OutgoingMigrations:
@@ -43,6 +45,8 @@ class OutgoingMigrations:
         self.launcher = launcher
         self.end = end
         self.background = background
+        # The last migrations that ended here, newest first (for the dashboard).
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
 
     async def migrate(
         self,
@@ -61,6 +65,11 @@ class OutgoingMigrations:
             dom.record.migration_target = f"{host}:{port}"
             self.table.transition(dom, Event.MIGRATE_OUT)
             dom.outgoing = control
+
+        def track(update: dict[str, Any]) -> None:
+            control.progress = update
+            on_progress(update)
+
         try:
             began = time.monotonic()
             plan = plan_stream(params, secure=self.tls is not None)
@@ -79,7 +88,7 @@ class OutgoingMigrations:
                 local_host=self.table.host_name,
                 disks=facts,
                 boot=boot,
-                on_progress=on_progress,
+                on_progress=track,
                 resume=was_running,
                 control=control,
                 tls=self.tls,
@@ -87,6 +96,7 @@ class OutgoingMigrations:
             result = await out.run()
         except BaseException as err:
             self.metrics.migration_ended(_failed_outcome(control.phase, err))
+            self._ended(name, host, _failed_outcome(control.phase, err), {"error": str(err)})
             if control.phase is Phase.IN_DOUBT:
                 # The commit may have been applied (a lost answer, or this task
                 # cancelled while waiting for it): never keep; ask. A ferryd
@@ -116,8 +126,30 @@ class OutgoingMigrations:
         self.metrics.migration_ended(
             "completed", result.total_s, result.switchover_ms, result.bytes_sent
         )
+        self._ended(name, host, "completed", result.to_wire())
         log.info("domain %s migrated to %s: %s", name, host, result.to_wire())
         return result.to_wire()
+
+    def in_progress(self) -> list[dict[str, Any]]:
+        """Every outgoing migration now, with its latest progress."""
+        return [
+            {
+                "name": dom.name,
+                "target": dom.record.migration_target,
+                "phase": dom.outgoing.phase.value,
+                "started_at": dom.outgoing.started_at,
+                "progress": dom.outgoing.progress,
+            }
+            for dom in self.table.everyone()
+            if dom.outgoing is not None
+        ]
+
+    def _ended(self, name: str, host: str, outcome: str, facts: dict[str, Any]) -> None:
+        keep = ("total_s", "switchover_ms", "bytes_sent", "passes", "postcopy", "error")
+        self.recent.appendleft(
+            {"name": name, "source": self.table.host_name, "target": host, "outcome": outcome,
+             "ended_at": time.time()} | {k: v for k, v in facts.items() if k in keep}
+        )  # fmt: skip
 
     async def _in_doubt(self, dom: RunningDomain) -> None:
         try:
