@@ -10,6 +10,7 @@ packages=(
   python3-venv ca-certificates
   nfs-ganesha nfs-ganesha-vfs rpcbind
   ffmpeg fonts-dejavu-core
+  chromium groff-base systemd util-linux
   etcd-server etcd-client
   ovmf seabios fdisk extlinux syslinux-common grub-efi-amd64-bin grub-common mtools dosfstools
 )

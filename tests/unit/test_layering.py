@@ -40,6 +40,7 @@ LAYERS: tuple[str, ...] = (
     "guest",
     "daemon",
     "client",  # the control-API client and progress view: what cli and lab share
+    "dashboard",  # the web page of the cluster (ferry dashboard; ferry demo --dashboard)
     "lab",
     "cli",  # the top: `ferry lab` and `ferry demo` are commands of the CLI
 )

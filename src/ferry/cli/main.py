@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ferry.cli.dashboard_cli import add_dashboard_parser
 from ferry.cli.migrate_cli import add_migrate_parser
 from ferry.cli.parsers import note
 from ferry.cli.save_cli import add_save_parsers
@@ -220,6 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         keep=args.keep,
         boot=args.boot,
+        dashboard=args.dashboard_port if args.dashboard else None,
     )
     return run_demo(opts)
 
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_migrate_parser(sub, _client)
 
     add_save_parsers(sub, _client)
+    add_dashboard_parser(sub, _client, _pki_dir)
 
     p = add("shutdown", cmd_shutdown, "shut a domain down: guest agent, else ACPI")
     p.add_argument("-w", "--wait", action="store_true", help="wait until it has powered off")
@@ -292,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=Path("ferry-demo-report"), help="report dir")
     p.add_argument("--workdir", type=Path, default=Path("/var/lib/ferry-lab"), help="lab dir")
     p.add_argument("--keep", action="store_true", help="leave the lab up for exploring")
+    p.add_argument(
+        "--dashboard", action="store_true", help="serve the live web page beside the narration"
+    )
+    p.add_argument("--dashboard-port", type=int, default=8780, help="its port on 127.0.0.1")
     p.add_argument(
         "--boot",
         choices=["kernel", "disk"],

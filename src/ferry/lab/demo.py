@@ -27,6 +27,7 @@ from ferry.errors import FerryError, WaitTimeout
 from ferry.guest.image import build_image
 from ferry.lab import lab as lab_mod
 from ferry.lab import topology
+from ferry.lab.dashboard_process import LabDashboard
 from ferry.lab.pki import STATION
 from ferry.lab.player import LabPlayer
 from ferry.lab.report import write_report
@@ -48,6 +49,7 @@ class DemoOptions:
     workdir: Path = lab_mod.DEFAULT_WORKDIR
     keep: bool = False
     boot: str = "kernel"  # "disk": virt_server boots its own kernel from its disk
+    dashboard: int | None = None  # serve the live page on this port of 127.0.0.1
 
 
 class Demo:
@@ -56,6 +58,7 @@ class Demo:
         self.out = Console(highlight=False)
         self.lab: Lab | None = None
         self.players: list[LabPlayer] = []
+        self.dashboard: LabDashboard | None = None
         self.interrupted = False
         self._moving_since: float | None = None  # when the source first listed migrating-out
         self.data: dict[str, Any] = {"origin": time.time(), "migrations": [], "summary": []}
@@ -84,6 +87,12 @@ class Demo:
                 boot=self.opts.boot,
             )
         self.lab = lab
+        if self.opts.dashboard is not None:
+            self.dashboard = LabDashboard(
+                lab, self.opts.dashboard, self.opts.report_dir / "player-status.json",
+                self.opts.report_dir / "dashboard.log",
+            )  # fmt: skip
+            self.say(f"[bold]live dashboard: {self.dashboard.url}[/] (open it in a browser)")
         self.say(
             f"lab up: xen_host_1, xen_host_2, client_1, client_2 on a "
             f"{lab.rate or 'unshaped'} LAN, "
@@ -329,6 +338,8 @@ class Demo:
     def tear_down(self) -> None:
         for player in self.players:
             player.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.opts.keep and self.lab is not None and not self.interrupted:
             self.out.print(
                 "lab left up (--keep): try `ferry lab exec client_1 ferry --host xen_host_2 list`; "

@@ -135,7 +135,7 @@ class OutgoingMigrations:
         return [
             {
                 "name": dom.name,
-                "target": dom.record.migration_target,
+                "target": str(dom.record.migration_target).rsplit(":", 1)[0],
                 "phase": dom.outgoing.phase.value,
                 "started_at": dom.outgoing.started_at,
                 "progress": dom.outgoing.progress,

@@ -1,0 +1,1 @@
+"""``ferry dashboard``: the cluster live in a browser (hosts, domains, migrations)."""
