@@ -102,8 +102,11 @@ def _follow_page(demo: subprocess.Popen[str], port: int, shots: Path) -> list[di
                 break  # the page went with the lab
             if isinstance(state, dict):
                 seen.append(state)
-                if state["moving"] and not (shots / f"migrating-{state['on']}.png").exists():
-                    browser.screenshot(shots / f"migrating-{state['on']}.png")
+                way = (
+                    state["moving"].split("\t")[1].replace(" → ", "-to-") if state["moving"] else ""
+                )
+                if way and not (shots / f"{way}.png").exists():
+                    browser.screenshot(shots / f"{way}.png")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 demo.wait(1.0)
     finally:
