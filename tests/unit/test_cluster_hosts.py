@@ -79,6 +79,24 @@ def qemu_state(pid: int) -> str | None:
     return process.process_state(pid)
 
 
+async def test_a_saved_domain_is_nobodys_until_restored_then_the_restorers(
+    cluster: tuple[Cluster, EtcdMember], tmp_path: Path
+) -> None:
+    c, _ = cluster
+    h1, h2 = c.hosts
+    await h1.s.lifecycle.create(c.domain())
+    path = str(tmp_path / "vm.save")
+    await h1.s.save_restore.save("vm", path)
+    await until(lambda: not c.qemus(), "the saved domain's QEMU to end")
+    assert await owner(h1) is None  # freed with the domain: any host may restore it
+    await h2.s.save_restore.restore(path)
+    assert (await owner(h1) or {}).get("host") == "h2"
+    # It runs on h2 now: h1 may neither restore nor create it.
+    with pytest.raises(OwnedElsewhere, match="already runs on host h2"):
+        await h1.s.save_restore.restore(path)
+    await c.assert_runs_once("h2")
+
+
 async def test_a_domain_running_on_one_host_cannot_be_created_on_the_other(
     cluster: tuple[Cluster, EtcdMember],
 ) -> None:
