@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.errors import ImageError
+from ferry.errors import ImageError, StorageError
 from ferry.guest import cache, image, initramfs, kernel, rootfs
 from ferry.guest.cache import BuildInputs, Manifest
 
@@ -309,14 +309,14 @@ def test_make_domain_disk_copies_sparsely_and_never_overwrites(
         f.seek((1 << 20) - 5)
         f.write(b"tail!")
     dest = tmp_path / "dom" / "disk.img"
-    with pytest.raises(ImageError, match="does not exist"):
+    with pytest.raises(StorageError, match="does not exist"):
         image.make_domain_disk(built, dest)
     dest.parent.mkdir()
     image.make_domain_disk(built, dest)
     assert dest.read_bytes() == built.rootfs.read_bytes()
     assert dest.stat().st_blocks * 512 < dest.stat().st_size
     dest.write_bytes(b"guest data")
-    with pytest.raises(ImageError, match="refusing to overwrite"):
+    with pytest.raises(StorageError, match="refusing to overwrite"):
         image.make_domain_disk(built, dest)
     assert dest.read_bytes() == b"guest data"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["disk.img"]

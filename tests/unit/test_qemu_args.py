@@ -68,7 +68,9 @@ def test_kvm_keeps_a_named_cpu_model_for_migration() -> None:
 def test_disk_and_nic_wiring() -> None:
     args = args_for(config())
     (drive,) = option(args, "-drive")
-    assert drive == "file=/xen/virt_server.img,if=none,id=disk0,format=raw,cache=none"
+    assert drive == (
+        "file=/xen/virt_server.img,if=none,id=disk0,node-name=ferry-disk0,format=raw,cache=none"
+    )
     assert "virtio-blk-pci,drive=disk0,id=vd0,addr=0x8" in option(args, "-device")
     (netdev,) = option(args, "-netdev")
     assert netdev == "tap,id=net0,ifname=vif3.0,script=no,downscript=no"

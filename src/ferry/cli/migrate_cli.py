@@ -59,6 +59,18 @@ def add_migrate_parser(sub: Subparsers, client: ClientFactory) -> None:
         "link or host lost after the switch loses the domain (one stream, no compression)",
     )
     p.add_argument(
+        "--copy-storage",
+        action="store_true",
+        help="copy the domain's writable file disks to the target while it runs (disks only "
+        "this host sees; the target makes them, which must not exist there yet)",
+    )
+    p.add_argument(
+        "--sync-writes",
+        action="store_true",
+        help="with --copy-storage: each guest write reaches the target's disk before it "
+        "completes, so nothing is left to copy at the switch (slower writes meanwhile)",
+    )
+    p.add_argument(
         "--unsafe",
         action="store_true",
         help="migrate even a disk cached in the page cache of a shared file system (risk of "
@@ -97,6 +109,10 @@ def cmd_migrate(client: DaemonClient, args: argparse.Namespace) -> int:
         params["compression"] = args.compression
     if args.channels is not None:
         params["channels"] = args.channels
+    if args.copy_storage:
+        params["copy_storage"] = True
+    if args.sync_writes:
+        params["sync_writes"] = True
     if args.postcopy:
         params["postcopy"] = True
         note(

@@ -31,6 +31,7 @@ class MigrationView:
                 transient=True,
             )
         self.task: TaskID | None = None
+        self.disk_task: TaskID | None = None  # --copy-storage: the disks, a bar of their own
         self.label = f"{name} -> {host}"
 
     def __enter__(self) -> MigrationView:
@@ -58,6 +59,11 @@ class MigrationView:
             return
         if self.task is None or self.bar is None:
             return
+        disk = p.get("disk")
+        if isinstance(disk, dict):
+            self._disk(disk)
+        if "transferred" not in p:
+            return  # the disks only: the memory stream has not begun
         total = max(int(p.get("total") or 0), 1)
         done = max(total - int(p.get("remaining") or 0), 0)
         eta = p.get("eta_s")
@@ -70,6 +76,16 @@ class MigrationView:
             self.task, total=total, completed=done, phase=p.get("phase", ""), detail=detail
         )
 
+    def _disk(self, disk: dict[str, Any]) -> None:
+        assert self.bar is not None
+        if self.disk_task is None:
+            self.disk_task = self.bar.add_task("disks", total=1, phase="disks", detail="")
+        total = max(int(disk.get("total") or 0), 1)
+        state = "caught up, following writes" if disk.get("ready") else "copying"
+        detail = f"disks: {_mb(disk.get('copied', 0))} of {_mb(total)}, {state}"
+        self.bar.update(self.disk_task, total=total, completed=int(disk.get("copied") or 0),
+                        detail=detail)  # fmt: skip
+
 
 def summary(name: str, host: str, result: dict[str, Any]) -> str:
     switchover = result.get("switchover_ms")
@@ -79,7 +95,16 @@ def summary(name: str, host: str, result: dict[str, Any]) -> str:
         f"migrated {name} to {host} in {result['total_s']:.1f} s: downtime {downtime} "
         f"(QEMU {qemu} ms, limit {result['downtime_limit_ms']} ms), "
         f"{_mb(result['bytes_sent'])} sent in {result['passes']} passes{_stream(result)}"
-        f"{_postcopy(result)}"
+        f"{_postcopy(result)}{_disks(result)}"
+    )
+
+
+def _disks(result: dict[str, Any]) -> str:
+    if not result.get("disk_bytes"):
+        return ""
+    return (
+        f"; disks copied: {_mb(result['disk_bytes'])} in {result.get('disk_copy_s') or 0:.1f} s, "
+        f"the last blocks {result.get('disk_final_ms') or 0:.0f} ms while stopped"
     )
 
 

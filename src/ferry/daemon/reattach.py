@@ -20,6 +20,7 @@ from typing import Any
 from ferry.domain.migration_state import Outcome
 from ferry.domain.state import DomainState, Event
 from ferry.errors import FerryError, QmpError
+from ferry.host.arriving_disks import discard_disks
 from ferry.host.launcher import QMP_TIMEOUT, Launcher
 from ferry.host.record import DomainRecord, load_record
 from ferry.host.running import Incoming, RunningDomain
@@ -27,7 +28,8 @@ from ferry.host.table import DomainTable, event_for_qemu_status
 from ferry.host.watcher import DomainWatcher
 from ferry.hypervisor import process
 from ferry.hypervisor.monitor import Monitor
-from ferry.migration.incoming import IncomingMigrations, decide_in_store
+from ferry.migration.arrival_waits import decide_in_store
+from ferry.migration.incoming import IncomingMigrations
 from ferry.migration.indoubt import SourceEnd
 from ferry.migration.outgoing import OutgoingMigrations
 from ferry.migration.switchover import (
@@ -81,6 +83,9 @@ class Reattach:
             log.info("domain %s ended while ferryd was away; cleaning up", name)
             if record.migration_id and record.state is DomainState.MIGRATING_IN:
                 outcome = self.table.outcomes.get(record.migration_id)
+                if outcome is not Outcome.COMMITTED:
+                    # Never committed: a copy begun here (--copy-storage) goes with it.
+                    discard_disks(record)
                 if outcome is None or outcome is Outcome.PENDING:
                     self.table.decide(record.migration_id, Outcome.ABORTED)
             await asyncio.to_thread(self.launcher.cleanup_files, record, paths)
@@ -160,6 +165,7 @@ class Reattach:
         dom.handed_over = True
         self.watcher.start(dom)
         await self.launcher.end_qemu(dom)
+        discard_disks(dom.record)
         self.table.decide(mid, Outcome.ABORTED)
         return False
 

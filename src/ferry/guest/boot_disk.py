@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ferry.errors import ImageError
-from ferry.guest.image import GuestImage, sparse_copy_into, write_new_disk
+from ferry.guest.image import GuestImage, sparse_copy_into
+from ferry.storage.new_disk import write_new_disk
 from ferry.util.commands import run_tool as run
 
 FIRMWARES = ("bios", "uefi")

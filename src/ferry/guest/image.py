@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ferry.errors import ImageError
 from ferry.guest import cache, initramfs, kernel, rootfs
+from ferry.storage.new_disk import write_new_disk
 from ferry.stream import bundle, media
 
 # Package data under ferry/guest/files; ferry_init/... becomes the zipapp /sbin/ferry-init.
@@ -212,29 +213,6 @@ def _build(
 def make_domain_disk(image: GuestImage, dest: Path) -> None:
     """Copy the root disk to ``dest`` keeping it sparse; never overwrite an existing file."""
     write_new_disk(dest, lambda tmp: _sparse_copy(image.rootfs, tmp))
-
-
-def write_new_disk(dest: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a disk into a temporary name beside ``dest``, then link it into place:
-    never over an existing file, never a half-written disk at ``dest``."""
-    if not dest.parent.is_dir():
-        raise ImageError(f"creating disk {dest}: directory {dest.parent} does not exist")
-    if dest.exists() or dest.is_symlink():
-        raise ImageError(f"creating disk {dest}: file exists, refusing to overwrite it")
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    try:
-        write(tmp)
-        try:
-            # link() fails if dest appeared meanwhile, where rename() would clobber it.
-            os.link(tmp, dest)
-        except FileExistsError as err:
-            raise ImageError(
-                f"creating disk {dest}: file exists, refusing to overwrite it"
-            ) from err
-    except OSError as err:
-        raise ImageError(f"creating disk {dest}: {err.strerror or err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sparse_copy(src: Path, dest: Path) -> None:

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from ferry.cluster.keys import disk_id
@@ -141,10 +141,15 @@ class Launcher:
 
     # -- ownership and leases --------------------------------------------------
 
-    def owned_disks(self, cfg: DomainConfig) -> list[str]:
-        """The disks ``cfg`` writes, by their cluster-wide id (checked disks only)."""
+    def owned_disks(self, cfg: DomainConfig, new: Collection[str] = ()) -> list[str]:
+        """The disks ``cfg`` writes, by their cluster-wide id (checked disks only;
+        ``new``: paths of disks still to be made here, by a --copy-storage migration)."""
         roots = self.host.storage_roots
-        return [disk_id(resolve_disk(d, roots)) for d in cfg.disks if d.writable]
+        return [
+            disk_id(os.path.realpath(d.path) if d.path in new else resolve_disk(d, roots))
+            for d in cfg.disks
+            if d.writable
+        ]
 
     async def claim(
         self, cfg: DomainConfig, taken_in_store: bool = False

@@ -39,6 +39,9 @@ class DomainRecord:
     # its ownership key when prepared (what the commit transaction compares).
     migration_source: str | None = None
     move_revision: int = 0
+    # Disks this host made for an arriving --copy-storage migration: removed
+    # if it aborts, the domain's own once it commits (the list is then emptied).
+    created_disks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -61,6 +64,7 @@ class DomainRecord:
             "owned_disks": self.owned_disks,
             "migration_source": self.migration_source,
             "move_revision": self.move_revision,
+            "created_disks": self.created_disks,
         }
 
     @classmethod
@@ -82,6 +86,7 @@ class DomainRecord:
                 owned_disks=[str(x) for x in data.get("owned_disks", [])],
                 migration_source=data.get("migration_source"),
                 move_revision=int(data.get("move_revision", 0)),
+                created_disks=[str(x) for x in data.get("created_disks", [])],
             )
         except (KeyError, TypeError, ValueError) as err:
             raise FerryError(f"{source}: damaged domain record: {err}") from err

@@ -72,6 +72,8 @@ class Incoming:
     gate: asyncio.Task[None] | None = None
     # Post-copy: the commit comes before the device state, held at the source.
     postcopy: bool = False
+    # --copy-storage: its QEMU serves its new disks to the source over NBD.
+    exports: bool = False
 
 
 BootFilesProvider = Callable[[DomainConfig], BootFiles]

@@ -19,6 +19,7 @@ from typing import Any
 from ferry.domain.migration_state import Outcome
 from ferry.domain.state import DomainState, Event, next_state
 from ferry.errors import DomainNotFound
+from ferry.host.arriving_disks import discard_disks
 from ferry.host.layout import HostLayout
 from ferry.host.outcomes import OutcomeBook
 from ferry.host.running import Incoming, RunningDomain
@@ -144,6 +145,8 @@ class DomainTable:
         for mid, arriving in list(self._incoming.items()):
             if arriving.dom is dom:
                 del self._incoming[mid]
+                # Never committed: a copy begun here (--copy-storage) is nobody's.
+                discard_disks(dom.record)
                 self.decide(mid, Outcome.ABORTED)
 
     def transition(self, dom: RunningDomain, event: Event) -> DomainState:

@@ -140,6 +140,11 @@ def _boot_args(cfg: DomainConfig, boot: BootFiles) -> list[str]:
     ]
 
 
+def disk_node(index: int) -> str:
+    """The node name of disk ``index``'s format layer."""
+    return f"ferry-disk{index}"
+
+
 def _disk_args(disk: DiskSpec, boot_disk: bool) -> list[str]:
     if disk.format is None:
         # Never let QEMU probe: the format is read once, checked, and pinned.
@@ -149,6 +154,8 @@ def _disk_args(disk: DiskSpec, boot_disk: bool) -> list[str]:
         f"file={_escape(disk.path)}",
         "if=none",
         f"id=disk{index}",
+        # A block export (a --copy-storage migration's target) names a node.
+        f"node-name={disk_node(index)}",
         f"format={disk.format}",
         f"cache={disk.cache_mode}",
     ]

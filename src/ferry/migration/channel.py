@@ -154,3 +154,28 @@ def _server_identity(credentials: Credentials, writer: asyncio.StreamWriter, hos
 def _no_constant(name: str) -> Any:
     """NaN and Infinity are not JSON: a peer that sends them sent garbage."""
     raise ValueError(f"{name} is not allowed")
+
+
+class PeerWatch:
+    """The target while the source streams: it speaks only to fail, and pings keep
+    it from taking our silence for a dead source."""
+
+    def __init__(self, channel: Channel, what: str, interval: float) -> None:
+        self.channel = channel
+        self.interval = interval
+        self._last_beat = 0.0
+        self._word = asyncio.create_task(channel.recv(timeout=1e9), name=what)
+
+    async def tick(self, now: float) -> None:
+        """Raise the target's error if it sent one; ping if it is time."""
+        if self._word.done():
+            self._word.result()  # raises the target's error
+            raise MigrationError(f"{self.channel.peer} spoke out of turn during the transfer")
+        if now - self._last_beat >= self.interval:
+            await self.channel.send({"type": "ping"})
+            self._last_beat = now
+
+    async def close(self) -> None:
+        self._word.cancel()
+        with contextlib.suppress(asyncio.CancelledError, MigrationError):
+            await self._word

@@ -19,13 +19,10 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from ferry.cluster.ownership import Ownership
 from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import UNKNOWN, Outcome
 from ferry.domain.state import Event, next_state
 from ferry.errors import (
-    ClusterError,
-    ClusterUnavailable,
     FerryError,
     MigrationError,
     MigrationRefused,
@@ -33,11 +30,14 @@ from ferry.errors import (
     StorageError,
     refusal_reason,
 )
+from ferry.host.arriving_disks import discard_disks, make_disks
 from ferry.host.launcher import Launcher
 from ferry.host.running import Incoming, RunningDomain
 from ferry.host.table import DomainTable
 from ferry.host.watcher import DomainWatcher
+from ferry.migration.arrival_waits import decide_in_store, wait_device_state
 from ferry.migration.data_link import FD_NAME
+from ferry.migration.disk_export import close_exports, export_disks
 from ferry.migration.params import MigrationParams
 from ferry.migration.sameness import SameDomain
 from ferry.migration.stream_gate import keep_port_to_source
@@ -51,6 +51,7 @@ from ferry.pki.qemu_psk import StreamKey
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import lease
 from ferry.storage.disks import check_disks
+from ferry.storage.new_disk import copied_disks
 from ferry.util.tasks import Background
 from ferry.util.wait import wait_until
 
@@ -121,16 +122,24 @@ class IncomingMigrations:
             if self.table.outcomes.get(migration_id) is not None:
                 raise refused(f"migration {migration_id[:8]} was seen before", "replay")
             roots = self.host.storage_roots
+            new = {d.path for d in copied_disks(cfg)} if params.copy_storage else set()
             try:
+                if params.copy_storage and (self.tls is None or source is None):
+                    raise MigrationRefused(
+                        "--copy-storage needs TLS (this host has insecure = true): a disk "
+                        "export without it would let anyone on the network write the disk",
+                        "stream",
+                    )
                 in_use = self.table.disks_in_use(roots, exclude=local)
-                check_disks(cfg, roots, in_use, self.host.storage_servers)
+                check_disks(cfg, roots, in_use, self.host.storage_servers, new)
+                to_make = self.same.new_disks(cfg, disks, params)
                 await asyncio.to_thread(tap.check_bridges, [v.bridge for v in cfg.vifs])
                 self.launcher.check_memory(cfg, self.table.promised_mib())
                 boot_files = self.launcher.boot_files(cfg)
                 accel = (await self.launcher.accel()).accel
                 steps.mark("checks")
                 ticket = await self.launcher.ownership.expect_move(
-                    cfg.name, source_host, self.launcher.owned_disks(cfg)
+                    cfg.name, source_host, self.launcher.owned_disks(cfg, new)
                 )
                 steps.mark("ownership")
             except FerryError as err:
@@ -145,6 +154,13 @@ class IncomingMigrations:
             # On disk before QEMU starts: a restart finds the migration either
             # way, and the outcome is never "unknown" for an id we prepared.
             self.table.outcomes.begin(migration_id)
+            try:
+                await make_disks(record, to_make)
+            except FerryError as err:
+                discard_disks(record)
+                self.table.decide(migration_id, Outcome.ABORTED)
+                raise refused(err, "storage") from err
+            steps.mark("disks")
             # The costly checks (qemu-img on each disk, the boot files' digests)
             # run while QEMU starts (56-115 ms here): it starts paused, waiting
             # for a stream that only a passed prepare admits, its disks
@@ -158,10 +174,12 @@ class IncomingMigrations:
                 steps.mark("same")
                 dom = await launching
             except FerryError:
+                discard_disks(record)
                 self.table.decide(migration_id, Outcome.ABORTED)
                 raise
             except BaseException:
                 launching.cancel()
+                discard_disks(record)
                 raise
             steps.mark("launch")
             token = secrets.token_hex(16)
@@ -175,11 +193,15 @@ class IncomingMigrations:
             # QEMU connects the channels itself: no data connection will come.
             arriving.streaming = True
             arriving.events = dom.monitor.watch_events(("MIGRATION",))
+        storage: dict[str, Any] = {}
         try:
             stream = await setup_target(
                 dom.monitor, params, self.tls, source, StreamKey.new(migration_id),
                 dom.paths.run_dir / STREAM_KEY_DIR, bind,
             )  # fmt: skip
+            if params.copy_storage and self.tls is not None and source is not None:
+                arriving.exports = True
+                storage = await export_disks(dom.monitor, copied_disks(cfg), bind, self.tls, source)
         except (FerryError, OSError) as err:
             await self.abort_incoming(migration_id, str(err))
             raise refused(err, "stream") from err
@@ -197,7 +219,7 @@ class IncomingMigrations:
             arriving.gate.add_done_callback(_gate_ended)
         steps.mark("qemu_setup")
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
-        return Prepared(token, steps.steps_ms, stream)
+        return Prepared(token, steps.steps_ms, stream, storage)
 
     async def _unlike(
         self,
@@ -243,6 +265,9 @@ class IncomingMigrations:
         else:
             await self._wait_stream_complete(dom)
         _stop_gate(arriving)
+        if arriving.exports:
+            # The source's mirrors ended before its stream went through.
+            await close_exports(dom.monitor)
         # Every channel has connected: the one-time key has done its job.
         shutil.rmtree(dom.paths.run_dir / STREAM_KEY_DIR, ignore_errors=True)
         dom.record.migration_was_running = resume
@@ -257,6 +282,8 @@ class IncomingMigrations:
                 f"'{dom.name}' (or this host holds no valid lease): not committed"
             )
         self.table.decide(migration_id, Outcome.COMMITTED)
+        # Made here for this migration, the disks are the domain's own now.
+        dom.record.created_disks = []
         if arriving.postcopy:
             # First thing after the commit point: whatever fails below, the
             # session still runs the domain once its device state is in.
@@ -368,6 +395,7 @@ class IncomingMigrations:
         log.info("aborting incoming %s (migration %s): %s", dom.name, migration_id[:8], reason)
         dom.handed_over = True  # the leases were never ours
         await self.launcher.end_qemu(dom)
+        discard_disks(dom.record)
         # Only once its QEMU has ended: "aborted" tells the source it may resume.
         self.table.decide(migration_id, Outcome.ABORTED)
 
@@ -386,51 +414,6 @@ class IncomingMigrations:
                 # Left as it is (paused, pending): the next ferryd asks the store.
                 continue
             await self.abort_incoming(mid, "ferryd is stopping")
-
-
-async def decide_in_store(ownership: Ownership, dom: RunningDomain, commit: bool) -> bool:
-    """The cluster store's answer, however long it takes: a lost answer is no answer.
-
-    Until it comes, the arriving QEMU stays, paused: ending it could lose a
-    domain that the store has already made this host's. True: it is ours.
-    """
-    mid = str(dom.record.migration_id)
-    delay = 0.2
-    while True:
-        try:
-            return await ownership.decide_move(dom.record.move_ticket(), mid, commit)
-        except ClusterUnavailable as err:
-            log.warning("migration %s of %s waits for etcd: %s", mid[:8], dom.name, err)
-        except ClusterError as err:
-            # Refused before anything was sent (no valid lease): nothing applied.
-            log.error("migration %s of %s: %s", mid[:8], dom.name, err)
-            return False
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
-
-
-async def wait_device_state(dom: RunningDomain) -> None:
-    """Until the arriving QEMU has loaded the device state (its runstate leaves inmigrate).
-
-    Quick at first: the source lets its stream through as soon as it hears
-    the commit. Then for as long as it takes: a source whose ferryd lost the
-    answer lets it through once it learns the outcome, even after a restart.
-    Raises FerryError when the QEMU's stream fails or the QEMU ends.
-    """
-    began = time.monotonic()
-    warned = began
-    while True:
-        if time.monotonic() - warned > 60:
-            warned = time.monotonic()
-            log.warning("committed domain %s still waits for its device state from %s (%.0f s)",
-                        dom.name, dom.record.migration_source, warned - began)  # fmt: skip
-        status = await dom.monitor.execute("query-status")
-        if isinstance(status, dict) and status.get("status") not in ("inmigrate", None):
-            return
-        stream = await stream_status(dom.monitor)
-        if stream in ("failed", "cancelled"):
-            raise MigrationError(f"its incoming stream {stream} before the device state came")
-        await asyncio.sleep(0.005 if time.monotonic() - began < 10 else 0.5)
 
 
 def _gate_ended(task: asyncio.Task[None]) -> None:

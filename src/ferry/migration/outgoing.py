@@ -8,6 +8,7 @@ import uuid
 from collections import deque
 from typing import Any
 
+from ferry.domain.disks import DiskSpec
 from ferry.domain.migration_state import Phase
 from ferry.domain.state import DomainState, Event
 from ferry.errors import InvalidTransition, MigrationAborted, MigrationRefused, StorageError
@@ -22,6 +23,7 @@ from ferry.migration.stream_plan import plan_stream
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage import lease
 from ferry.storage.cache_safety import migration_hazard
+from ferry.storage.new_disk import copied_disks
 from ferry.util.metrics import Metrics
 from ferry.util.tasks import Background
 
@@ -73,6 +75,12 @@ class OutgoingMigrations:
         try:
             began = time.monotonic()
             plan = plan_stream(params, secure=self.tls is not None)
+            copied = copied_disks(dom.record.config)
+            if params.copy_storage and not copied:
+                raise MigrationRefused(
+                    f"cannot migrate '{name}' with --copy-storage: it has no writable file disk "
+                    "to copy (URL and read-only disks are not copied)"
+                )
             facts = await self._disk_facts(dom, params)
             boot = await boot_facts(self.launcher, dom.record.config)
             facts_ms = round((time.monotonic() - began) * 1000, 1)
@@ -92,6 +100,7 @@ class OutgoingMigrations:
                 resume=was_running,
                 control=control,
                 tls=self.tls,
+                copy_disks=[d.index for d in copied] if params.copy_storage else [],
             )
             result = await out.run()
         except BaseException as err:
@@ -117,6 +126,8 @@ class OutgoingMigrations:
         began = time.monotonic()
         # The answer goes out now; our copy's QEMU ends behind it (~30 ms).
         await self.end.release(dom)
+        if params.copy_storage:
+            _mark_moved(dom, copied, host)
         self.background.start(self.launcher.end_qemu(dom), f"end of {name}'s old copy")
         result.steps_ms = {
             "facts": facts_ms,
@@ -180,8 +191,10 @@ class OutgoingMigrations:
         self, dom: RunningDomain, params: MigrationParams
     ) -> list[dict[str, Any]]:
         """What the target needs to prove it sees the very same disks."""
+        copied = copied_disks(dom.record.config) if params.copy_storage else []
         for disk in dom.record.config.disks:
-            hazard = None if params.unsafe_cache else migration_hazard(disk)
+            # A copied disk's page cache stays here: the target reads its own file.
+            hazard = None if params.unsafe_cache or disk in copied else migration_hazard(disk)
             if hazard is not None:
                 raise MigrationRefused(f"cannot migrate '{dom.name}': {hazard}")
         images: dict[str, dict[str, Any]] = {}
@@ -198,6 +211,9 @@ class OutgoingMigrations:
                 "size": image.get("virtual-size"),
                 "format": image.get("format"),
             }
+            if disk in copied:
+                # What the copy will take on the target's file system.
+                fact["allocated"] = image.get("actual-size", image.get("virtual-size"))
             if not disk.is_url and disk.writable:
                 held = lease.read_lease(disk.path)
                 if held is None or held.host != self.table.host_name:
@@ -208,6 +224,21 @@ class OutgoingMigrations:
                 fact["lease_token"] = held.token
             facts.append(fact)
         return facts
+
+
+def _mark_moved(dom: RunningDomain, disks: list[DiskSpec], host: str) -> None:
+    """The disks left here after a --copy-storage migration are stale copies: their
+    leases now name the target, so that nothing starts the domain here from them.
+
+    (The files are kept, as libvirt keeps them: removing them is the
+    operator's decision, once the domain runs well on its new host.)
+    """
+    for disk in disks:
+        try:
+            lease.write_lease(disk.path, host, dom.name)
+        except StorageError as err:
+            log.error("domain %s moved to %s, but its stale disk here is not marked: %s",
+                      dom.name, host, err)  # fmt: skip
 
 
 def _failed_outcome(phase: Phase, err: BaseException) -> str:

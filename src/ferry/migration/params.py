@@ -61,12 +61,25 @@ class MigrationParams:
     # loses the VM (ferry does not drive QEMU's post-copy recovery). Its gain:
     # the migration ends after one pass however fast the guest dirties memory.
     postcopy: bool = False
+    # Copy the domain's writable file disks to the target while it runs
+    # (`ferry migrate --copy-storage`), for disks only the source sees: the
+    # target makes empty ones of the same size and format and exports them
+    # over NBD (TLS, admitting the source only); the source mirrors into
+    # them, and disk and RAM switch over together at the held switchover.
+    copy_storage: bool = False
+    # How the mirror keeps up with the guest's writes once the bulk is copied:
+    # in the background (the guest never waits on the link, but what it wrote
+    # since the last round is copied while it is stopped at the switch), or
+    # synchronously (`--sync-writes`: each guest write also reaches the target
+    # before it completes, so nothing is left for the switch).
+    sync_writes: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
-        if not self.postcopy:
-            # A target from before post-copy refuses settings it does not know.
-            del wire["postcopy"]
+        # A target from before these refuses settings it does not know.
+        for optional in ("postcopy", "copy_storage", "sync_writes"):
+            if not wire[optional]:
+                del wire[optional]
         return wire
 
     @classmethod
@@ -108,6 +121,13 @@ class MigrationParams:
                 f"{source}: postcopy runs on one stream without compression (QEMU 7.2 refuses "
                 "post-copy with multifd channels)"
             )
+        if self.sync_writes and not self.copy_storage:
+            raise ConfigError(f"{source}: sync_writes is a setting of copy_storage")
+        if self.postcopy and self.copy_storage:
+            raise ConfigError(
+                f"{source}: postcopy and copy_storage do not go together (the disks would "
+                "switch before the memory, and a broken link would leave neither host whole)"
+            )
 
     @property
     def multifd(self) -> bool:
@@ -123,8 +143,9 @@ class MigrationParams:
             "multifd": self.multifd,
             "postcopy-ram": self.postcopy,
             # The source stops before the switch and waits for ferry: the
-            # target commits there, while the source can still take the VM back.
-            "pause-before-switchover": self.postcopy,
+            # target commits there (post-copy), or the disks' mirrors end
+            # there (copy_storage), while the source can still take the VM back.
+            "pause-before-switchover": self.postcopy or self.copy_storage,
         }
 
     def qemu_parameters(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ferry.domain.config import DomainConfig
+from ferry.domain.disks import DiskSpec
 from ferry.errors import ImageError, StorageError
 from ferry.host.launcher import Launcher
 from ferry.hypervisor.firmware import UefiFiles
@@ -20,6 +21,7 @@ from ferry.hypervisor.seed import seed_digest
 from ferry.migration.params import MigrationParams
 from ferry.storage import images, lease
 from ferry.storage.cache_safety import migration_hazard
+from ferry.storage.new_disk import check_new_disk, copied_disks
 
 
 class SameDomain:
@@ -29,12 +31,38 @@ class SameDomain:
         self.launcher = launcher
         self.host = launcher.host
 
+    def new_disks(
+        self, cfg: DomainConfig, facts: list[Any], params: MigrationParams
+    ) -> list[tuple[DiskSpec, int]]:
+        """--copy-storage: each disk to make here (none may exist yet), with its size."""
+        if not params.copy_storage:
+            return []
+        if len(facts) != len(cfg.disks):
+            raise StorageError("the source described a different number of disks")
+        by_target = dict(zip((d.target for d in cfg.disks), facts, strict=True))
+        made = []
+        for disk in copied_disks(cfg):
+            fact = by_target[disk.target]
+            size, used = (fact.get(k) if isinstance(fact, dict) else None for k in
+                          ("size", "allocated"))  # fmt: skip
+            if not (isinstance(size, int) and size > 0 and isinstance(used, int) and used >= 0):
+                raise StorageError(f"disk {disk.path}: the source sent no size to copy")
+            theirs = fact.get("format") if isinstance(fact, dict) else None
+            if disk.format is None or theirs != disk.format:
+                raise StorageError(f"disk {disk.path}: its format here and at the source differ")
+            check_new_disk(disk, self.host.storage_roots, min(used, size))
+            made.append((disk, size))
+        return made
+
     async def disks(self, cfg: DomainConfig, facts: list[Any], params: MigrationParams) -> None:
         if len(facts) != len(cfg.disks):
             raise StorageError("the source described a different number of disks")
+        copied = copied_disks(cfg) if params.copy_storage else []
         for disk, fact in zip(cfg.disks, facts, strict=True):
             if not isinstance(fact, dict):
                 raise StorageError("malformed disk description")
+            if disk in copied:
+                continue  # made here empty, checked by new_disks
             if disk.format is None:
                 raise StorageError(f"disk {disk.path}: the source sent no format for it")
             hazard = None if params.unsafe_cache else migration_hazard(disk)

@@ -31,7 +31,7 @@ from ferry.errors import (
 )
 from ferry.host.running import OutgoingControl
 from ferry.hypervisor.monitor import Monitor
-from ferry.migration.channel import PROTOCOL_VERSION, Channel
+from ferry.migration.channel import PROTOCOL_VERSION, Channel, PeerWatch
 from ferry.migration.channel_tuning import ChannelTuner
 from ferry.migration.convergence import (
     Action,
@@ -41,10 +41,11 @@ from ferry.migration.convergence import (
     SetFirstThrottle,
 )
 from ferry.migration.data_link import CONNECT_TIMEOUT, FD_NAME, open_data_connection
+from ferry.migration.disk_mirror import DiskMirror, DiskProgress
 from ferry.migration.params import MigrationParams
 from ferry.migration.progress import Progress
 from ferry.migration.stream_setup import setup_source
-from ferry.migration.switchover import HELD, finish_postcopy, wait_migration_settled
+from ferry.migration.switchover import HELD, finish_postcopy, let_through, wait_migration_settled
 from ferry.migration.timeline import Timeline
 from ferry.pki.qemu_tls import QemuTls
 
@@ -89,6 +90,11 @@ class OutgoingResult:
     # What the convergence policy did, in order (ferry.migration.convergence).
     decisions: list[dict[str, Any]] = field(default_factory=list)
     throttle_pct: int = 0  # auto-converge's vCPU throttle at the end
+    # --copy-storage: the disks' bytes copied, the time until every mirror had
+    # caught up, and the last blocks' copy while the VM was stopped.
+    disk_bytes: int = 0
+    disk_copy_s: float | None = None
+    disk_final_ms: float | None = None
     # Each step on the source's clock, and the target's prepare split its way.
     steps_ms: dict[str, float] = field(default_factory=dict)
     target_steps_ms: dict[str, float] = field(default_factory=dict)
@@ -119,6 +125,13 @@ class OutgoingMigration:
     plan_reason: str = ""
     # The source QEMU's PID: its own multifd sockets get the low-water mark.
     qemu_pid: int | None = None
+    # --copy-storage: the indices of the disks to mirror to the target.
+    copy_disks: list[int] = field(default_factory=list)
+    _mirror: DiskMirror | None = field(default=None, init=False)
+    _storage: dict[str, Any] = field(default_factory=dict, init=False)
+    _disk_done: DiskProgress | None = field(default=None, init=False)
+    _disk_copy_s: float | None = field(default=None, init=False)
+    _disk_final_ms: float | None = field(default=None, init=False)
     _tuner: ChannelTuner | None = field(default=None, init=False)
     _convergence: Convergence | None = field(default=None, init=False)
     _downtime_limit: int = field(default=0, init=False)
@@ -152,14 +165,17 @@ class OutgoingMigration:
                 token, stream = await self._prepare(channel)
                 steps.mark("prepare")
                 self._check_abort()
+                self.control.advance(Phase.TRANSFER)
+                transfer_start = time.monotonic()
+                if self.copy_disks:
+                    await self._copy_disks(channel)
+                    steps.mark("disks")
                 data = None
                 if not self.params.multifd:
                     data = await open_data_connection(
                         self.host, self.port, self.migration_id, token
                     )
                     steps.mark("data_connect")
-                self.control.advance(Phase.TRANSFER)
-                transfer_start = time.monotonic()
                 progress = await self._transfer(channel, data, stream, events)
                 stop_ts = _last_event_time(events, "STOP")
             self.control.advance(Phase.COMMIT)
@@ -227,6 +243,9 @@ class OutgoingMigration:
             postcopy=self._convergence is not None and self._convergence.switched,
             postcopy_s=None if postcopy_s is None else round(postcopy_s, 3),
             postcopy_requests=progress.postcopy_requests if postcopy_s is not None else None,
+            disk_bytes=self._disk_done.copied if self._disk_done else 0,
+            disk_copy_s=self._disk_copy_s,
+            disk_final_ms=self._disk_final_ms,
             steps_ms=steps.steps_ms,
             target_steps_ms=self._target_steps,
         )
@@ -262,8 +281,33 @@ class OutgoingMigration:
             }
         if not isinstance(token, str):
             raise MigrationError(f"{self.host} sent no data token")
-        stream = prepared.get("stream")
+        stream, storage = prepared.get("stream"), prepared.get("storage")
+        self._storage = storage if isinstance(storage, dict) else {}
         return token, stream if isinstance(stream, dict) else {}
+
+    async def _copy_disks(self, channel: Channel) -> None:
+        """Mirror the disks into the target's exports until every mirror has caught up."""
+        if self.tls is None:
+            raise MigrationError("--copy-storage needs TLS: this host has insecure = true")
+        began = time.monotonic()
+        self._mirror = DiskMirror(
+            self.monitor, self.tls, self.host, channel.peer_address(), self._storage,
+            self.copy_disks, self.qemu_pid, self.params.sync_writes,
+        )  # fmt: skip
+        peer = PeerWatch(channel, f"target's word on {self.migration_id[:8]}", HEARTBEAT_INTERVAL)
+        try:
+            await self._mirror.start()
+
+            async def tick(disk: DiskProgress) -> None:
+                self.on_progress({"phase": self.phase, "status": "copying disks",
+                                  "disk": disk.to_wire()})  # fmt: skip
+                await peer.tick(time.monotonic())
+                self._check_abort()
+
+            await self._mirror.until_ready(tick, self.params.stall_timeout_s, POLL_INTERVAL)
+        finally:
+            await peer.close()
+        self._disk_copy_s = round(time.monotonic() - began, 3)
 
     async def _transfer(
         self, channel: Channel, data: socket.socket | None, stream: dict[str, Any], events: Any
@@ -300,11 +344,8 @@ class OutgoingMigration:
     async def _follow(self, channel: Channel, events: Any) -> Progress:
         """Poll QEMU until the memory stream completes; cancel it on a stall or abort."""
         last_bytes, last_change = -1, time.monotonic()
-        last_beat = 0.0
         policy = self._convergence = Convergence(self.params, time.monotonic())
-        peer = asyncio.create_task(
-            channel.recv(timeout=1e9), name=f"target's word on {self.migration_id[:8]}"
-        )
+        peer = PeerWatch(channel, f"target's word on {self.migration_id[:8]}", HEARTBEAT_INTERVAL)
         try:
             while True:
                 info = await self.monitor.execute("query-migrate")
@@ -316,9 +357,20 @@ class OutgoingMigration:
                     log.warning("migration of %s: %s (%s)", self.name, decision["decision"],
                                 decision["why"])  # fmt: skip
                     self.on_progress(update | {"decision": decision})
+                if self._mirror is not None and self._mirror.active:
+                    disk = await self._mirror.progress()  # raises if a mirror failed
+                    update |= {"disk": disk.to_wire()}
                 self.on_progress(update | {"downtime_limit_ms": policy.limit_ms})
                 if self._tuner is not None:
                     self._tuner.poll()
+                if progress.status == HELD and self._mirror is not None and self._mirror.active:
+                    # Stopped before the switch: the disks' last blocks, then the device state.
+                    began = time.monotonic()
+                    self._disk_done = await self._mirror.finish()
+                    self._timeline.mark("disk_final")
+                    self._disk_final_ms = round((time.monotonic() - began) * 1000, 1)
+                    await let_through(self.monitor)
+                    continue
                 if progress.status in ("completed", HELD):
                     # Held (post-copy): the VM is stopped here, waiting for the commit.
                     return progress
@@ -333,23 +385,16 @@ class OutgoingMigration:
                         f"no progress for {self.params.stall_timeout_s:.0f} s: the link to "
                         f"{self.host} seems down"
                     )
-                if peer.done():
-                    peer.result()  # raises the target's error
-                    raise MigrationError(f"{self.host} spoke out of turn during the transfer")
+                await peer.tick(now)
                 self._check_abort()
                 await self._apply(actions)
-                if now - last_beat >= HEARTBEAT_INTERVAL:
-                    await channel.send({"type": "ping"})
-                    last_beat = now
                 # Woken by QEMU's MIGRATION event, the end of the stream is
                 # seen at once: every millisecond here is downtime.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_INTERVAL):
                         await events.get()
         finally:
-            peer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, MigrationError):
-                await peer
+            await peer.close()
 
     async def _apply(self, actions: list[Action]) -> None:
         """Carry out the convergence policy's decisions (ferry.migration.convergence)."""
@@ -391,6 +436,9 @@ class OutgoingMigration:
                 await wait_migration_settled(self.monitor)
         except FerryError as rollback_err:
             log.error("rollback of %s on the source: %s", self.name, rollback_err)
+        if self._mirror is not None:
+            # The source's disks were only read: the target's copy is what is lost.
+            await self._mirror.abort()
         await channel.send_error(MigrationError(f"source aborted: {err}"))
         await channel.close()
 

@@ -43,6 +43,8 @@ class Prepared:
     steps_ms: dict[str, float]
     # multifd: where the arriving QEMU listens and the channels' one-time key.
     stream: dict[str, Any] = field(default_factory=dict)
+    # --copy-storage: where the arriving QEMU serves its new disks (port, exports).
+    storage: dict[str, Any] = field(default_factory=dict)
 
 
 class TargetHost(Protocol):
@@ -179,6 +181,7 @@ async def _session(
                 "token": prepared.token,
                 "steps_ms": prepared.steps_ms,
                 "stream": prepared.stream,
+                "storage": prepared.storage,
             }
         )
         while True:

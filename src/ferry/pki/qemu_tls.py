@@ -62,6 +62,10 @@ def authz_object(object_id: str, peer: Identity) -> dict[str, Any]:
 
 CREDS_ID = "ferry-tls"
 AUTHZ_ID = "ferry-authz"
+# The disks' NBD connections (--copy-storage) have objects of their own: the
+# memory stream may run on multifd's one-time key instead of x509.
+NBD_CREDS_ID = "ferry-nbd-tls"
+NBD_AUTHZ_ID = "ferry-nbd-authz"
 
 
 class QemuTls:
@@ -87,6 +91,19 @@ class QemuTls:
         await monitor.execute(
             "migrate-set-parameters", {"tls-creds": CREDS_ID, "tls-authz": AUTHZ_ID}
         )
+
+    async def setup_nbd_server(self, monitor: Monitor, source: Identity) -> tuple[str, str]:
+        """The arriving QEMU's disk exports: TLS admitting ``source``'s certificate only."""
+        with self._files() as directory:
+            await replace_object(monitor, creds_object(NBD_CREDS_ID, directory, "server"))
+        await replace_object(monitor, authz_object(NBD_AUTHZ_ID, source))
+        return NBD_CREDS_ID, NBD_AUTHZ_ID
+
+    async def setup_nbd_client(self, monitor: Monitor) -> str:
+        """The departing QEMU's connections to the target's disk exports."""
+        with self._files() as directory:
+            await replace_object(monitor, creds_object(NBD_CREDS_ID, directory, "client"))
+        return NBD_CREDS_ID
 
     @contextlib.contextmanager
     def _files(self) -> Iterator[Path]:

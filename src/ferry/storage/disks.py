@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -65,18 +65,20 @@ def check_disks(
     roots: Sequence[Path],
     in_use: Iterable[tuple[str, str]],
     servers: Sequence[str] = (),
+    new: Collection[str] = (),
 ) -> None:
     """Refuse a config whose disks are missing, outside the roots or the allowed
     storage servers, or written by another domain.
 
     ``in_use`` holds (domain name, canonical disk identity) for the writable
-    disks of the domains already on this host.
+    disks of the domains already on this host. ``new``: the paths of disks
+    still to be made here (--copy-storage), checked where they are made.
     """
     users = dict((disk, name) for name, disk in in_use)
     for disk in cfg.disks:
         if disk.is_url:
             check_url(disk, servers)
-        identity = resolve_disk(disk, roots)
+        identity = os.path.realpath(disk.path) if disk.path in new else resolve_disk(disk, roots)
         owner = users.get(identity)
         if owner is not None and owner != cfg.name:
             raise StorageError(f"disk {disk.path} is already in use by domain '{owner}'")

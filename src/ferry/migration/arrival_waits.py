@@ -1,0 +1,59 @@
+"""What an arriving domain waits on: the cluster store's decision, and its device state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ferry.cluster.ownership import Ownership
+from ferry.errors import ClusterError, ClusterUnavailable, MigrationError
+from ferry.host.running import RunningDomain
+from ferry.migration.switchover import stream_status
+
+log = logging.getLogger("ferryd")
+
+
+async def decide_in_store(ownership: Ownership, dom: RunningDomain, commit: bool) -> bool:
+    """The cluster store's answer, however long it takes: a lost answer is no answer.
+
+    Until it comes, the arriving QEMU stays, paused: ending it could lose a
+    domain that the store has already made this host's. True: it is ours.
+    """
+    mid = str(dom.record.migration_id)
+    delay = 0.2
+    while True:
+        try:
+            return await ownership.decide_move(dom.record.move_ticket(), mid, commit)
+        except ClusterUnavailable as err:
+            log.warning("migration %s of %s waits for etcd: %s", mid[:8], dom.name, err)
+        except ClusterError as err:
+            # Refused before anything was sent (no valid lease): nothing applied.
+            log.error("migration %s of %s: %s", mid[:8], dom.name, err)
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+async def wait_device_state(dom: RunningDomain) -> None:
+    """Until the arriving QEMU has loaded the device state (its runstate leaves inmigrate).
+
+    Quick at first: the source lets its stream through as soon as it hears
+    the commit. Then for as long as it takes: a source whose ferryd lost the
+    answer lets it through once it learns the outcome, even after a restart.
+    Raises FerryError when the QEMU's stream fails or the QEMU ends.
+    """
+    began = time.monotonic()
+    warned = began
+    while True:
+        if time.monotonic() - warned > 60:
+            warned = time.monotonic()
+            log.warning("committed domain %s still waits for its device state from %s (%.0f s)",
+                        dom.name, dom.record.migration_source, warned - began)  # fmt: skip
+        status = await dom.monitor.execute("query-status")
+        if isinstance(status, dict) and status.get("status") not in ("inmigrate", None):
+            return
+        stream = await stream_status(dom.monitor)
+        if stream in ("failed", "cancelled"):
+            raise MigrationError(f"its incoming stream {stream} before the device state came")
+        await asyncio.sleep(0.005 if time.monotonic() - began < 10 else 0.5)

@@ -1,0 +1,223 @@
+"""--copy-storage's two halves on real QEMUs (no guest, so each test takes seconds):
+the target's NBD exports (``ferry.migration.disk_export``) and the source's mirrors
+(``ferry.migration.disk_mirror``), over QEMU's TLS with the cluster CA's certificates.
+
+What must hold: the copy is the source's disk byte for byte, writes made while it
+runs included; only the source's certificate is admitted; a target that dies
+midway leaves the source's QEMU running on its own disk, unchanged, with no node
+or job of the copy left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ferry.domain.disks import DiskSpec
+from ferry.errors import FerryError, MigrationError
+from ferry.hypervisor.monitor import Monitor
+from ferry.migration.disk_export import close_exports, export_disks
+from ferry.migration.disk_mirror import DiskMirror, DiskProgress
+from ferry.migration.switchover import let_through
+from ferry.pki.credentials import Credentials
+from ferry.pki.qemu_tls import QemuTls
+from ferry.storage.new_disk import create_image
+from ferry.util.wait import wait_until
+from tests.unit.pki_support import TestCA
+
+pytestmark = pytest.mark.integration
+MIB = 1 << 20
+
+
+def qemu(tmp: Path, tag: str, disk: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A guestless QEMU with ferry's drive layout (SeaBIOS finds nothing to boot)."""
+    return subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-m", "64",
+            "-nodefaults", "-display", "none",
+            "-drive", f"file={disk},if=none,id=disk0,node-name=ferry-disk0,format=qcow2,cache=none",
+            "-device", "virtio-blk-pci,drive=disk0,id=vd0,addr=0x8",
+            "-qmp", f"unix:{tmp / tag}.sock,server=on,wait=off", *extra,
+        ],
+        stderr=(tmp / f"{tag}.err").open("wb"),
+    )  # fmt: skip
+
+
+def qemu_io(disk: Path, *commands: str) -> None:
+    args = [arg for c in commands for arg in ("-c", c)]
+    subprocess.run(["qemu-io", "-f", "qcow2", *args, str(disk)], check=True, capture_output=True)
+
+
+def identical(a: Path, b: Path) -> bool:
+    cmd = ["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", str(a), str(b)]
+    return subprocess.run(cmd).returncode == 0
+
+
+@dataclass
+class Pair:
+    tmp: Path
+    ca: TestCA
+    src_disk: Path
+    dst_disk: Path
+    src: Monitor
+    dst: Monitor
+    src_proc: subprocess.Popen[bytes]
+    dst_proc: subprocess.Popen[bytes]
+    src_tls: QemuTls
+    dst_tls: QemuTls
+    source: Credentials
+
+    async def export(self) -> dict[str, object]:
+        spec = DiskSpec(path=str(self.dst_disk), target="xvda", format="qcow2")
+        return await export_disks(self.dst, [spec], "127.0.0.1", self.dst_tls, self.source.identity)
+
+    def mirror(self, storage: dict[str, object], tls: QemuTls | None = None) -> DiskMirror:
+        return DiskMirror(
+            self.src, tls or self.src_tls, "h2", "127.0.0.1", storage, [0], self.src_proc.pid
+        )
+
+
+async def connect(path: Path, name: str) -> Monitor:
+    await wait_until(lambda: path.exists(), timeout=10, interval=0.02, what=f"{path}")
+    monitor = Monitor(name)
+    await monitor.connect(path, 10)
+    return monitor
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    ca = TestCA(tmp_path)
+    h1, h2 = ca.credentials("h1"), ca.credentials("h2")
+    src_disk, dst_disk = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src_disk), "512M"], check=True)
+    # Data at both ends and a hole between: the copy must keep all three right.
+    qemu_io(src_disk, "write -P 0xab 0 96M", "write -P 0x11 400M 16M")
+    await create_image(str(dst_disk), "qcow2", 512 * MIB)
+    procs = [qemu(tmp_path, "src", src_disk)]
+    procs.append(qemu(tmp_path, "dst", dst_disk, "-S", "-incoming", "defer"))
+    try:
+        src = await connect(tmp_path / "src.sock", "src")
+        dst = await connect(tmp_path / "dst.sock", "dst")
+        yield Pair(
+            tmp_path, ca, src_disk, dst_disk, src, dst, procs[0], procs[1],
+            QemuTls(h1, tmp_path / "tls-h1"), QemuTls(h2, tmp_path / "tls-h2"), h1,
+        )  # fmt: skip
+        for monitor in (src, dst):
+            await monitor.close()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+async def status(monitor: Monitor) -> str:
+    info = await monitor.execute("query-migrate")
+    assert isinstance(info, dict)
+    return str(info.get("status", "none"))
+
+
+async def test_disk_and_memory_switch_over_together(pair: Pair) -> None:
+    """The whole source sequence of a --copy-storage migration, on two QEMUs."""
+    storage = await pair.export()
+    caps = [{"capability": "late-block-activate", "state": True}]
+    await pair.dst.execute("migrate-set-capabilities", {"capabilities": caps})
+    await pair.dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    info = await pair.dst.execute("query-migrate")
+    port = info["socket-address"][0]["port"]  # type: ignore[index]
+
+    mirror = pair.mirror(storage)
+    await mirror.start()
+    seen: list[DiskProgress] = []
+
+    async def tick(disk: DiskProgress) -> None:
+        seen.append(disk)
+
+    ready = await mirror.until_ready(tick, stall_s=10, poll_s=0.02)
+    assert ready.ready and ready.copied == ready.total >= 512 * MIB
+    # Written after the bulk was copied: the mirror must carry it over as well.
+    await pair.src.execute(
+        "human-monitor-command", {"command-line": 'qemu-io disk0 "write -P 0x5a 200M 4M"'}
+    )
+    caps = [{"capability": "pause-before-switchover", "state": True}]
+    await pair.src.execute("migrate-set-capabilities", {"capabilities": caps})
+    await pair.src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    await wait_until(
+        lambda: _is(pair.src, "pre-switchover"), timeout=30, interval=0.02, what="the hold"
+    )
+    done = await mirror.finish()
+    assert done.copied == done.total and not mirror.active
+    nodes = await pair.src.execute("query-named-block-nodes")
+    assert not [n for n in nodes if str(n.get("node-name", "")).startswith("ferry-mig-")]  # type: ignore[union-attr]
+    await let_through(pair.src)
+    await wait_until(lambda: _is(pair.dst, "completed"), timeout=30, what="the stream")
+    await close_exports(pair.dst)
+    await pair.dst.execute("cont")
+    # The target's disk, now the guest's, is the source's byte for byte.
+    assert identical(pair.src_disk, pair.dst_disk)
+    assert seen and not seen[0].ready
+
+
+async def _is(monitor: Monitor, wanted: str) -> bool:
+    return await status(monitor) == wanted
+
+
+async def test_only_the_source_is_admitted(pair: Pair) -> None:
+    """A host of the same CA that is not the source gets nothing of the export."""
+    storage = await pair.export()
+    other = QemuTls(pair.ca.credentials("h3"), pair.tmp / "tls-h3")
+    mirror = pair.mirror(storage, tls=other)
+    with pytest.raises(FerryError):
+        await mirror.start()
+    await mirror.abort()
+    empty = pair.tmp / "empty.qcow2"
+    await create_image(str(empty), "qcow2", 512 * MIB)
+    assert identical(pair.dst_disk, empty), "the target's disk was written"
+
+
+async def test_a_target_killed_midway_leaves_the_source_whole(pair: Pair) -> None:
+    reference = pair.tmp / "reference.qcow2"
+    shutil.copyfile(pair.src_disk, reference)
+    storage = await pair.export()
+    mirror = pair.mirror(storage)
+    await mirror.start()
+    killed = False
+
+    async def tick(disk: DiskProgress) -> None:
+        nonlocal killed
+        if disk.copied > 0 and not killed:
+            os.kill(pair.dst_proc.pid, signal.SIGKILL)
+            killed = True
+
+    with pytest.raises(MigrationError, match="copy of disk vda"):
+        await mirror.until_ready(tick, stall_s=10, poll_s=0.001)
+    began = time.monotonic()
+    await mirror.abort()
+    assert time.monotonic() - began < 10
+    state = await pair.src.execute("query-status")
+    assert state["running"], state  # type: ignore[index]
+    assert await pair.src.execute("query-jobs") == []
+    nodes = await pair.src.execute("query-named-block-nodes")
+    assert not [n for n in nodes if str(n.get("node-name", "")).startswith("ferry-mig-")]  # type: ignore[union-attr]
+    await pair.src.execute("quit")
+    pair.src_proc.wait(10)
+    assert identical(pair.src_disk, reference)
+
+
+async def test_a_mirror_not_caught_up_is_not_finished(pair: Pair) -> None:
+    """finish() before READY would leave the target short of blocks: refused."""
+    storage = await pair.export()
+    mirror = pair.mirror(storage)
+    await mirror.start()
+    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 1 * MIB})
+    with pytest.raises(MigrationError, match="not caught up"):
+        await mirror.finish()
+    await mirror.abort()
+    assert await pair.src.execute("query-jobs") == []
