@@ -74,7 +74,7 @@ class Machine:
         self.start_postcopy = threading.Event()
         self.proceed = threading.Event()
         self.plan: dict[str, Any] = {}
-        self.disks: dict[str, tuple[str, str]] = {}  # qdev id -> (file, format)
+        self.disks: dict[str, tuple[str, str]] = {}  # drive id -> (file, format)
         self.objects: dict[str, dict[str, Any]] = {}
         self.tls_peer: str | None = None  # the subject of the last TLS peer
         self.workdir = Path(tempfile.gettempdir())
@@ -161,8 +161,13 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
         return {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "fake"}
     if command == "query-block":
         return [
-            {"qdev": qdev, "inserted": {"image": _image_info(path, fmt)}}
-            for qdev, (path, fmt) in machine.disks.items()
+            # As QEMU 7.2 names them: the drive's id, and the device's backend path.
+            {
+                "device": drive,
+                "qdev": f"/machine/peripheral/vd{drive.removeprefix('disk')}/virtio-backend",
+                "inserted": {"image": _image_info(path, fmt)},
+            }
+            for drive, (path, fmt) in machine.disks.items()
         ]
     if command == "migrate-set-capabilities":
         machine.caps.update({c["capability"]: c["state"] for c in args["capabilities"]})
@@ -305,8 +310,7 @@ def main(argv: list[str]) -> None:
         if arg == "-drive":
             opts = dict(o.split("=", 1) for o in argv[i + 1].split(",") if "=" in o)
             if "id" in opts:
-                qdev = "vd" + opts["id"].removeprefix("disk")
-                machine.disks[qdev] = (opts["file"], opts.get("format", "raw"))
+                machine.disks[opts["id"]] = (opts["file"], opts.get("format", "raw"))
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if "-daemonize" in argv:
         ready_r, ready_w = os.pipe()

@@ -28,7 +28,7 @@ def vm_config_text(
     for a disk that holds a bare file system.
     """
     disk = StorageSpec(storage_kind, export_dir).disk(name)
-    if storage_kind == "dir":
+    if storage_kind in ("dir", "local"):
         disk = f"tap:aio:{disk}"  # as the classic config named its file on NFS
     head = {
         "kernel": 'kernel = "ferry"  # ferry\'s own guest kernel, booted directly\n',

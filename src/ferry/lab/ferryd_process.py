@@ -26,6 +26,8 @@ class FerrydProcess:
     config: Path | None = None
     accel: str | None = None
     image_cache: Path | None = None
+    # (own directory, shared path): this host's local disks (ferry.lab.private_dir).
+    private_dir: tuple[Path, Path] | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -48,6 +50,10 @@ class FerrydProcess:
             argv += ["--accel", self.accel]
         if self.image_cache is not None:
             argv += ["--image-cache", str(self.image_cache)]
+        if self.private_dir is not None:
+            own, shared = self.private_dir
+            argv = [sys.executable, "-m", "ferry.lab.private_dir", str(own), str(shared), "--",
+                    *argv]  # fmt: skip
         return netns.popen_argv(self.ns, argv) if self.ns else argv
 
     def start(self, timeout: float = 30.0) -> None:

@@ -48,6 +48,7 @@ def start_ferryd(lab: Lab, host: str, config_text: str | None = None) -> None:
     ferryd = FerrydProcess(
         name=host, state_dir=state_dir, run_dir=run_dir, log=Path(daemon.log),
         ns=topology.node(host).ns, config=config,
+        private_dir=(lab.local_dir(host), lab.export_dir) if lab.storage == "local" else None,
     )  # fmt: skip
     lab.daemons[host] = daemon
     try:

@@ -129,7 +129,12 @@ def _make_disks(lab: Lab, log: Log, disk_format: str = "raw") -> None:
         image = load_image()
     except ImageError:
         image = build_image(log=log)
-    disk = lab.export_dir / f"{VM_NAME}.img"
+    where = lab.export_dir
+    if lab.storage == "local":
+        for host in HOSTS:
+            lab.local_dir(host.name).mkdir(parents=True, exist_ok=True)
+        where = lab.local_dir(HOSTS[0].name)  # the VM starts there, its disk with it
+    disk = where / f"{VM_NAME}.img"
     if lab.boot in ("disk", "uefi"):
         # What the installed guest's own bootloader config holds: its address.
         ip = f"ip={VM_ADDRESS}:::255.255.255.0:{VM_NAME}:eth0:off"
@@ -145,7 +150,7 @@ def _make_disks(lab: Lab, log: Log, disk_format: str = "raw") -> None:
         converted.replace(disk)
     elif disk_format != "raw":
         raise FerryError(f"lab disk format {disk_format!r} is not raw or qcow2")
-    with (lab.export_dir / f"{SCRATCH}.img").open("xb") as scratch:
+    with (where / f"{SCRATCH}.img").open("xb") as scratch:
         scratch.truncate(SCRATCH_SIZE)
 
 

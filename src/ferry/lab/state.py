@@ -59,7 +59,7 @@ class HostDaemon:
 @dataclass
 class Lab:
     workdir: Path
-    storage: str  # nfs, nbd or dir
+    storage: str  # nfs, nbd, dir or local
     rate: str | None  # tc rate of every link; None: unshaped
     memory: int  # MiB, for the lab VM's config
     disk: str  # virt_server's disk as QEMU opens it: URL, or path for dir
@@ -74,6 +74,10 @@ class Lab:
     @property
     def export_dir(self) -> Path:
         return self.workdir / "xen"
+
+    def local_dir(self, host: str) -> Path:
+        """``local`` storage: what ``host`` sees at export_dir (its own disks)."""
+        return self.workdir / "local" / host
 
     @property
     def state_file(self) -> Path:

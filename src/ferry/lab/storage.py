@@ -11,6 +11,9 @@
 - ``nbd``: qemu-storage-daemon exporting each image by name.
 - ``dir``: no server; both hosts open the same path (a file system shared by
   the OS, as an NFS mount would be on real hosts).
+- ``local``: no server, nothing shared: each host sees a directory of its own
+  at the same path (:mod:`ferry.lab.private_dir`); the disk starts on
+  xen_host_1 only.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ VM_MAC = "00:16:3e:4a:21:07"
 NETNS_ETC = Path("/etc/netns")
 DEFAULT_RATE = "100mbit"
 # What `ferry lab up` offers; here, so that building the parser imports nothing heavy.
-STORAGE_KINDS = ("nfs", "nbd", "dir")
+# local: each host has a disk directory of its own at the same path (no
+# shared storage: what `ferry migrate --copy-storage` is for).
+STORAGE_KINDS = ("nfs", "nbd", "dir", "local")
 BOOTS = ("kernel", "disk", "uefi")
 DEFAULT_MEMORY = 256  # MiB of the lab VM
 DEFAULT_WORKDIR = Path(os.environ.get("FERRY_LAB_WORKDIR") or "/var/lib/ferry-lab")

@@ -202,10 +202,12 @@ class OutgoingMigrations:
         for block in blocks if isinstance(blocks, list) else []:
             image = block.get("inserted", {}).get("image", {})
             if isinstance(image, dict) and "virtual-size" in image:
-                images[str(block.get("qdev", ""))] = image
+                # The drive's id (ferry's -drive id=diskN), not the qdev path,
+                # which ends in /virtio-backend.
+                images[str(block.get("device", ""))] = image
         facts = []
         for disk in dom.record.config.disks:
-            image = next((v for k, v in images.items() if k.endswith(f"vd{disk.index}")), {})
+            image = images.get(f"disk{disk.index}", {})
             fact: dict[str, Any] = {
                 "path": disk.path,
                 "size": image.get("virtual-size"),
