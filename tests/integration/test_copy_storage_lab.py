@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ import pytest
 
 from ferry.guest.image import GuestImage
 from ferry.lab import netns
+from ferry.lab.host_daemons import start_ferryd
 from ferry.lab.lab import Lab
 from ferry.util.wait import wait_until_sync
 
@@ -52,8 +55,8 @@ def local_lab(request: pytest.FixtureRequest, guest_image: GuestImage) -> Iterat
         yield lab
 
 
-def copy_in_background(s: Scenario) -> subprocess.Popen[str]:
-    argv = ["ferry", "migrate", "--json", "-l", "--copy-storage", VM, "xen_host_2"]
+def copy_in_background(s: Scenario, *flags: str) -> subprocess.Popen[str]:
+    argv = ["ferry", "migrate", "--json", "-l", "--copy-storage", *flags, VM, "xen_host_2"]
     return s.lab.popen("xen_host_1", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -114,10 +117,29 @@ def test_failures_while_the_disk_is_copied_leave_the_vm_on_the_source(local_lab:
     assert_failed_back_to_source(s, proc, before, "copy of disk|failed|closed", writer)
     copy_removed(s)
 
-    # The link cut while the disk crosses (no reset: requests hang until ferry
-    # gives up on the stall and ends QEMU's NBD connections itself).
-    writer = s.start_writes(seconds=30)
+    # The target's ferryd killed while the disk crosses: the source learns it
+    # from the channel; the next ferryd there finds the arrival never committed.
+    writer = s.start_writes(seconds=10)
     proc = copy_in_background(s)
+    wait_for_disk_copy(s, proc)
+    daemon = local_lab.daemons["xen_host_2"].process
+    assert daemon is not None
+    os.kill(daemon.pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    assert s.status()["boot_id"] == before["boot_id"]
+    assert (local_lab.local_dir("xen_host_2") / DISK).exists()  # nobody there removed it yet
+    start_ferryd(local_lab, "xen_host_2")
+    copy_removed(s)
+    s.runs_only_on("xen_host_1", before)
+    s.check_writes(writer)
+    print("target's ferryd killed:", err.strip())
+
+    # The link cut while the disk crosses (no reset: requests hang until ferry
+    # gives up on the stall and ends QEMU's NBD connections itself), with the
+    # guest's writes waiting on the link (--sync-writes) meanwhile.
+    writer = s.start_writes(seconds=30)
+    proc = copy_in_background(s, "--sync-writes")
     wait_for_disk_copy(s, proc)
     cut = netns.run("ferrylab-xen_host_2", ["ip", "link", "set", "eth0", "down"])
     assert cut.returncode == 0, cut.stderr

@@ -76,6 +76,11 @@ class Machine:
         self.plan: dict[str, Any] = {}
         self.disks: dict[str, tuple[str, str]] = {}  # drive id -> (file, format)
         self.objects: dict[str, dict[str, Any]] = {}
+        # --copy-storage's target: the format nodes by name, the NBD server's
+        # settings and its exports (served by name only: no bytes flow here).
+        self.nodes: set[str] = set()
+        self.nbd: dict[str, Any] | None = None
+        self.exports: dict[str, dict[str, Any]] = {}
         self.tls_peer: str | None = None  # the subject of the last TLS peer
         self.workdir = Path(tempfile.gettempdir())
 
@@ -242,10 +247,53 @@ def execute(machine: Machine, command: str, args: dict[str, Any]) -> Any:
         return info
     if command == "announce-self":
         return {}
+    if command in (
+        "nbd-server-start",
+        "block-export-add",
+        "nbd-server-stop",
+        "query-block-exports",
+    ):
+        return nbd_command(machine, command, args)
     if command == "x-fake-ram":
         with machine.lock:
             return {"counter": machine.counter(), "sha256": hashlib.sha256(machine.ram).hexdigest()}
     raise KeyError(command)
+
+
+NBD_COMMANDS = ("nbd-server-start", "block-export-add", "nbd-server-stop", "query-block-exports")
+
+
+def nbd_command(machine: Machine, command: str, args: dict[str, Any]) -> Any:
+    """QEMU 7.2's checks on the NBD server's commands (what ferry's target uses)."""
+    if command == "query-block-exports":
+        return [{"id": k, "node-name": v["node-name"], "type": "nbd", "shutting-down": False}
+                for k, v in machine.exports.items()]  # fmt: skip
+    if command == "nbd-server-stop":
+        if machine.nbd is None:
+            raise ValueError("NBD server not running")
+        machine.nbd = None
+        machine.exports.clear()
+        return {}
+    if command == "nbd-server-start":
+        if machine.nbd is not None:
+            raise ValueError("NBD server already running")
+        creds = args.get("tls-creds")
+        if creds is not None and machine.objects.get(creds, {}).get("endpoint") != "server":
+            raise ValueError("Expecting TLS credentials with a server endpoint")
+        if creds is not None and args["addr"]["type"] != "inet":
+            raise ValueError("TLS is only supported with IPv4/IPv6")
+        machine.nbd = dict(args)
+        return {}
+    if machine.nbd is None:
+        raise ValueError("NBD server not running")
+    if args["node-name"] not in machine.nodes:
+        raise ValueError(
+            f"Cannot find device={args['node-name']} nor node-name={args['node-name']}"
+        )
+    if args["id"] in machine.exports:
+        raise ValueError(f"Block export id '{args['id']}' is already in use")
+    machine.exports[args["id"]] = dict(args)
+    return {}
 
 
 def serve_client(machine: Machine, client: socket.socket) -> None:
@@ -311,6 +359,8 @@ def main(argv: list[str]) -> None:
             opts = dict(o.split("=", 1) for o in argv[i + 1].split(",") if "=" in o)
             if "id" in opts:
                 machine.disks[opts["id"]] = (opts["file"], opts.get("format", "raw"))
+            if "node-name" in opts:
+                machine.nodes.add(opts["node-name"])
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if "-daemonize" in argv:
         ready_r, ready_w = os.pipe()

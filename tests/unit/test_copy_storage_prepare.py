@@ -1,0 +1,137 @@
+"""The target's side of --copy-storage, driven by a fake source speaking the protocol.
+
+The target makes the disk, serves it (NBD over TLS, to the source only), and
+removes it whenever the migration does not commit: the source gone, ferryd
+restarted midway. A disk that is already there is never touched.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.errors import MigrationRefused
+
+from .migration_harness import Cluster, FakeHost, qmp_call, until
+from .test_migration_prepare import assert_nothing_left, open_session, prepare_message
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+async def target(tmp_path: Path) -> AsyncIterator[tuple[Cluster, FakeHost]]:
+    c = Cluster(tmp_path)
+    h2 = c.hosts[1]
+    await h2.start()
+    try:
+        yield c, h2
+    finally:
+        try:
+            if h2.services is not None:
+                await h2.crash()
+        finally:
+            c.kill_all()
+
+
+def copy_message(c: Cluster, h: FakeHost, path: Path, size: int = 4 * MIB) -> dict[str, Any]:
+    message = prepare_message(c, h)
+    message["config"]["disk"][0]["path"] = str(path)
+    message["params"] = {"copy_storage": True}
+    message["disks"] = [{"path": str(path), "size": size, "format": "raw", "allocated": MIB}]
+    return message
+
+
+async def test_the_copy_is_made_served_and_removed_when_the_source_goes(
+    target: tuple[Cluster, FakeHost],
+) -> None:
+    c, h2 = target
+    path = c.storage / "local.img"
+    channel, reply = await open_session(h2, copy_message(c, h2, path))
+    try:
+        storage = reply["storage"]
+        assert storage["exports"] == {"0": "ferry-disk0"}
+        assert isinstance(storage["port"], int) and storage["port"] > 0
+        assert path.stat().st_size == 4 * MIB
+        (qmp,) = c.qemus().values()
+        exports = qmp_call(qmp, "query-block-exports")
+        assert [e["node-name"] for e in exports] == ["ferry-disk0"]
+        tls = qmp_call(qmp, "x-fake-tls")  # the NBD server's objects are the x509 ones
+        assert tls is not None
+        arriving = h2.s.table.incoming(message_id(h2))
+        assert arriving is not None and arriving.dom.record.created_disks == [str(path)]
+    finally:
+        await channel.close()
+    # The source went away before any commit: the copy goes with the arrival.
+    await until(lambda: not path.exists(), "the copy to be removed")
+    await assert_nothing_left(c, h2)
+
+
+def message_id(h: FakeHost) -> str:
+    (mid,) = h.s.table.incoming_ids()
+    return mid
+
+
+async def test_a_disk_that_exists_is_never_copied_over(target: tuple[Cluster, FakeHost]) -> None:
+    c, h2 = target
+    path = c.storage / "local.img"
+    path.write_bytes(b"the only copy of someone's data")
+    with pytest.raises(MigrationRefused, match="exists here already"):
+        await open_session(h2, copy_message(c, h2, path))
+    assert path.read_bytes() == b"the only copy of someone's data"
+    await assert_nothing_left(c, h2)
+
+
+@pytest.mark.parametrize(
+    ("fact", "why"),
+    [
+        ({"size": None}, "no size to copy"),
+        ({"size": 0}, "no size to copy"),
+        ({"allocated": -1}, "no size to copy"),
+        ({"format": "qcow2"}, "format here and at the source differ"),
+        ({"size": 1 << 50, "allocated": 1 << 50}, "MiB free"),
+    ],
+)
+async def test_a_bad_description_of_the_disk_is_refused(
+    target: tuple[Cluster, FakeHost], fact: dict[str, Any], why: str
+) -> None:
+    c, h2 = target
+    path = c.storage / "local.img"
+    message = copy_message(c, h2, path)
+    message["disks"][0].update(fact)
+    with pytest.raises(MigrationRefused, match=why):
+        await open_session(h2, message)
+    assert not path.exists()
+    await assert_nothing_left(c, h2)
+
+
+async def test_a_restart_midway_removes_the_copy(target: tuple[Cluster, FakeHost]) -> None:
+    c, h2 = target
+    path = c.storage / "local.img"
+    channel, _ = await open_session(h2, copy_message(c, h2, path))
+    await h2.crash()
+    await channel.close()
+    assert path.exists()  # a crashed ferryd removes nothing
+    await h2.start()
+    # Re-attached: never committed, so its QEMU ends and the copy goes.
+    await until(lambda: not path.exists(), "the copy to be removed after the restart")
+    await assert_nothing_left(c, h2)
+
+
+async def test_a_copy_needs_tls(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, secure=False)
+    h2 = c.hosts[1]
+    await h2.start()
+    try:
+        path = c.storage / "local.img"
+        message = copy_message(c, h2, path) | {"migration_id": uuid.uuid4().hex}
+        with pytest.raises(MigrationRefused, match="needs TLS"):
+            await open_session(h2, message)
+        assert not path.exists()
+        await assert_nothing_left(c, h2)
+    finally:
+        await h2.crash()
+        c.kill_all()
