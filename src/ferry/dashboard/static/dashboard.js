@@ -104,9 +104,17 @@ function renderMigrations(state) {
     sent.append(bar, ` ${mib(p.transferred)}`);
     return row([m.name, `${m.source} → ${m.target}`, p.phase || m.phase, sent,
       p.rate_mbit != null ? `${p.rate_mbit.toFixed(0)} Mbit/s` : "", mib(p.remaining),
-      p.passes ?? "", p.expected_downtime_ms != null ? `${p.expected_downtime_ms} ms` : ""],
+      p.passes ?? "", p.expected_downtime_ms != null ? `${p.expected_downtime_ms} ms` : "",
+      diskCopy(p.disk)],
       { "data-migration": m.name });
   }));
+}
+
+// --copy-storage: the disks' copy, beside the memory's.
+function diskCopy(disk) {
+  if (!disk) return "";
+  const state = disk.ready ? "caught up" : "copying";
+  return `${mib(disk.copied)} of ${mib(disk.total)}, ${state}`;
 }
 
 function renderRecent(state) {
