@@ -17,13 +17,22 @@ import pytest
 from qemu.qmp import QMPClient
 
 from ferry.domain.config import DomainConfig
+from ferry.domain.disks import DiskSpec
 from ferry.guest.image import GuestImage, make_domain_disk
 from ferry.hypervisor.cmdline import memory_size
+from ferry.hypervisor.monitor import Monitor
+from ferry.migration.disk_export import close_exports, export_disks
+from ferry.migration.disk_mirror import DiskMirror, DiskProgress
 from ferry.migration.params import MigrationParams
 from ferry.migration.stream_plan import plan_stream
+from ferry.migration.switchover import let_through
+from ferry.pki.qemu_tls import QemuTls
+from ferry.storage.new_disk import create_image
 from ferry.util.wait import wait_until
+from tests.unit.pki_support import TestCA
 
 pytestmark = pytest.mark.integration
+INCOMING = ("-S", "-incoming", "defer")
 MIB = 1024 * 1024
 
 
@@ -36,8 +45,8 @@ def qemu(
             "-m", memory, "-nodefaults", "-display", "none",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", "root=/dev/vda rw console=ttyS0 quiet panic=-1",
-            "-drive", f"file={disk},if=none,id=d0,format={fmt},cache=none",
-            "-device", "virtio-blk-pci,drive=d0,addr=0x8",
+            "-drive", f"file={disk},if=none,id=disk0,node-name=ferry-disk0,format={fmt},cache=none",
+            "-device", "virtio-blk-pci,drive=disk0,addr=0x8",
             "-serial", f"file:{tmp / tag}.log", "-qmp", f"unix:{tmp / tag}.sock,server=on,wait=off",
             *extra,
         ]
@@ -178,6 +187,110 @@ async def test_migrated_ram_is_identical(
         assert differing == [], f"{len(differing)} pages differ after migration: {differing[:10]}"
         await src.disconnect()
         await dst.disconnect()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+async def test_migrated_ram_and_disk_are_identical_with_copy_storage(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """--copy-storage's sequence on a booted guest: the disk mirrored over TLS before
+    the memory, ended at the held switchover; then RAM and disk are the source's.
+
+    The held switchover (pause-before-switchover) is on for every such
+    migration, so RAM must still arrive whole through it under TCG."""
+    settings = plan_stream(MigrationParams(channels=1, copy_storage=True), secure=True).params
+    assert settings.capabilities()["pause-before-switchover"]
+    disk = tmp_path / "disk.img"
+    make_domain_disk(guest_image, disk)
+    src_disk = tmp_path / "src.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(src_disk)], check=True
+    )
+    disk.unlink()
+    dst_disk = tmp_path / "dst.qcow2"
+    await create_image(str(dst_disk), "qcow2", guest_image.rootfs.stat().st_size)
+    ca = TestCA(tmp_path)
+    h1, h2 = ca.credentials("h1"), ca.credentials("h2")
+    memory = memory_size(DomainConfig.from_mapping({"name": "x", "memory": 256}), "tcg")
+    procs = [qemu(guest_image, src_disk, tmp_path, "src", memory, "qcow2")]
+    try:
+        src = Monitor("src")
+        await wait_until(
+            lambda: (tmp_path / "src.sock").exists(), timeout=10, interval=0.05, what="src QMP"
+        )
+        await src.connect(tmp_path / "src.sock", 10)
+        log = tmp_path / "src.log"
+        await wait_until(
+            lambda: "userspace reached" in log.read_text(errors="replace"),
+            timeout=60, interval=0.1, what="the guest to boot",
+        )  # fmt: skip
+        procs.append(
+            qemu(
+                guest_image, dst_disk, tmp_path, "dst", memory, "qcow2", "-S", "-incoming", "defer"
+            )
+        )
+        dst = Monitor("dst")
+        await wait_until(
+            lambda: (tmp_path / "dst.sock").exists(), timeout=10, interval=0.05, what="dst QMP"
+        )
+        await dst.connect(tmp_path / "dst.sock", 10)
+        spec = DiskSpec(path=str(dst_disk), target="xvda", format="qcow2")
+        storage = await export_disks(
+            dst, [spec], "127.0.0.1", QemuTls(h2, tmp_path / "tls2"), h1.identity
+        )
+        mirror = DiskMirror(
+            src, QemuTls(h1, tmp_path / "tls1"), "h2", "127.0.0.1", storage, [0], procs[0].pid
+        )
+        await mirror.start()
+
+        async def tick(progress: DiskProgress) -> None:
+            return None
+
+        await mirror.until_ready(tick, stall_s=30, poll_s=0.05)
+        for monitor, names in ((src, settings.capabilities()), (dst, target_caps(settings))):
+            caps = [{"capability": k, "state": v} for k, v in names.items()]
+            await monitor.execute("migrate-set-capabilities", {"capabilities": caps})
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]  # type: ignore[index]
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 12_500_000})
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+
+        async def held() -> bool:
+            return (await src.execute("query-migrate"))["status"] == "pre-switchover"  # type: ignore[index,no-any-return]
+
+        await wait_until(held, timeout=120, interval=0.01, what="the held switchover")
+        await mirror.finish()
+        await let_through(src)
+
+        async def ended() -> Any:
+            info = await src.execute("query-migrate")
+            return info if info["status"] in ("completed", "failed") else None  # type: ignore[index]
+
+        info = await wait_until(ended, timeout=60, interval=0.05, what="the migration to end")
+        assert info["status"] == "completed", info
+        assert info["ram"]["dirty-sync-count"] >= 3, "too fast to exercise the dirty passes"
+
+        async def loaded() -> bool:
+            return (await dst.execute("query-migrate"))["status"] == "completed"  # type: ignore[index,no-any-return]
+
+        await wait_until(loaded, timeout=5, what="the target to load the stream")
+        await close_exports(dst)
+        for monitor, name in ((src, "a"), (dst, "b")):
+            await monitor.execute(
+                "pmemsave", {"val": 0, "size": 256 * MIB, "filename": str(tmp_path / name)}
+            )
+        a, b = (tmp_path / "a").read_bytes(), (tmp_path / "b").read_bytes()
+        differing = [hex(i) for i in range(0, len(a), 4096) if a[i : i + 4096] != b[i : i + 4096]]
+        assert differing == [], f"{len(differing)} pages differ after migration: {differing[:10]}"
+        # Both stopped: the target's disk must be the source's, byte for byte.
+        compare = ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2"]
+        result = subprocess.run([*compare, str(src_disk), str(dst_disk)], capture_output=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        await src.close()
+        await dst.close()
     finally:
         for proc in procs:
             proc.kill()
