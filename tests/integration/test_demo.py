@@ -74,6 +74,27 @@ def test_demo_runs_to_an_unbroken_verdict_with_its_report(
     assert "ferrylab-" not in namespaces
 
 
+def test_demo_without_shared_storage_copies_the_disk_each_way(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """`ferry demo --storage local`: the disk is on xen_host_1's own storage, so each
+    migration copies it (--copy-storage), and the stream is still unbroken."""
+    report_dir = tmp_path / "report"
+    argv = [
+        sys.executable, "-m", "ferry.cli.main", "demo", "--storage", "local",
+        "--report", str(report_dir), "--workdir", str(tmp_path / "lab"),
+    ]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "migrate -l --copy-storage virt_server" in result.stdout
+    assert "VERDICT: the stream was unbroken" in result.stdout
+    data = json.loads((report_dir / "report.json").read_text())
+    assert data["unbroken"] is True and data["player"]["checksum"] == "match"
+    assert [m["target"] for m in data["migrations"]] == ["xen_host_2", "xen_host_1"]
+    # The whole disk crossed each way (1 GiB, its holes as zero writes).
+    assert all(m["disk_bytes"] >= 1 << 30 for m in data["migrations"]), data["migrations"]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -290,7 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the classic live-migration demonstration, measured")
     p.add_argument("--rate", default="100mbit", help="LAN link rate (default 100mbit; none)")
     p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
-    p.add_argument("--storage", choices=["nfs", "nbd", "dir"], default="nfs")
+    p.add_argument(
+        "--storage",
+        choices=["nfs", "nbd", "dir", "local"],
+        default="nfs",
+        help="the VM's disk: on shared storage (nfs, nbd, dir), or on xen_host_1's own "
+        "(local: each migration copies it, --copy-storage)",
+    )
     p.add_argument("--round-trips", type=int, default=1, help="migrations there and back")
     p.add_argument("--report", type=Path, default=Path("ferry-demo-report"), help="report dir")
     p.add_argument("--workdir", type=Path, default=Path("/var/lib/ferry-lab"), help="lab dir")

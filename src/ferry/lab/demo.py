@@ -222,8 +222,11 @@ class Demo:
         return player
 
     def migrate(self, lab: Lab, source: str, target: str) -> None:
-        self.say(f"$ ferry --host {source} migrate -l {VM} {target}   (on the station, {STATION})")
-        argv = self._station_argv(source, "migrate", "-l", "--json", VM, target)
+        # No shared storage: the disk goes with the VM.
+        copy = ["--copy-storage"] if lab.storage == "local" else []
+        shown = " ".join(["migrate", "-l", *copy, VM, target])
+        self.say(f"$ ferry --host {source} {shown}   (on the station, {STATION})")
+        argv = self._station_argv(source, "migrate", "-l", *copy, "--json", VM, target)
         start = time.time()
         # The station's own ferry shows its progress bar on our terminal (stderr);
         # its result comes back as JSON on stdout.
@@ -246,6 +249,8 @@ class Demo:
         result = json.loads(out)
         self.say(summary(VM, target, result))
         self.show_lists(lab)
+        if copy:
+            self._remove_stale_copy(lab, source)
         self.data["migrations"].append(
             {
                 **result,
@@ -256,6 +261,15 @@ class Demo:
                 "resume_at": result.get("resumed_at"),
             }
         )
+
+    def _remove_stale_copy(self, lab: Lab, host: str) -> None:
+        """What an operator does once the VM runs well on its new host: the disk left
+        behind is stale (its lease names the new host), and a copy back needs it gone."""
+        disk = lab.local_dir(host) / f"{VM}.img"
+        self.say(f"$ rm {lab.export_dir / disk.name} {lab.export_dir / disk.name}.ferry-lease"
+                 f"   (on {host}: its stale copy)")  # fmt: skip
+        disk.unlink()
+        disk.with_name(disk.name + ".ferry-lease").unlink(missing_ok=True)
 
     def _moving_for(self, lab: Lab, host: str, seconds: float) -> bool:
         """True once the source has listed the VM as migrating-out for ``seconds``."""
