@@ -95,6 +95,9 @@ class OutgoingResult:
     disk_bytes: int = 0
     disk_copy_s: float | None = None
     disk_final_ms: float | None = None
+    # After the source's STOP, when QEMU reported each stream status (its
+    # own clock): where a switchover's time goes.
+    switch_trace_ms: dict[str, float] = field(default_factory=dict)
     # Each step on the source's clock, and the target's prepare split its way.
     steps_ms: dict[str, float] = field(default_factory=dict)
     target_steps_ms: dict[str, float] = field(default_factory=dict)
@@ -178,6 +181,7 @@ class OutgoingMigration:
                     steps.mark("data_connect")
                 progress = await self._transfer(channel, data, stream, events)
                 stop_ts = _last_event_time(events, "STOP")
+                switch_trace = _after_stop(events, stop_ts)
             self.control.advance(Phase.COMMIT)
         except BaseException as err:
             await self._roll_back(channel, err)
@@ -246,6 +250,7 @@ class OutgoingMigration:
             disk_bytes=self._disk_done.copied if self._disk_done else 0,
             disk_copy_s=self._disk_copy_s,
             disk_final_ms=self._disk_final_ms,
+            switch_trace_ms=switch_trace,
             steps_ms=steps.steps_ms,
             target_steps_ms=self._target_steps,
         )
@@ -450,3 +455,16 @@ def _last_event_time(events: Any, name: str) -> float | None:
             stamp = event["timestamp"]
             found = stamp["seconds"] + stamp["microseconds"] / 1e6
     return found
+
+
+def _after_stop(events: Any, stop_ts: float | None) -> dict[str, float]:
+    """Each MIGRATION status QEMU reported after the STOP, in ms after it."""
+    if stop_ts is None:
+        return {}
+    trace = {}
+    for event in events.history:
+        stamp = event["timestamp"]
+        when = stamp["seconds"] + stamp["microseconds"] / 1e6
+        if event["event"] == "MIGRATION" and when >= stop_ts:
+            trace[str(event["data"].get("status"))] = round((when - stop_ts) * 1000, 1)
+    return trace
