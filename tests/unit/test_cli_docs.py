@@ -83,7 +83,7 @@ def test_completion_of_commands_options_and_choices() -> None:
     assert complete("ferry migrate --comp") == ["--compression"]
     assert complete("ferry migrate --compression z") == ["zstd", "zlib"]
     assert complete("ferry lab ") == ["up", "down", "status", "exec"]
-    assert complete("ferry lab up --storage ") == ["nfs", "nbd", "dir"]
+    assert complete("ferry lab up --storage ") == ["nfs", "nbd", "dir", "local"]
     assert complete("ferry --connect /x.sock lab st") == ["status"]
 
 
