@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 from ferry.guest.image import GuestImage
-from ferry.lab import netns
 from ferry.lab.host_daemons import start_ferryd
 from ferry.lab.lab import Lab
 from ferry.util.wait import wait_until_sync
@@ -38,6 +37,7 @@ from .test_migration_lab import (
     Scenario,
     acked_records,
     assert_failed_back_to_source,
+    fail_by_cutting_the_link,
     finish_watch,
     lab_up,
     playing,
@@ -141,13 +141,7 @@ def test_failures_while_the_disk_is_copied_leave_the_vm_on_the_source(local_lab:
     writer = s.start_writes(seconds=30)
     proc = copy_in_background(s, "--sync-writes")
     wait_for_disk_copy(s, proc)
-    cut = netns.run("ferrylab-xen_host_2", ["ip", "link", "set", "eth0", "down"])
-    assert cut.returncode == 0, cut.stderr
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        netns.run("ferrylab-xen_host_2", ["ip", "link", "set", "eth0", "up"])
-    assert proc.returncode != 0, out
+    err = fail_by_cutting_the_link(proc)
     assert "no progress" in err, err
     s.runs_only_on("xen_host_1", before)
     s.check_writes(writer)

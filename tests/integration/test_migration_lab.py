@@ -452,12 +452,9 @@ def test_target_qemu_killed_during_transfer(slow_lab: Lab) -> None:
     assert_failed_back_to_source(s, proc, before, "migration|stream|closed", writer)
 
 
-def test_link_cut_during_transfer(slow_lab: Lab) -> None:
-    s = Scenario(slow_lab)
-    before = s.create()
-    writer = s.start_writes(seconds=30)
-    proc = migrate_in_background(s, "-l")
-    wait_for_transfer(s, proc)
+def fail_by_cutting_the_link(proc: subprocess.Popen[str]) -> str:
+    """Cut xen_host_2 off (no reset: its link goes down) until the migration has
+    failed; its error output."""
     cut = netns.run("ferrylab-xen_host_2", ["ip", "link", "set", "eth0", "down"])
     assert cut.returncode == 0, cut.stderr
     try:
@@ -465,6 +462,16 @@ def test_link_cut_during_transfer(slow_lab: Lab) -> None:
     finally:
         netns.run("ferrylab-xen_host_2", ["ip", "link", "set", "eth0", "up"])
     assert proc.returncode != 0, out
+    return err
+
+
+def test_link_cut_during_transfer(slow_lab: Lab) -> None:
+    s = Scenario(slow_lab)
+    before = s.create()
+    writer = s.start_writes(seconds=30)
+    proc = migrate_in_background(s, "-l")
+    wait_for_transfer(s, proc)
+    err = fail_by_cutting_the_link(proc)
     assert "no progress" in err or "link" in err, err
     assert s.listed("xen_host_1")[VM]["state"] == "running"
     assert s.status()["boot_id"] == before["boot_id"]

@@ -7,7 +7,6 @@ restarted midway. A disk that is already there is never touched.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,15 @@ import pytest
 from ferry.errors import MigrationRefused
 
 from .migration_harness import Cluster, FakeHost, qmp_call, until
-from .test_migration_prepare import assert_nothing_left, open_session, prepare_message
+from .test_migration_prepare import assert_nothing_left, one_target, open_session, prepare_message
 
 MIB = 1 << 20
 
 
 @pytest.fixture
 async def target(tmp_path: Path) -> AsyncIterator[tuple[Cluster, FakeHost]]:
-    c = Cluster(tmp_path)
-    h2 = c.hosts[1]
-    await h2.start()
-    try:
-        yield c, h2
-    finally:
-        try:
-            if h2.services is not None:
-                await h2.crash()
-        finally:
-            c.kill_all()
+    async with one_target(tmp_path) as found:
+        yield found
 
 
 def copy_message(c: Cluster, h: FakeHost, path: Path, size: int = 4 * MIB) -> dict[str, Any]:
@@ -122,16 +112,9 @@ async def test_a_restart_midway_removes_the_copy(target: tuple[Cluster, FakeHost
 
 
 async def test_a_copy_needs_tls(tmp_path: Path) -> None:
-    c = Cluster(tmp_path, secure=False)
-    h2 = c.hosts[1]
-    await h2.start()
-    try:
+    async with one_target(tmp_path, secure=False) as (c, h2):
         path = c.storage / "local.img"
-        message = copy_message(c, h2, path) | {"migration_id": uuid.uuid4().hex}
         with pytest.raises(MigrationRefused, match="needs TLS"):
-            await open_session(h2, message)
+            await open_session(h2, copy_message(c, h2, path))
         assert not path.exists()
         await assert_nothing_left(c, h2)
-    finally:
-        await h2.crash()
-        c.kill_all()

@@ -27,9 +27,12 @@ from ferry.util.wait import wait_until
 from .migration_harness import Cluster, FakeHost, until
 
 
-@pytest.fixture
-async def target(tmp_path: Path) -> AsyncIterator[tuple[Cluster, FakeHost]]:
-    c = Cluster(tmp_path)
+@contextlib.asynccontextmanager
+async def one_target(
+    tmp_path: Path, secure: bool = True
+) -> AsyncIterator[tuple[Cluster, FakeHost]]:
+    """Host h2 alone, started; crashed at the end, and no fake QEMU outlives the test."""
+    c = Cluster(tmp_path, secure=secure)
     h2 = c.hosts[1]
     await h2.start()
     try:
@@ -39,8 +42,13 @@ async def target(tmp_path: Path) -> AsyncIterator[tuple[Cluster, FakeHost]]:
             if h2.services is not None:
                 await h2.crash()
         finally:
-            # Whatever happened above, no fake QEMU outlives its test.
             c.kill_all()
+
+
+@pytest.fixture
+async def target(tmp_path: Path) -> AsyncIterator[tuple[Cluster, FakeHost]]:
+    async with one_target(tmp_path) as found:
+        yield found
 
 
 def prepare_message(c: Cluster, h: FakeHost, name: str = "vm", **changes: Any) -> dict[str, Any]:
