@@ -25,7 +25,7 @@ from ferry.domain.disks import DiskSpec
 from ferry.errors import FerryError, MigrationError
 from ferry.hypervisor.monitor import Monitor
 from ferry.migration.disk_export import close_exports, export_disks
-from ferry.migration.disk_mirror import DiskMirror, DiskProgress
+from ferry.migration.disk_mirror import DiskMirror, DiskProgress, clear_leftovers
 from ferry.migration.switchover import let_through
 from ferry.pki.credentials import Credentials
 from ferry.pki.qemu_tls import QemuTls
@@ -221,3 +221,23 @@ async def test_a_mirror_not_caught_up_is_not_finished(pair: Pair) -> None:
         await mirror.finish()
     await mirror.abort()
     assert await pair.src.execute("query-jobs") == []
+
+
+async def test_mirrors_left_by_a_dead_ferryd_are_ended(pair: Pair) -> None:
+    """A ferryd that died midway left its mirror running: the next one ends it
+    (taking the domain back, or before a new copy), and a new copy can start."""
+    storage = await pair.export()
+    left = pair.mirror(storage)
+    await left.start()
+    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 1 * MIB})
+    await clear_leftovers(pair.src)
+    assert await pair.src.execute("query-jobs") == []
+    nodes = await pair.src.execute("query-named-block-nodes")
+    assert not [n for n in nodes if str(n.get("node-name", "")).startswith("ferry-mig-")]  # type: ignore[union-attr]
+    state = await pair.src.execute("query-status")
+    assert state["running"], state  # type: ignore[index]
+    # (The target's server takes one connection per disk: a new export for the new copy.)
+    await pair.dst.execute("nbd-server-stop")
+    again = pair.mirror(await pair.export())
+    await again.start()
+    await again.abort()

@@ -95,6 +95,7 @@ class DiskMirror:
 
     async def start(self) -> None:
         """Connect to every export and start every mirror (the bulk copy begins)."""
+        await clear_leftovers(self.monitor)
         creds = await self.tls.setup_nbd_client(self.monitor)
         for index in self.indices:
             node, job = f"{NODE_PREFIX}{index}", f"{JOB_PREFIX}{index}"
@@ -192,47 +193,86 @@ class DiskMirror:
             with contextlib.suppress(OSError):
                 fds = qemu_sockets.socket_fds_to_port(self.qemu_pid, self.port)
                 qemu_sockets.shut_down(self.qemu_pid, list(fds))
-        for job in self._jobs:
-            with contextlib.suppress(QmpError):
-                await self.monitor.execute("block-job-cancel", {"device": job, "force": True})
-        try:
-            await self._concluded(ABORT_TIMEOUT, ABORT_POLL_S)
-        except FerryError as err:
-            log.error("the disk mirrors of '%s' did not end: %s", self.monitor.domain, err)
-        await self._remove()
+        await _force_end(self.monitor, self._jobs, self._nodes)
 
     async def _remove(self) -> None:
-        for job in list(self._jobs):
-            with contextlib.suppress(QmpError):
-                await self.monitor.execute("job-dismiss", {"id": job})
-            self._jobs.remove(job)
-        for node in list(self._nodes):
-            try:
-                await self.monitor.execute("blockdev-del", {"node-name": node})
-            except QmpError as err:
-                log.error("removing %s from '%s': %s", node, self.monitor.domain, err)
-            self._nodes.remove(node)
+        await _remove(self.monitor, self._jobs, self._nodes)
 
     async def _jobs_now(self) -> dict[str, dict[str, Any]]:
-        found = await self.monitor.execute("query-jobs")
-        return {
-            str(j.get("id")): j for j in (found if isinstance(found, list) else [])
-            if isinstance(j, dict)
-        }  # fmt: skip
+        return await _jobs_now(self.monitor)
 
     async def _concluded(self, timeout: float, poll_s: float) -> dict[str, dict[str, Any]]:
+        return await _concluded(self.monitor, self._jobs, timeout, poll_s)
+
+
+async def clear_leftovers(monitor: Monitor) -> None:
+    """Mirrors and NBD nodes that a migration of this QEMU left behind (its ferryd
+    died midway): ended, so that the domain runs on alone and a later copy can start.
+    Never raises."""
+    try:
+        jobs = [j for j in await _jobs_now(monitor) if j.startswith(JOB_PREFIX)]
+        found = await monitor.execute("query-named-block-nodes", {"flat": True})
+    except QmpError as err:
+        log.error("cannot look for disk mirrors left in '%s': %s", monitor.domain, err)
+        return
+    nodes = [
+        str(n.get("node-name")) for n in (found if isinstance(found, list) else [])
+        if isinstance(n, dict) and str(n.get("node-name", "")).startswith(NODE_PREFIX)
+    ]  # fmt: skip
+    if jobs or nodes:
+        log.warning("domain %s: ending disk mirrors an earlier migration left: %s",
+                    monitor.domain, ", ".join(jobs + nodes))  # fmt: skip
+        await _force_end(monitor, jobs, nodes)
+
+
+async def _force_end(monitor: Monitor, jobs: list[str], nodes: list[str]) -> None:
+    for job in jobs:
+        with contextlib.suppress(QmpError):
+            await monitor.execute("block-job-cancel", {"device": job, "force": True})
+    try:
+        await _concluded(monitor, jobs, ABORT_TIMEOUT, ABORT_POLL_S)
+    except FerryError as err:
+        log.error("the disk mirrors of '%s' did not end: %s", monitor.domain, err)
+    await _remove(monitor, jobs, nodes)
+
+
+async def _remove(monitor: Monitor, jobs: list[str], nodes: list[str]) -> None:
+    """Dismiss ``jobs`` and delete ``nodes`` (emptying both lists)."""
+    for job in list(jobs):
+        with contextlib.suppress(QmpError):
+            await monitor.execute("job-dismiss", {"id": job})
+        jobs.remove(job)
+    for node in list(nodes):
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    jobs = await self._jobs_now()
-                    statuses = [jobs.get(j, {}).get("status") for j in self._jobs]
-                    if all(status in ("concluded", None) for status in statuses):
-                        return jobs
-                    await asyncio.sleep(poll_s)
-        except TimeoutError:
-            raise MigrationError(
-                f"the disk mirrors of '{self.monitor.domain}' did not end within {timeout:.0f} s"
-            ) from None
+            await monitor.execute("blockdev-del", {"node-name": node})
+        except QmpError as err:
+            log.error("removing %s from '%s': %s", node, monitor.domain, err)
+        nodes.remove(node)
+
+
+async def _jobs_now(monitor: Monitor) -> dict[str, dict[str, Any]]:
+    found = await monitor.execute("query-jobs")
+    return {
+        str(j.get("id")): j for j in (found if isinstance(found, list) else [])
+        if isinstance(j, dict)
+    }  # fmt: skip
+
+
+async def _concluded(
+    monitor: Monitor, jobs: list[str], timeout: float, poll_s: float
+) -> dict[str, dict[str, Any]]:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                now = await _jobs_now(monitor)
+                statuses = [now.get(j, {}).get("status") for j in jobs]
+                if all(status in ("concluded", None) for status in statuses):
+                    return now
+                await asyncio.sleep(poll_s)
+    except TimeoutError:
+        raise MigrationError(
+            f"the disk mirrors of '{monitor.domain}' did not end within {timeout:.0f} s"
+        ) from None
 
 
 def _storage(

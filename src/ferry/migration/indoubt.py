@@ -26,6 +26,7 @@ from ferry.host.launcher import Launcher
 from ferry.host.running import RunningDomain
 from ferry.host.table import DomainTable
 from ferry.migration.channel import Channel
+from ferry.migration.disk_mirror import clear_leftovers
 from ferry.migration.switchover import release_held, settle_for_handover
 from ferry.pki.credentials import Credentials
 
@@ -91,6 +92,9 @@ class SourceEnd:
         try:
             if not await release_held(dom.monitor):
                 raise MigrationError("its stream is past the switch to post-copy: never here again")
+            # A --copy-storage migration's mirrors, if its ferryd died before
+            # ending them: the domain runs on its own disks alone.
+            await clear_leftovers(dom.monitor)
             status = await dom.monitor.execute("query-status")
             running = bool(status.get("running"))
             if was_running and not running:
