@@ -93,7 +93,7 @@ async def test_made_disks_are_recorded_and_discarded(tmp_path: Path) -> None:
     record = DomainRecord(cfg, 1, DomainState.MIGRATING_IN, 0.0, [], "tcg")
     (tmp_path / "b.img").write_bytes(b"not ours")
     with pytest.raises(StorageError, match="refusing to overwrite"):
-        await make_disks(record, [(d, MIB) for d in cfg.disks])
+        await make_disks(record, [(d, MIB) for d in cfg.disks], lambda: None)
     # The first was made and recorded; the second was somebody's and is untouched.
     assert record.created_disks == [str(tmp_path / "a.img")]
     discard_disks(record)

@@ -10,7 +10,7 @@ was already here: a made disk is linked into place only where no file was.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ferry.domain.disks import DiskSpec
 from ferry.host.record import DomainRecord
@@ -19,12 +19,20 @@ from ferry.storage.new_disk import create_image, remove_new_disks
 log = logging.getLogger("ferryd")
 
 
-async def make_disks(record: DomainRecord, disks: Sequence[tuple[DiskSpec, int]]) -> None:
-    """Empty images of the source's sizes and formats; StorageError on the first failure."""
+async def make_disks(
+    record: DomainRecord, disks: Sequence[tuple[DiskSpec, int]], save: Callable[[], None]
+) -> None:
+    """Empty images of the source's sizes and formats; StorageError on the first failure.
+
+    Each is recorded (``save``) once it exists, never before: a path in the
+    record is one this host made, so removing it can only remove our copy.
+    (A crash between the two leaves a file behind, never a loss.)
+    """
     for disk, size in disks:
         assert disk.format is not None  # pinned in every migrating config
         await create_image(disk.path, disk.format, size)
         record.created_disks.append(disk.path)
+        save()
 
 
 def discard_disks(record: DomainRecord) -> None:

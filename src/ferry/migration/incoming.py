@@ -155,7 +155,8 @@ class IncomingMigrations:
             # way, and the outcome is never "unknown" for an id we prepared.
             self.table.outcomes.begin(migration_id)
             try:
-                await make_disks(record, to_make)
+                record_file = self.table.layout.record_file(record.key)
+                await make_disks(record, to_make, lambda: record.save(record_file))
             except FerryError as err:
                 discard_disks(record)
                 self.table.decide(migration_id, Outcome.ABORTED)
