@@ -200,9 +200,11 @@ class IncomingMigrations:
                 dom.monitor, params, self.tls, source, StreamKey.new(migration_id),
                 dom.paths.run_dir / STREAM_KEY_DIR, bind,
             )  # fmt: skip
-            if params.copy_storage and self.tls is not None and source is not None:
+            copied = copied_disks(cfg) if params.copy_storage else []
+            if copied and self.tls is not None and source is not None:
+                # (No disk to copy, no server: max-connections 0 means no limit.)
                 arriving.exports = True
-                storage = await export_disks(dom.monitor, copied_disks(cfg), bind, self.tls, source)
+                storage = await export_disks(dom.monitor, copied, bind, self.tls, source)
         except (FerryError, OSError) as err:
             await self.abort_incoming(migration_id, str(err))
             raise refused(err, "stream") from err
