@@ -11,7 +11,8 @@ source, exactly once and not rebooted, no acknowledged write lost, and the
 target's partial copy is gone. After a success the VM runs on the target only,
 the witness ledger holds every acknowledged write, the copy left on the source
 cannot start the domain again, and (migrated back while paused, so that both
-disks are still) the two disks are byte for byte the same.
+disks are still) the two disks are byte for byte the same. `ferry host
+evacuate --copy-storage` then empties the host, the disk going along.
 """
 
 from __future__ import annotations
@@ -188,4 +189,13 @@ def test_copy_storage_moves_the_vm_and_its_disk(local_lab: Lab) -> None:
     assert sha256(source_disk) == sha256(target_disk), "the disks differ after the copy"
     assert s.ferry("xen_host_1", "unpause", VM).returncode == 0
     s.runs_only_on("xen_host_1", before)
+    s.check_writes(writer)
+
+    # A host with local disks emptied for maintenance: each domain's disks go along.
+    target_disk.unlink()
+    (target_disk.parent / f"{DISK}.ferry-lease").unlink()
+    evacuated = s.ferry("xen_host_1", "host", "evacuate", "xen_host_1", "--copy-storage")
+    assert evacuated.returncode == 0, evacuated.stdout + evacuated.stderr
+    s.runs_only_on("xen_host_2", before)
+    assert target_disk.exists()
     s.check_writes(writer)

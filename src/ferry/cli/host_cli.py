@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ferry.cli.parsers import ClientFactory, Subparsers
+from ferry.errors import FerryError
 
 
 def format_hosts(rows: Sequence[dict[str, Any]]) -> str:
@@ -49,7 +50,7 @@ def add_host_parser(sub: Subparsers, client: ClientFactory) -> None:
         with view:
             result = client(args).call_stream(
                 "evacuate", view.update, host=args.host, to=args.to, parallel=args.parallel,
-                params={"live": True},
+                params={"live": True} | _copy_settings(args),
             )  # fmt: skip
         if args.json:
             print(json.dumps(result, indent=1))
@@ -67,6 +68,15 @@ def add_host_parser(sub: Subparsers, client: ClientFactory) -> None:
     p.add_argument("host")
     p.add_argument("--to", action="append", default=[], metavar="HOST", help="only to HOST")
     p.add_argument("--parallel", type=int, default=2, help="migrations at once (default 2)")
+    p.add_argument(
+        "--copy-storage",
+        action="store_true",
+        help="copy the writable file disks of each domain along (disks only HOST sees; as "
+        "ferry migrate --copy-storage)",
+    )
+    p.add_argument(
+        "--sync-writes", action="store_true", help="with --copy-storage: as ferry migrate's"
+    )
     p.add_argument("--json", action="store_true")
 
     def cmd_activate(args: argparse.Namespace) -> int:
@@ -141,3 +151,11 @@ class EvacuationView:
             for row_name, text in self.rows.items():
                 table.add_row(row_name, text)
             self.live.update(table, refresh=True)
+
+
+def _copy_settings(args: argparse.Namespace) -> dict[str, bool]:
+    """--copy-storage and --sync-writes, as migration settings."""
+    if args.sync_writes and not args.copy_storage:
+        raise FerryError("--sync-writes is a setting of --copy-storage")
+    settings = {"copy_storage": True} if args.copy_storage else {}
+    return settings | ({"sync_writes": True} if args.sync_writes else {})

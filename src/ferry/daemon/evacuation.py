@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ferry.daemon.cluster_member import ClusterMember
@@ -23,6 +24,7 @@ from ferry.domain.state import DomainState
 from ferry.errors import ClusterError, FerryError
 from ferry.host.running import RunningDomain
 from ferry.migration.params import MigrationParams
+from ferry.storage.new_disk import copied_disks
 
 log = logging.getLogger("ferryd")
 
@@ -128,6 +130,9 @@ class Evacuation:
         emit: Emit,
     ) -> dict[str, Any]:
         name = dom.name
+        if params.copy_storage and not copied_disks(dom.record.config):
+            # Copy what only this host sees; a domain on shared storage just moves.
+            params = replace(params, copy_storage=False, sync_writes=False)
         async with gate:
             emit({"event": "start", "domain": name, "target": target})
 
