@@ -120,7 +120,7 @@ class DiskMirror:
 
     async def progress(self) -> DiskProgress:
         """Where the mirrors are; MigrationError if one of them has failed."""
-        jobs = await self._jobs_now()
+        jobs = await _jobs_now(self.monitor)
         copied = total = 0
         ready = True
         for job in self._jobs:
@@ -169,7 +169,7 @@ class DiskMirror:
             raise MigrationError(f"the copy of the disks to {self.target} is not caught up")
         for job in self._jobs:
             await self.monitor.execute("block-job-cancel", {"device": job, "force": False})
-        jobs = await self._concluded(FINISH_TIMEOUT, FINISH_POLL_S)
+        jobs = await _concluded(self.monitor, self._jobs, FINISH_TIMEOUT, FINISH_POLL_S)
         for job in self._jobs:
             info = jobs.get(job, {})
             if info.get("error") or info.get("current-progress") != info.get("total-progress"):
@@ -182,7 +182,7 @@ class DiskMirror:
             sum(int(jobs[j].get("total-progress", 0)) for j in self._jobs),
             True,
         )
-        await self._remove()
+        await _remove(self.monitor, self._jobs, self._nodes)
         return done
 
     async def abort(self) -> None:
@@ -194,15 +194,6 @@ class DiskMirror:
                 fds = qemu_sockets.socket_fds_to_port(self.qemu_pid, self.port)
                 qemu_sockets.shut_down(self.qemu_pid, list(fds))
         await _force_end(self.monitor, self._jobs, self._nodes)
-
-    async def _remove(self) -> None:
-        await _remove(self.monitor, self._jobs, self._nodes)
-
-    async def _jobs_now(self) -> dict[str, dict[str, Any]]:
-        return await _jobs_now(self.monitor)
-
-    async def _concluded(self, timeout: float, poll_s: float) -> dict[str, dict[str, Any]]:
-        return await _concluded(self.monitor, self._jobs, timeout, poll_s)
 
 
 async def clear_leftovers(monitor: Monitor) -> None:
