@@ -186,8 +186,12 @@ def migrated(booted: LabHost) -> LabHost:
     before = booted.qemu_pids()
     code, _out, err = booted.ferry("migrate", "-l", "virt_server", "localhost")
     assert code == 0, err
-    wait_for(lambda: booted.qemu_pids() != before, 60, "the migrated QEMU to be the only one")
-    assert len(booted.qemu_pids()) == 1 and booted.qemu_pids() != before
+    # The source's QEMU quits just after the commit: wait for the new one alone.
+    wait_for(
+        lambda: len(now := booted.qemu_pids()) == 1 and now != before,
+        60,
+        "the migrated QEMU to be the only one",
+    )
     wait_for(lambda: booted.ping("10.99.0.10"), 60, "virt_server to answer after migrating")
     return booted
 
