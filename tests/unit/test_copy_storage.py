@@ -4,6 +4,7 @@ what it accepts from a source, and the source's reading of the target's answer."
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -93,25 +94,92 @@ async def test_made_disks_are_recorded_and_discarded(tmp_path: Path) -> None:
     record = DomainRecord(cfg, 1, DomainState.MIGRATING_IN, 0.0, [], "tcg")
     (tmp_path / "b.img").write_bytes(b"not ours")
     with pytest.raises(StorageError, match="refusing to overwrite"):
-        await make_disks(record, [(d, MIB) for d in cfg.disks], lambda: None)
+        await make_disks(record, [(d, MIB, d.path) for d in cfg.disks], lambda: None)
     # The first was made and recorded; the second was somebody's and is untouched.
-    assert record.created_disks == [str(tmp_path / "a.img")]
+    assert [d.path for d in record.created_disks] == [str(tmp_path / "a.img")]
+    assert record.created_disks[0].ino == (tmp_path / "a.img").stat().st_ino
+    reloaded = DomainRecord.from_json(record.to_json(), "test")
+    assert reloaded.created_disks == record.created_disks
     discard_disks(record)
     assert record.created_disks == []
     assert not (tmp_path / "a.img").exists()
     assert (tmp_path / "b.img").read_bytes() == b"not ours"
-    reloaded = DomainRecord.from_json(
-        DomainRecord(cfg, 1, DomainState.MIGRATING_IN, 0.0, [], "tcg", created_disks=["/x"])
-        .to_json(), "test",
-    )  # fmt: skip
-    assert reloaded.created_disks == ["/x"]
+
+
+async def test_a_stale_record_never_removes_a_later_disk(tmp_path: Path) -> None:
+    """A record that outlived its disk names a path where another disk is now."""
+    cfg = config([{"path": str(tmp_path / "a.img"), "target": "xvda", "format": "raw"}])
+    record = DomainRecord(cfg, 1, DomainState.MIGRATING_IN, 0.0, [], "tcg")
+    await make_disks(record, [(cfg.disks[0], MIB, cfg.disks[0].path)], lambda: None)
+    stale = DomainRecord.from_json(record.to_json(), "test")
+    # (Made while ours still exists, the later disk cannot reuse its inode.)
+    (tmp_path / "later.img").write_bytes(b"a later domain's disk")
+    discard_disks(record)
+    (tmp_path / "later.img").rename(tmp_path / "a.img")
+    discard_disks(stale)
+    assert (tmp_path / "a.img").read_bytes() == b"a later domain's disk"
+    # A record of before identities were kept names a path only: never removed.
+    old = DomainRecord.from_json(
+        {**record.to_json(), "created_disks": [str(tmp_path / "a.img")]}, "test"
+    )
+    discard_disks(old)
+    assert (tmp_path / "a.img").exists()
+    # Nor a symlink put where the disk was: what it leads to stays.
+    (tmp_path / "a.img").unlink()
+    await make_disks(record, [(cfg.disks[0], MIB, cfg.disks[0].path)], lambda: None)
+    made = record.created_disks[0]
+    (tmp_path / "a.img").rename(tmp_path / "moved.img")
+    (tmp_path / "a.img").symlink_to(tmp_path / "moved.img")
+    discard_disks(record)
+    assert (tmp_path / "moved.img").stat().st_ino == made.ino
+
+
+async def test_a_disk_that_cannot_be_recorded_is_removed(tmp_path: Path) -> None:
+    cfg = config([{"path": str(tmp_path / "a.img"), "target": "xvda", "format": "raw"}])
+    record = DomainRecord(cfg, 1, DomainState.MIGRATING_IN, 0.0, [], "tcg")
+
+    def full() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(StorageError, match="cannot record it"):
+        await make_disks(record, [(cfg.disks[0], MIB, cfg.disks[0].path)], full)
+    assert not (tmp_path / "a.img").exists()
+    assert record.created_disks == []
 
 
 def test_removal_errors_are_reported(tmp_path: Path) -> None:
     (tmp_path / "dir.img").mkdir()
-    errors = new_disk.remove_new_disks([str(tmp_path / "dir.img"), str(tmp_path / "gone")])
-    assert len(errors) == 1 and "dir.img" in errors[0]
+    st = (tmp_path / "dir.img").stat()
+    why = new_disk.remove_made_disk(
+        new_disk.MadeDisk(str(tmp_path / "dir.img"), st.st_dev, st.st_ino)
+    )
+    assert why is not None and "dir.img" in why
     assert os.path.isdir(tmp_path / "dir.img")
+    assert new_disk.remove_made_disk(new_disk.MadeDisk(str(tmp_path / "gone"), 1, 2)) is None
+
+
+def test_free_space_is_summed_over_the_disks_of_one_file_system(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    half = (free - new_disk.FREE_MARGIN) // 2 + MIB
+    reserved: dict[int, int] = {}
+    check_new_disk(DiskSpec(path=str(tmp_path / "a.img")), [tmp_path], half, reserved)
+    with pytest.raises(StorageError, match="with the disks before it"):
+        check_new_disk(DiskSpec(path=str(tmp_path / "b.img")), [tmp_path], half, reserved)
+    # Each alone fits.
+    check_new_disk(DiskSpec(path=str(tmp_path / "b.img")), [tmp_path], half)
+
+
+def test_half_made_disks_left_by_a_crash_are_removed(tmp_path: Path) -> None:
+    (tmp_path / "vm").mkdir()
+    old = tmp_path / "vm" / ".a.img.part-0123abcd"
+    fresh = tmp_path / ".b.img.part-89abcdef"
+    disk = tmp_path / "c.img"
+    for path in (old, fresh, disk):
+        path.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    os.utime(disk, (0, 0))
+    assert new_disk.remove_part_files([tmp_path], 3600) == [str(old)]
+    assert fresh.exists() and disk.exists()
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,11 @@ from typing import Any
 
 import pytest
 
+from ferry.cluster.ownership import LocalOwnership
+from ferry.domain.migration_state import Outcome
 from ferry.errors import MigrationRefused
+from ferry.host import arriving_disks
+from ferry.storage import new_disk
 
 from .migration_harness import Cluster, FakeHost, qmp_call, until
 from .test_migration_prepare import assert_nothing_left, one_target, open_session, prepare_message
@@ -52,7 +56,8 @@ async def test_the_copy_is_made_served_and_removed_when_the_source_goes(
         tls = qmp_call(qmp, "x-fake-tls")  # the NBD server's objects are the x509 ones
         assert tls is not None
         arriving = h2.s.table.incoming(message_id(h2))
-        assert arriving is not None and arriving.dom.record.created_disks == [str(path)]
+        assert arriving is not None
+        assert [d.path for d in arriving.dom.record.created_disks] == [str(path)]
     finally:
         await channel.close()
     # The source went away before any commit: the copy goes with the arrival.
@@ -118,3 +123,54 @@ async def test_a_copy_needs_tls(tmp_path: Path) -> None:
             await open_session(h2, copy_message(c, h2, path))
         assert not path.exists()
         await assert_nothing_left(c, h2)
+
+
+async def test_a_failure_while_making_the_disks_leaves_nothing_behind(
+    target: tuple[Cluster, FakeHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first disk made, the second refused: the first goes, and so does the record."""
+    c, h2 = target
+    first, second = c.storage / "a.img", c.storage / "b.img"
+    message = copy_message(c, h2, first)
+    message["config"]["disk"].append({**message["config"]["disk"][0], "path": str(second),
+                                      "target": "xvdb"})  # fmt: skip
+    message["disks"].append({**message["disks"][0], "path": str(second)})
+    made = arriving_disks.create_image
+
+    async def another_comes_first(path: str, fmt: str, size: int) -> new_disk.MadeDisk:
+        if path == str(second):
+            second.write_bytes(b"somebody else's, made just now")
+        return await made(path, fmt, size)
+
+    monkeypatch.setattr(arriving_disks, "create_image", another_comes_first)
+    with pytest.raises(MigrationRefused, match="refusing to overwrite"):
+        await open_session(h2, message)
+    assert not first.exists()
+    assert second.read_bytes() == b"somebody else's, made just now"
+    assert h2.s.table.outcomes.get(message["migration_id"]) is Outcome.ABORTED
+    await assert_nothing_left(c, h2)
+
+
+async def test_a_dead_arrival_that_the_store_committed_keeps_its_disks(
+    target: tuple[Cluster, FakeHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ferryd and the arriving QEMU both died; etcd says the commit went through."""
+    c, h2 = target
+    path = c.storage / "local.img"
+    channel, _ = await open_session(h2, copy_message(c, h2, path))
+    mid = message_id(h2)
+    await h2.crash()
+    await channel.close()
+    c.kill_all()
+    asked: list[bool] = []
+
+    async def committed(self: Any, ticket: Any, migration_id: str, commit: bool) -> bool:
+        asked.append(commit)
+        return migration_id == mid
+
+    monkeypatch.setattr(LocalOwnership, "clustered", True)
+    monkeypatch.setattr(LocalOwnership, "decide_move", committed)
+    await h2.start()
+    assert asked == [False]
+    assert path.exists(), "the store made the domain this host's: its disk stays"
+    assert h2.s.table.outcomes.get(mid) is Outcome.COMMITTED

@@ -91,13 +91,19 @@ async def assert_nothing_left(c: Cluster, h: FakeHost) -> None:
     # A session that saw its source go may still be ending its QEMU.
     with contextlib.suppress(WaitTimeout):
         await until(
-            lambda: c.qemus() == {} and h.s.table.outcomes.pending() == [],
-            "no QEMU and no pending outcome",
+            lambda: c.qemus() == {} and h.s.table.outcomes.pending() == [] and not records(h),
+            "no QEMU, no pending outcome and no record",
             timeout=10,
         )
     assert c.qemus() == {}
     assert h.s.table.everyone() == []
     assert h.s.table.outcomes.pending() == []
+    # A record left behind would be acted on by the next ferryd's re-attach.
+    assert records(h) == []
+
+
+def records(h: FakeHost) -> list[Path]:
+    return list(h.s.table.layout.domains_dir.glob("*/record.json"))
 
 
 async def test_a_valid_prepare_starts_a_paused_qemu(target: tuple[Cluster, FakeHost]) -> None:

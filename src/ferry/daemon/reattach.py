@@ -38,8 +38,13 @@ from ferry.migration.switchover import (
     holds_for_commit,
     wait_migration_settled,
 )
+from ferry.storage.new_disk import remove_part_files
 
 log = logging.getLogger("ferryd")
+
+# A temporary image older than this is no disk being made (that takes seconds),
+# by this host or any other sharing the storage: a crash left it.
+PART_FILE_AGE_S = 3600.0
 
 
 class Reattach:
@@ -60,6 +65,9 @@ class Reattach:
         self.end = end
 
     async def all(self) -> None:
+        roots = self.launcher.host.storage_roots
+        for path in await asyncio.to_thread(remove_part_files, roots, PART_FILE_AGE_S):
+            log.info("removed %s, a disk left half made by a ferryd that stopped", path)
         domains_dir = self.table.layout.domains_dir
         if domains_dir.exists():
             for directory in sorted(domains_dir.iterdir()):
@@ -82,12 +90,7 @@ class Reattach:
         if pid is None or not process.is_our_qemu(pid, paths.qmp_socket):
             log.info("domain %s ended while ferryd was away; cleaning up", name)
             if record.migration_id and record.state is DomainState.MIGRATING_IN:
-                outcome = self.table.outcomes.get(record.migration_id)
-                if outcome is not Outcome.COMMITTED:
-                    # Never committed: a copy begun here (--copy-storage) goes with it.
-                    discard_disks(record)
-                if outcome is None or outcome is Outcome.PENDING:
-                    self.table.decide(record.migration_id, Outcome.ABORTED)
+                await self._lost_arrival(record)
             await asyncio.to_thread(self.launcher.cleanup_files, record, paths)
             return
         record.pid = pid
@@ -118,6 +121,29 @@ class Reattach:
         self.watcher.start(dom)
         log.info("re-attached domain %s (pid %d, %s)", name, pid, record.state.value)
 
+    async def _lost_arrival(self, record: DomainRecord) -> None:
+        """An arriving domain whose QEMU ended while ferryd was away: committed or not?
+
+        In a cluster the store may have committed it (an answer the old ferryd
+        never heard): then the disks made for it are the domain's, and stay.
+        """
+        mid = str(record.migration_id)
+        outcome = self.table.outcomes.get(mid)
+        if (
+            outcome is not Outcome.COMMITTED
+            and self.launcher.ownership.clustered
+            and await decide_in_store(self.launcher.ownership, record, commit=False)
+        ):
+            log.error("etcd says migration %s made %s ours, but its QEMU had ended: the "
+                      "domain is lost; its disks stay", mid[:8], record.config.name)  # fmt: skip
+            outcome = Outcome.COMMITTED
+        if outcome is Outcome.COMMITTED:
+            self.table.decide(mid, Outcome.COMMITTED)
+            return
+        # Never committed: a copy begun here (--copy-storage) goes with it.
+        discard_disks(record)
+        self.table.decide(mid, Outcome.ABORTED)
+
     async def _arriving(self, dom: RunningDomain) -> bool:
         """Keep an arriving domain if its commit was written; else end it.
 
@@ -130,12 +156,14 @@ class Reattach:
         if (
             outcome is not Outcome.COMMITTED
             and clustered
-            and await decide_in_store(self.launcher.ownership, dom, commit=False)
+            and await decide_in_store(self.launcher.ownership, dom.record, commit=False)
         ):
             log.info("etcd says migration %s made %s ours before the restart", mid[:8], dom.name)
             self.table.decide(mid, Outcome.COMMITTED)
             outcome = Outcome.COMMITTED
         if outcome is Outcome.COMMITTED:
+            # Made here for this migration, the disks are the domain's own now.
+            dom.record.created_disks = []
             status = await dom.monitor.execute("query-status")
             if isinstance(status, dict) and status.get("status") == "inmigrate":
                 # Committed before a post-copy switch: the device state comes

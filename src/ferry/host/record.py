@@ -12,6 +12,7 @@ from ferry.cluster.ownership import MoveTicket
 from ferry.domain.config import DomainConfig
 from ferry.domain.state import DomainState
 from ferry.errors import FerryError
+from ferry.storage.new_disk import MadeDisk
 
 
 @dataclass
@@ -41,7 +42,7 @@ class DomainRecord:
     move_revision: int = 0
     # Disks this host made for an arriving --copy-storage migration: removed
     # if it aborts, the domain's own once it commits (the list is then emptied).
-    created_disks: list[str] = field(default_factory=list)
+    created_disks: list[MadeDisk] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -64,7 +65,7 @@ class DomainRecord:
             "owned_disks": self.owned_disks,
             "migration_source": self.migration_source,
             "move_revision": self.move_revision,
-            "created_disks": self.created_disks,
+            "created_disks": [d.to_json() for d in self.created_disks],
         }
 
     @classmethod
@@ -86,7 +87,7 @@ class DomainRecord:
                 owned_disks=[str(x) for x in data.get("owned_disks", [])],
                 migration_source=data.get("migration_source"),
                 move_revision=int(data.get("move_revision", 0)),
-                created_disks=[str(x) for x in data.get("created_disks", [])],
+                created_disks=[MadeDisk.from_json(x) for x in data.get("created_disks", [])],
             )
         except (KeyError, TypeError, ValueError) as err:
             raise FerryError(f"{source}: damaged domain record: {err}") from err

@@ -145,6 +145,10 @@ class DomainTable:
         for mid, arriving in list(self._incoming.items()):
             if arriving.dom is dom:
                 del self._incoming[mid]
+                if arriving.deciding:
+                    # The store may be committing it right now: the commit, once
+                    # it hears the store's answer, settles the outcome and disks.
+                    continue
                 # Never committed: a copy begun here (--copy-storage) is nobody's.
                 discard_disks(dom.record)
                 self.decide(mid, Outcome.ABORTED)

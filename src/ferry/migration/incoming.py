@@ -32,17 +32,22 @@ from ferry.errors import (
 )
 from ferry.host.arriving_disks import discard_disks, make_disks
 from ferry.host.launcher import Launcher
+from ferry.host.record import DomainRecord
 from ferry.host.running import Incoming, RunningDomain
 from ferry.host.table import DomainTable
 from ferry.host.watcher import DomainWatcher
-from ferry.migration.arrival_waits import decide_in_store, wait_device_state
+from ferry.migration.arrival_waits import (
+    check_stream_alive,
+    decide_in_store,
+    wait_device_state,
+    wait_stream_complete,
+)
 from ferry.migration.data_link import FD_NAME
 from ferry.migration.disk_export import close_exports, export_disks
 from ferry.migration.params import MigrationParams
 from ferry.migration.sameness import SameDomain
 from ferry.migration.stream_gate import keep_port_to_source
 from ferry.migration.stream_setup import setup_target
-from ferry.migration.switchover import stream_status
 from ferry.migration.target import Prepared
 from ferry.migration.timeline import Timeline
 from ferry.network import tap
@@ -53,7 +58,6 @@ from ferry.storage import lease
 from ferry.storage.disks import check_disks
 from ferry.storage.new_disk import copied_disks
 from ferry.util.tasks import Background
-from ferry.util.wait import wait_until
 
 log = logging.getLogger("ferryd")
 
@@ -157,10 +161,11 @@ class IncomingMigrations:
             try:
                 record_file = self.table.layout.record_file(record.key)
                 await make_disks(record, to_make, lambda: record.save(record_file))
-            except FerryError as err:
-                discard_disks(record)
-                self.table.decide(migration_id, Outcome.ABORTED)
-                raise refused(err, "storage") from err
+            except BaseException as err:
+                self._forget(record)
+                if isinstance(err, FerryError):
+                    raise refused(err, "storage") from err
+                raise
             steps.mark("disks")
             # The costly checks (qemu-img on each disk, the boot files' digests)
             # run while QEMU starts (56-115 ms here): it starts paused, waiting
@@ -174,13 +179,12 @@ class IncomingMigrations:
                 unlike = await self._unlike(cfg, disks, params, boot)
                 steps.mark("same")
                 dom = await launching
-            except FerryError:
-                discard_disks(record)
-                self.table.decide(migration_id, Outcome.ABORTED)
-                raise
             except BaseException:
+                # A failed launch has ended its QEMU; a cancelled one ends it now.
                 launching.cancel()
-                discard_disks(record)
+                with contextlib.suppress(BaseException):
+                    await launching
+                self._forget(record)
                 raise
             steps.mark("launch")
             token = secrets.token_hex(16)
@@ -224,6 +228,13 @@ class IncomingMigrations:
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
         return Prepared(token, steps.steps_ms, stream, storage)
 
+    def _forget(self, record: DomainRecord) -> None:
+        """A prepare that ends before its QEMU runs: nothing of it is left on record."""
+        discard_disks(record)
+        with contextlib.suppress(FileNotFoundError):
+            self.table.layout.record_file(record.key).unlink()
+        self.table.decide(str(record.migration_id), Outcome.ABORTED)
+
     async def _unlike(
         self,
         cfg: DomainConfig,
@@ -264,9 +275,9 @@ class IncomingMigrations:
         if arriving.postcopy:
             # The source holds its VM stopped before the switch: the device
             # state and the rest of RAM come only after this commit.
-            await self._check_stream_alive(dom)
+            await check_stream_alive(dom)
         else:
-            await self._wait_stream_complete(dom)
+            await wait_stream_complete(dom, STREAM_COMPLETE_TIMEOUT)
         _stop_gate(arriving)
         if arriving.exports:
             # The source's mirrors ended before its stream went through.
@@ -278,8 +289,13 @@ class IncomingMigrations:
         # In a cluster, the commit point: the transaction that makes the domain
         # and its disks this host's. Recorded here (durably) right after.
         arriving.deciding = True
-        if not await self.decide_in_store(dom, commit=True):
-            arriving.deciding = False
+        committed = await self.decide_in_store(dom, commit=True)
+        arriving.deciding = False
+        if self.table.incoming(migration_id) is not arriving:
+            # Its QEMU ended while the store decided: settled here, not by the watcher.
+            self._settle_lost(dom, committed)
+            raise MigrationError(f"the arriving QEMU of '{dom.name}' ended during the commit")
+        if not committed:
             raise MigrationError(
                 f"the cluster store no longer names {dom.record.migration_source} the owner of "
                 f"'{dom.name}' (or this host holds no valid lease): not committed"
@@ -287,6 +303,7 @@ class IncomingMigrations:
         self.table.decide(migration_id, Outcome.COMMITTED)
         # Made here for this migration, the disks are the domain's own now.
         dom.record.created_disks = []
+        self.table.save(dom)
         if arriving.postcopy:
             # First thing after the commit point: whatever fails below, the
             # session still runs the domain once its device state is in.
@@ -302,6 +319,21 @@ class IncomingMigrations:
         if arriving.postcopy:
             return {"switch": "after-commit"}
         return {"resume_ts": await self._start(dom, resume), "loaded_ts": loaded_ts}
+
+    def _settle_lost(self, dom: RunningDomain, committed: bool) -> None:
+        """An arrival whose QEMU ended while the store decided: the store's word stands.
+
+        Committed, the domain is this host's and lost with its QEMU; the disks
+        made for it keep what the source wrote until it stopped, and stay.
+        """
+        mid = str(dom.record.migration_id)
+        if committed:
+            log.error("domain %s committed here (migration %s) but its QEMU had ended: it is "
+                      "lost; its disks stay", dom.name, mid[:8])  # fmt: skip
+            self.table.decide(mid, Outcome.COMMITTED)
+        else:
+            discard_disks(dom.record)
+            self.table.decide(mid, Outcome.ABORTED)
 
     async def finish_switch(self, migration_id: str) -> dict[str, Any]:
         """After a post-copy commit: run the domain once its device state is here."""
@@ -337,7 +369,7 @@ class IncomingMigrations:
         return resume_ts
 
     async def decide_in_store(self, dom: RunningDomain, commit: bool) -> bool:
-        return await decide_in_store(self.launcher.ownership, dom, commit)
+        return await decide_in_store(self.launcher.ownership, dom.record, commit)
 
     def _take_leases(self, dom: RunningDomain) -> None:
         for path in dom.record.leases:
@@ -364,28 +396,6 @@ class IncomingMigrations:
                 return time.time()
         stamp = event["timestamp"]
         return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
-
-    async def _check_stream_alive(self, dom: RunningDomain) -> None:
-        status = await stream_status(dom.monitor)
-        if status != "active":
-            raise MigrationError(f"the incoming stream of '{dom.name}' is {status} here")
-
-    async def _wait_stream_complete(self, dom: RunningDomain) -> None:
-        async def completed() -> bool:
-            status = await stream_status(dom.monitor)
-            if status in ("failed", "cancelled"):
-                raise MigrationError(f"the incoming stream of '{dom.name}' {status} here")
-            return status == "completed"
-
-        try:
-            await wait_until(
-                completed,
-                timeout=STREAM_COMPLETE_TIMEOUT,
-                interval=0.005,
-                what=f"the incoming stream of '{dom.name}' to complete",
-            )
-        except FerryError as err:
-            raise MigrationError(str(err)) from err
 
     async def abort_incoming(self, migration_id: str, reason: str) -> None:
         arriving = self.table.drop_incoming(migration_id)

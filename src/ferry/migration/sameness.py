@@ -33,14 +33,18 @@ class SameDomain:
 
     def new_disks(
         self, cfg: DomainConfig, facts: list[Any], params: MigrationParams
-    ) -> list[tuple[DiskSpec, int]]:
-        """--copy-storage: each disk to make here (none may exist yet), with its size."""
+    ) -> list[tuple[DiskSpec, int, str]]:
+        """--copy-storage: each disk to make here (none may exist yet), its size and real path.
+
+        Free space is summed over the disks that share a file system.
+        """
         if not params.copy_storage:
             return []
         if len(facts) != len(cfg.disks):
             raise StorageError("the source described a different number of disks")
         by_target = dict(zip((d.target for d in cfg.disks), facts, strict=True))
         made = []
+        reserved: dict[int, int] = {}
         for disk in copied_disks(cfg):
             fact = by_target[disk.target]
             size, used = (fact.get(k) if isinstance(fact, dict) else None for k in
@@ -50,8 +54,8 @@ class SameDomain:
             theirs = fact.get("format") if isinstance(fact, dict) else None
             if disk.format is None or theirs != disk.format:
                 raise StorageError(f"disk {disk.path}: its format here and at the source differ")
-            check_new_disk(disk, self.host.storage_roots, min(used, size))
-            made.append((disk, size))
+            real = check_new_disk(disk, self.host.storage_roots, min(used, size), reserved)
+            made.append((disk, size, real))
         return made
 
     async def disks(self, cfg: DomainConfig, facts: list[Any], params: MigrationParams) -> None:
