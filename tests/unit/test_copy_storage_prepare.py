@@ -174,3 +174,21 @@ async def test_a_dead_arrival_that_the_store_committed_keeps_its_disks(
     assert asked == [False]
     assert path.exists(), "the store made the domain this host's: its disk stays"
     assert h2.s.table.outcomes.get(mid) is Outcome.COMMITTED
+
+
+async def test_an_arrival_dying_while_the_store_decides_keeps_its_disks(
+    target: tuple[Cluster, FakeHost],
+) -> None:
+    """The store may commit it at that very moment: the commit settles the disks, not the end."""
+    c, h2 = target
+    path = c.storage / "local.img"
+    channel, _ = await open_session(h2, copy_message(c, h2, path))
+    mid = message_id(h2)
+    arriving = h2.s.table.incoming(mid)
+    assert arriving is not None
+    arriving.deciding = True
+    c.kill_all()
+    await until(lambda: h2.s.table.incoming(mid) is None, "the dead arrival to be dropped")
+    assert path.exists()
+    assert h2.s.table.outcomes.get(mid) is Outcome.PENDING
+    await channel.close()
