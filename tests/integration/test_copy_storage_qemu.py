@@ -10,9 +10,11 @@ or job of the copy left behind.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +28,7 @@ from ferry.errors import FerryError, MigrationError
 from ferry.hypervisor.monitor import Monitor
 from ferry.migration.disk_export import close_exports, export_disks
 from ferry.migration.disk_mirror import DiskMirror, DiskProgress, clear_leftovers
+from ferry.migration.stream_gate import start_gate
 from ferry.migration.switchover import let_through
 from ferry.pki.credentials import Credentials
 from ferry.pki.qemu_tls import QemuTls
@@ -158,7 +161,7 @@ async def test_disk_and_memory_switch_over_together(pair: Pair) -> None:
     assert not [n for n in nodes if str(n.get("node-name", "")).startswith("ferry-mig-")]  # type: ignore[union-attr]
     await let_through(pair.src)
     await wait_until(lambda: _is(pair.dst, "completed"), timeout=30, what="the stream")
-    await close_exports(pair.dst)
+    await close_exports(pair.dst, pair.dst_proc.pid, storage["port"])
     await pair.dst.execute("cont")
     # The target's disk, now the guest's, is the source's byte for byte.
     assert identical(pair.src_disk, pair.dst_disk)
@@ -241,3 +244,50 @@ async def test_mirrors_left_by_a_dead_ferryd_are_ended(pair: Pair) -> None:
     again = pair.mirror(await pair.export())
     await again.start()
     await again.abort()
+
+
+async def test_a_stranger_on_the_export_port_neither_blocks_the_copy_nor_the_stop(
+    pair: Pair,
+) -> None:
+    """One connection per disk: a stranger holding the slot would keep the source out,
+    and one still negotiating when the server stops is CVE-2024-7409 in 7.2."""
+    storage = await pair.export()
+    port = int(storage["port"])  # type: ignore[call-overload]
+    stranger = await asyncio.to_thread(_connect_from, "127.0.0.2", port)
+    gate = start_gate("vm", pair.dst_proc.pid, port, "127.0.0.1", 1, None)
+    try:
+        await asyncio.to_thread(_until_closed, stranger)
+        mirror = pair.mirror(storage)
+        await mirror.start()
+        await mirror.until_ready(_ignore, stall_s=30, poll_s=0.01)
+        await mirror.finish()
+    finally:
+        gate.cancel()
+    # The gate is gone: one more stranger, from the source's own address even.
+    late = await asyncio.to_thread(_connect_from, "127.0.0.1", port)
+    await close_exports(pair.dst, pair.dst_proc.pid, port)
+    await asyncio.to_thread(_until_closed, late)
+    assert await pair.dst.execute("query-block-exports") == []
+    assert identical(pair.src_disk, pair.dst_disk)
+
+
+async def _ignore(_disk: DiskProgress) -> None:
+    return None
+
+
+def _connect_from(address: str, port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((address, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(10)
+    return sock
+
+
+def _until_closed(sock: socket.socket) -> None:
+    """Read (the server's greeting, if any) until the server ends the connection."""
+    with sock:
+        try:
+            while sock.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass

@@ -277,7 +277,7 @@ async def test_migrated_ram_and_disk_are_identical_with_copy_storage(
             return (await dst.execute("query-migrate"))["status"] == "completed"  # type: ignore[index,no-any-return]
 
         await wait_until(loaded, timeout=5, what="the target to load the stream")
-        await close_exports(dst)
+        await close_exports(dst, procs[1].pid, storage["port"])
         for monitor, name in ((src, "a"), (dst, "b")):
             await monitor.execute(
                 "pmemsave", {"val": 0, "size": 256 * MIB, "filename": str(tmp_path / name)}

@@ -43,6 +43,9 @@ class DomainRecord:
     # Disks this host made for an arriving --copy-storage migration: removed
     # if it aborts, the domain's own once it commits (the list is then emptied).
     created_disks: list[MadeDisk] = field(default_factory=list)
+    # Disks an outgoing --copy-storage migration copies: once it is handed
+    # over, the stale files left here get leases naming the target.
+    copied_away: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -66,6 +69,7 @@ class DomainRecord:
             "migration_source": self.migration_source,
             "move_revision": self.move_revision,
             "created_disks": [d.to_json() for d in self.created_disks],
+            "copied_away": self.copied_away,
         }
 
     @classmethod
@@ -88,6 +92,7 @@ class DomainRecord:
                 migration_source=data.get("migration_source"),
                 move_revision=int(data.get("move_revision", 0)),
                 created_disks=[MadeDisk.from_json(x) for x in data.get("created_disks", [])],
+                copied_away=[str(x) for x in data.get("copied_away", [])],
             )
         except (KeyError, TypeError, ValueError) as err:
             raise FerryError(f"{source}: damaged domain record: {err}") from err

@@ -68,12 +68,14 @@ class Incoming:
     # The decision is being made in the cluster store: whatever happens, this
     # QEMU may not be ended until the store has answered.
     deciding: bool = False
-    # multifd: the task that keeps the arriving QEMU's port to the source.
-    gate: asyncio.Task[None] | None = None
+    # The tasks that keep the arriving QEMU's ports (multifd, disk exports)
+    # to the source.
+    gates: list[asyncio.Task[None]] = field(default_factory=list)
     # Post-copy: the commit comes before the device state, held at the source.
     postcopy: bool = False
-    # --copy-storage: its QEMU serves its new disks to the source over NBD.
-    exports: bool = False
+    # --copy-storage: the port on which its QEMU serves its new disks to the
+    # source over NBD (0: none).
+    exports: int = 0
 
 
 BootFilesProvider = Callable[[DomainConfig], BootFiles]

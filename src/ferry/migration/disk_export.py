@@ -15,6 +15,7 @@ negotiating is CVE-2024-7409 in 7.2).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -23,12 +24,14 @@ from ferry.domain.disks import DiskSpec
 from ferry.errors import MigrationError, QmpError
 from ferry.hypervisor.cmdline import disk_node
 from ferry.hypervisor.monitor import Monitor
+from ferry.hypervisor.qemu_sockets import shut_down, socket_fds_on_port
 from ferry.pki.identity import Identity
 from ferry.pki.qemu_tls import QemuTls
 
 EXPORT_PREFIX = "ferry-nbd-"
 PORT_ATTEMPTS = 8
 STOP_TIMEOUT = 10.0
+CLOSE_POLL_S = 0.002
 
 
 def free_port(address: str) -> int:
@@ -79,12 +82,27 @@ async def export_disks(
     return {"port": port, "exports": exports}
 
 
-async def close_exports(monitor: Monitor) -> None:
-    """The source's mirrors have ended: nobody may write these disks from outside now."""
+async def close_exports(monitor: Monitor, pid: int | None, port: int) -> None:
+    """The source's mirrors have ended: nobody may write these disks from outside now.
+
+    Any connection still there (the source's, closing; a stranger's, still
+    negotiating) is ended first, and its end awaited: stopping the server
+    with a client mid-negotiation is CVE-2024-7409 in QEMU 7.2.
+    """
     try:
         async with asyncio.timeout(STOP_TIMEOUT):
+            if pid is not None:
+                await _end_connections(pid, port)
             await monitor.execute("nbd-server-stop")
     except (QmpError, TimeoutError) as err:
         raise MigrationError(
             f"the arriving QEMU of '{monitor.domain}' did not close its disk exports: {err!r}"
         ) from err
+
+
+async def _end_connections(pid: int, port: int) -> None:
+    """Shut every connection to the exports' ``port``; until QEMU has closed them."""
+    while fds := socket_fds_on_port(pid, port):
+        with contextlib.suppress(OSError):
+            shut_down(pid, list(fds))
+        await asyncio.sleep(CLOSE_POLL_S)

@@ -46,7 +46,7 @@ from ferry.migration.data_link import FD_NAME
 from ferry.migration.disk_export import close_exports, export_disks
 from ferry.migration.params import MigrationParams
 from ferry.migration.sameness import SameDomain
-from ferry.migration.stream_gate import keep_port_to_source
+from ferry.migration.stream_gate import start_gate
 from ferry.migration.stream_setup import setup_target
 from ferry.migration.target import Prepared
 from ferry.migration.timeline import Timeline
@@ -207,8 +207,14 @@ class IncomingMigrations:
             copied = copied_disks(cfg) if params.copy_storage else []
             if copied and self.tls is not None and source is not None:
                 # (No disk to copy, no server: max-connections 0 means no limit.)
-                arriving.exports = True
                 storage = await export_disks(dom.monitor, copied, bind, self.tls, source)
+                arriving.exports = storage["port"]
+                if dom.pid is not None:
+                    # Until the commit: one connection per disk, the source's.
+                    gate = start_gate(
+                        cfg.name, dom.pid, arriving.exports, source_address, len(copied), None
+                    )
+                    arriving.gates.append(gate)
         except (FerryError, OSError) as err:
             await self.abort_incoming(migration_id, str(err))
             raise refused(err, "stream") from err
@@ -217,13 +223,9 @@ class IncomingMigrations:
             await self.abort_incoming(migration_id, repr(err))
             raise
         if stream and dom.pid is not None:
-            arriving.gate = asyncio.create_task(
-                keep_port_to_source(
-                    cfg.name, dom.pid, stream["port"], source_address, params.channels + 1
-                ),
-                name=f"stream gate of {cfg.name}",
-            )
-            arriving.gate.add_done_callback(_gate_ended)
+            arriving.gates.append(start_gate(
+                cfg.name, dom.pid, stream["port"], source_address, params.channels + 1
+            ))  # fmt: skip
         steps.mark("qemu_setup")
         log.info("prepared incoming %s (migration %s) from %s", cfg.name, migration_id[:8], peer)
         return Prepared(token, steps.steps_ms, stream, storage)
@@ -281,7 +283,7 @@ class IncomingMigrations:
         _stop_gate(arriving)
         if arriving.exports:
             # The source's mirrors ended before its stream went through.
-            await close_exports(dom.monitor)
+            await close_exports(dom.monitor, dom.pid, arriving.exports)
         # Every channel has connected: the one-time key has done its job.
         shutil.rmtree(dom.paths.run_dir / STREAM_KEY_DIR, ignore_errors=True)
         dom.record.migration_was_running = resume
@@ -429,15 +431,10 @@ class IncomingMigrations:
             await self.abort_incoming(mid, "ferryd is stopping")
 
 
-def _gate_ended(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the stream gate failed; the arriving port is unguarded: %r", task.exception())
-
-
 def _stop_gate(arriving: Incoming) -> None:
-    if arriving.gate is not None:
-        arriving.gate.cancel()
-        arriving.gate = None
+    for gate in arriving.gates:
+        gate.cancel()
+    arriving.gates = []
 
 
 def _event_time(events: EventListener | None, status: str) -> float | None:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from ferry.domain.migration_state import UNKNOWN, Outcome
 from ferry.domain.state import Event
-from ferry.errors import ClusterError, MigrationError, QmpError, WaitTimeout
+from ferry.errors import ClusterError, MigrationError, QmpError, StorageError, WaitTimeout
 from ferry.host.launcher import Launcher
 from ferry.host.running import RunningDomain
 from ferry.host.table import DomainTable
@@ -29,6 +29,7 @@ from ferry.migration.channel import Channel
 from ferry.migration.disk_mirror import clear_leftovers
 from ferry.migration.switchover import release_held, settle_for_handover
 from ferry.pki.credentials import Credentials
+from ferry.storage import lease
 
 log = logging.getLogger("ferryd")
 
@@ -77,6 +78,9 @@ class SourceEnd:
         """
         await settle_for_handover(dom.monitor)
         dom.handed_over = True
+        # Before the record says "shut off": a restart in between hands over
+        # again, and marks again.
+        _mark_moved(dom)
         self.table.transition(dom, Event.MIGRATE_OUT_DONE)
         self.table.leave(dom)
 
@@ -88,6 +92,7 @@ class SourceEnd:
         was_running = dom.record.migration_was_running
         dom.record.migration_id = None
         dom.record.migration_target = None
+        dom.record.copied_away = []
         running = False
         try:
             if not await release_held(dom.monitor):
@@ -167,3 +172,19 @@ class SourceEnd:
             )  # fmt: skip
             dom.record.migration_was_running = False
             await self.keep(dom)
+
+
+def _mark_moved(dom: RunningDomain) -> None:
+    """The disks left here by a --copy-storage migration are stale copies: their
+    leases now name the target, so that nothing starts the domain here from them.
+
+    (The files are kept, as libvirt keeps them: removing them is the
+    operator's decision, once the domain runs well on its new host.)
+    """
+    target = str(dom.record.migration_target).rsplit(":", 1)[0]
+    for path in dom.record.copied_away:
+        try:
+            lease.write_lease(path, target, dom.name)
+        except StorageError as err:
+            log.error("domain %s moved to %s, but its stale disk here is not marked: %s",
+                      dom.name, target, err)  # fmt: skip

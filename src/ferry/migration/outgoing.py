@@ -8,7 +8,6 @@ import uuid
 from collections import deque
 from typing import Any
 
-from ferry.domain.disks import DiskSpec
 from ferry.domain.migration_state import Phase
 from ferry.domain.state import DomainState, Event
 from ferry.errors import InvalidTransition, MigrationAborted, MigrationRefused, StorageError
@@ -65,6 +64,8 @@ class OutgoingMigrations:
             dom.record.migration_was_running = was_running
             dom.record.migration_id = control.migration_id
             dom.record.migration_target = f"{host}:{port}"
+            copied = copied_disks(dom.record.config)
+            dom.record.copied_away = [d.path for d in copied] if params.copy_storage else []
             self.table.transition(dom, Event.MIGRATE_OUT)
             dom.outgoing = control
 
@@ -75,7 +76,6 @@ class OutgoingMigrations:
         try:
             began = time.monotonic()
             plan = plan_stream(params, secure=self.tls is not None)
-            copied = copied_disks(dom.record.config)
             if params.copy_storage and not copied:
                 raise MigrationRefused(
                     f"cannot migrate '{name}' with --copy-storage: it has no writable file disk "
@@ -126,8 +126,6 @@ class OutgoingMigrations:
         began = time.monotonic()
         # The answer goes out now; our copy's QEMU ends behind it (~30 ms).
         await self.end.release(dom)
-        if params.copy_storage:
-            _mark_moved(dom, copied, host)
         self.background.start(self.launcher.end_qemu(dom), f"end of {name}'s old copy")
         result.steps_ms = {
             "facts": facts_ms,
@@ -226,21 +224,6 @@ class OutgoingMigrations:
                 fact["lease_token"] = held.token
             facts.append(fact)
         return facts
-
-
-def _mark_moved(dom: RunningDomain, disks: list[DiskSpec], host: str) -> None:
-    """The disks left here after a --copy-storage migration are stale copies: their
-    leases now name the target, so that nothing starts the domain here from them.
-
-    (The files are kept, as libvirt keeps them: removing them is the
-    operator's decision, once the domain runs well on its new host.)
-    """
-    for disk in disks:
-        try:
-            lease.write_lease(disk.path, host, dom.name)
-        except StorageError as err:
-            log.error("domain %s moved to %s, but its stale disk here is not marked: %s",
-                      dom.name, host, err)  # fmt: skip
 
 
 def _failed_outcome(phase: Phase, err: BaseException) -> str:

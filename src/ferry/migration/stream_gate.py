@@ -31,17 +31,21 @@ SETTLED_POLL_S = 0.05
 WINDOW_S = 120.0  # the source connects within its prepare timeout, or never
 
 
-async def keep_port_to_source(name: str, pid: int, port: int, source: str, channels: int) -> None:
+async def keep_port_to_source(
+    name: str, pid: int, port: int, source: str, channels: int, window_s: float | None = WINDOW_S
+) -> None:
     """Until QEMU closes its listener: end every connection not from ``source``.
 
     QEMU counts a channel, and closes the listener after the last, only once
     its TLS handshake is done: the port is guarded until then, every 5 ms
     while fewer than ``channels`` connections are in, every 50 ms after.
+    ``window_s`` None: for as long as the listener lasts (the disk exports',
+    open until their server stops), or the task is cancelled.
     """
     loop = asyncio.get_running_loop()
-    end = loop.time() + WINDOW_S
+    end = None if window_s is None else loop.time() + window_s
     ended: set[int] = set()  # socket inodes, until QEMU closes its descriptors
-    while loop.time() < end:
+    while end is None or loop.time() < end:
         foreign = foreign_fds_on_port(pid, port, source)
         new = {fd: i for fd, i in foreign.items() if i not in ended}
         if new:
@@ -56,3 +60,20 @@ async def keep_port_to_source(name: str, pid: int, port: int, source: str, chann
             return
         connected = len(socket_fds_on_port(pid, port)) - len(foreign)
         await asyncio.sleep(POLL_S if connected < channels else SETTLED_POLL_S)
+
+
+def start_gate(
+    name: str, pid: int, port: int, source: str, channels: int, window_s: float | None = WINDOW_S
+) -> asyncio.Task[None]:
+    """``keep_port_to_source`` in the background; a failure is logged, never silent."""
+    task = asyncio.create_task(
+        keep_port_to_source(name, pid, port, source, channels, window_s),
+        name=f"gate of {name}'s port {port}",
+    )
+    task.add_done_callback(_gate_ended)
+    return task
+
+
+def _gate_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a port gate failed; the arriving port is unguarded: %r", task.exception())
