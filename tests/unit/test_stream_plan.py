@@ -121,6 +121,10 @@ def test_the_low_water_mark_is_set_on_another_process_s_socket() -> None:
     try:
         found = socket_fds_to_port(os.getpid(), port)
         assert list(found) == [client.fileno()]  # not the listener, not the accepted end
+        # By address too: the same port on another host is someone else's connection.
+        assert list(socket_fds_to_port(os.getpid(), port, "127.0.0.1")) == [client.fileno()]
+        assert socket_fds_to_port(os.getpid(), port, "::ffff:127.0.0.1") == found
+        assert socket_fds_to_port(os.getpid(), port, "127.0.0.2") == {}
         set_notsent_lowat(os.getpid(), list(found), 131072)
         assert client.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == 131072
     finally:

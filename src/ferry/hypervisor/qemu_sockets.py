@@ -54,9 +54,21 @@ def _connections(pid: int) -> list[tuple[tuple[str, int], tuple[str, int], int]]
     return rows
 
 
-def socket_fds_to_port(pid: int, port: int) -> dict[int, int]:
-    """QEMU's descriptors (fd -> inode) of TCP connections to remote ``port``."""
-    return _fds_of(pid, {inode for _, remote, inode in _connections(pid) if remote[1] == port})
+def socket_fds_to_port(pid: int, port: int, host: str | None = None) -> dict[int, int]:
+    """QEMU's descriptors (fd -> inode) of TCP connections to remote ``port`` (at ``host``)."""
+    wanted = None if host is None else _ip(host)
+    return _fds_of(pid, {
+        inode for _, remote, inode in _connections(pid)
+        if remote[1] == port and (wanted is None or _ip(remote[0]) == wanted)
+    })  # fmt: skip
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as compared here: without a zone, an IPv4-mapped one as IPv4."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
 
 
 def is_listening(pid: int, port: int) -> bool:
@@ -77,15 +89,10 @@ def socket_fds_on_port(pid: int, port: int) -> dict[int, int]:
 
 def foreign_fds_on_port(pid: int, port: int, allowed: str) -> dict[int, int]:
     """QEMU's descriptors of connections accepted on local ``port`` from anyone but ``allowed``."""
-    allowed_ip = ipaddress.ip_address(allowed.split("%")[0])
-    if isinstance(allowed_ip, ipaddress.IPv6Address) and allowed_ip.ipv4_mapped:
-        allowed_ip = allowed_ip.ipv4_mapped
+    allowed_ip = _ip(allowed)
     wanted = set()
     for local, remote, inode in _connections(pid):
-        peer = ipaddress.ip_address(remote[0])
-        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped:
-            peer = peer.ipv4_mapped
-        if local[1] == port and peer != allowed_ip:
+        if local[1] == port and _ip(remote[0]) != allowed_ip:
             wanted.add(inode)
     return _fds_of(pid, wanted)
 

@@ -42,6 +42,7 @@ JOB_PREFIX = "ferry-mirror-"
 NODE_PREFIX = "ferry-mig-"
 FINISH_TIMEOUT = 60.0
 ABORT_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 30.0
 # The final copy runs while the VM is stopped: every millisecond of waiting
 # for it is downtime (a 50 ms poll was seen adding 50 ms to a switchover).
 FINISH_POLL_S = 0.002
@@ -99,18 +100,32 @@ class DiskMirror:
         creds = await self.tls.setup_nbd_client(self.monitor)
         for index in self.indices:
             node, job = f"{NODE_PREFIX}{index}", f"{JOB_PREFIX}{index}"
-            await self.monitor.execute(
-                "blockdev-add",
-                {
-                    "driver": "nbd",
-                    "node-name": node,
-                    "server": {"type": "inet", "host": self.address, "port": str(self.port)},
-                    "export": self.exports[index],
-                    "tls-creds": creds,
-                    "tls-hostname": self.target,
-                },
-            )
+            # QEMU 7.2 connects and shakes hands inside the command, its main
+            # loop held: on a dead link that is TCP's whole retry time.
             self._nodes.append(node)
+            try:
+                await self.monitor.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "nbd",
+                        "node-name": node,
+                        "server": {"type": "inet", "host": self.address, "port": str(self.port)},
+                        "export": self.exports[index],
+                        "tls-creds": creds,
+                        "tls-hostname": self.target,
+                    },
+                    timeout=CONNECT_TIMEOUT,
+                )
+            except QmpError as err:
+                if "got no answer" not in str(err):
+                    self._nodes.remove(node)  # refused: nothing was added
+                    raise
+                # Stuck connecting: ending the connection frees QEMU's main loop.
+                self._shut_links()
+                raise MigrationError(
+                    f"the copy of disk vd{chr(97 + index)}: no answer from {self.target}'s "
+                    f"export within {CONNECT_TIMEOUT:.0f} s"
+                ) from err
             await self.monitor.execute(
                 "blockdev-mirror",
                 {"job-id": job, "device": f"disk{index}", "target": node, "sync": "full",
@@ -171,7 +186,10 @@ class DiskMirror:
             await self.monitor.execute("block-job-cancel", {"device": job, "force": False})
         jobs = await _concluded(self.monitor, self._jobs, FINISH_TIMEOUT, FINISH_POLL_S)
         for job in self._jobs:
-            info = jobs.get(job, {})
+            info = jobs.get(job)
+            if info is None:
+                # Never dismissed by QEMU itself (auto-dismiss off): someone else did.
+                raise MigrationError(f"the final copy of a disk to {self.target}: its job vanished")
             if info.get("error") or info.get("current-progress") != info.get("total-progress"):
                 raise MigrationError(
                     f"the final copy of a disk to {self.target} failed: "
@@ -189,11 +207,16 @@ class DiskMirror:
         """Stop copying at once; the target's copy is discarded. Never raises."""
         if not self._jobs and not self._nodes:
             return
-        if self.qemu_pid is not None:
-            with contextlib.suppress(OSError):
-                fds = qemu_sockets.socket_fds_to_port(self.qemu_pid, self.port)
-                qemu_sockets.shut_down(self.qemu_pid, list(fds))
+        self._shut_links()
         await _force_end(self.monitor, self._jobs, self._nodes)
+
+    def _shut_links(self) -> None:
+        """End QEMU's connections to the target's exports: a cut link then fails at
+        once, rather than hold a cancel (or a connect) for as long as TCP retries."""
+        if self.qemu_pid is not None:
+            with contextlib.suppress(OSError, ValueError):
+                fds = qemu_sockets.socket_fds_to_port(self.qemu_pid, self.port, self.address)
+                qemu_sockets.shut_down(self.qemu_pid, list(fds))
 
 
 async def clear_leftovers(monitor: Monitor) -> None:

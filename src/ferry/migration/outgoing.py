@@ -76,6 +76,11 @@ class OutgoingMigrations:
         try:
             began = time.monotonic()
             plan = plan_stream(params, secure=self.tls is not None)
+            if params.copy_storage and self.tls is None:
+                raise MigrationRefused(
+                    f"cannot migrate '{name}' with --copy-storage: this host has insecure = true, "
+                    "and a disk copy without TLS would let anyone on the network write the disk"
+                )
             if params.copy_storage and not copied:
                 raise MigrationRefused(
                     f"cannot migrate '{name}' with --copy-storage: it has no writable file disk "

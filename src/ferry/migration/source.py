@@ -331,8 +331,11 @@ class OutgoingMigration:
                     self._disk_final_ms = round((time.monotonic() - began) * 1000, 1)
                     await let_through(self.monitor)
                     continue
-                if progress.status in ("completed", HELD):
+                if progress.status == "completed" or (
+                    progress.status == HELD and self.params.postcopy
+                ):
                     # Held (post-copy): the VM is stopped here, waiting for the commit.
+                    # (Just let through, a copy's stream may still read as held.)
                     return progress
                 if progress.status in ("failed", "cancelled"):
                     desc = info.get("error-desc", progress.status) if isinstance(info, dict) else ""
@@ -387,6 +390,10 @@ class OutgoingMigration:
         """Stop QEMU's stream and tell the target; the caller restores the domain."""
         log.warning("migration of %s to %s failed in %s: %s", self.name, self.host, self.phase, err)
         self.control.advance(Phase.ROLLED_BACK)
+        if self._mirror is not None:
+            # First: a write-blocking mirror on a cut link holds the guest's writes.
+            # The source's disks were only read: the target's copy is what is lost.
+            await self._mirror.abort()
         try:
             info = await self.monitor.execute("query-migrate")
             if isinstance(info, dict) and info.get("status") not in (
@@ -396,8 +403,5 @@ class OutgoingMigration:
                 await wait_migration_settled(self.monitor)
         except FerryError as rollback_err:
             log.error("rollback of %s on the source: %s", self.name, rollback_err)
-        if self._mirror is not None:
-            # The source's disks were only read: the target's copy is what is lost.
-            await self._mirror.abort()
         await channel.send_error(MigrationError(f"source aborted: {err}"))
         await channel.close()
