@@ -8,6 +8,7 @@ paused as it should be.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import pytest
 from ferry.domain.migration_state import Outcome, Phase
 from ferry.domain.state import DomainState
 from ferry.errors import MigrationAborted, MigrationError, MigrationInDoubt
+from ferry.host.layout import HostLayout
 from ferry.migration import incoming as incoming_mod
 from ferry.migration import source as source_mod
 from ferry.migration import switchover
@@ -316,6 +318,27 @@ async def test_source_restarting_in_doubt_hands_over(
     await h1.start()
     await created.assert_runs_once("h2")
     assert h1.s.table.find("vm") is None
+
+
+async def test_a_stale_copy_left_by_a_copy_in_doubt_is_marked_for_the_target(
+    created: Cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A --copy-storage migration whose source restarted in doubt: the hand-over after
+    the restart still marks the disk left behind, so no standalone host starts it."""
+    h1, h2 = hosts(created)
+    stale = tmp_path / "stale.img"
+    stale.write_bytes(b"the disk as it was when the copy finished")
+    lose_committed_answer(monkeypatch, then=h1.crash)
+    with pytest.raises(BaseException):  # noqa: B017
+        await h1.migrate("vm", h2)
+    record_file = HostLayout(h1.config.state_dir, h1.config.run_dir).record_file("vm")
+    data = json.loads(record_file.read_text())
+    data["copied_away"] = [str(stale)]  # as a --copy-storage migration records it
+    record_file.write_text(json.dumps(data))
+    await h1.start()
+    await created.assert_runs_once("h2")
+    held = lease.read_lease(str(stale))
+    assert held is not None and (held.host, held.domain) == ("127.0.0.1", "vm")
 
 
 async def test_target_crashing_after_resume_keeps_it_there(
