@@ -7,6 +7,7 @@ restarted midway. A disk that is already there is never touched.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 import pytest
 
 from ferry.cluster.ownership import LocalOwnership
+from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import Outcome
 from ferry.errors import MigrationRefused
 from ferry.host import arriving_disks
+from ferry.hypervisor.monitor import Monitor
 from ferry.storage import new_disk
 
 from .migration_harness import Cluster, FakeHost, qmp_call, until
@@ -192,3 +195,27 @@ async def test_an_arrival_dying_while_the_store_decides_keeps_its_disks(
     assert path.exists()
     assert h2.s.table.outcomes.get(mid) is Outcome.PENDING
     await channel.close()
+
+
+async def test_a_launch_cancelled_midway_leaves_no_qemu_and_no_record(
+    target: tuple[Cluster, FakeHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prepare cancelled (its source gone, ferryd stopping) while its QEMU starts."""
+    c, h2 = target
+    launcher = h2.s.launcher
+    mapping = c.domain()
+    mapping["disk"][0]["format"] = "raw"
+    cfg = DomainConfig.from_mapping(mapping, "test")
+    record = launcher.new_record(cfg, "tcg", "vm@cancelled", 1)
+
+    async def never(*_args: Any, **_kwargs: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Monitor, "connect", never)
+    task = asyncio.create_task(launcher.launch(record, launcher.boot_files(cfg), incoming=True))
+    await until(lambda: c.qemus() != {}, "its QEMU to start")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await until(lambda: c.qemus() == {}, "its QEMU to end")
+    assert not h2.s.table.layout.record_file(record.key).exists()

@@ -244,14 +244,17 @@ class Launcher:
             )
             record.save(self.layout.record_file(record.key))
             await monitor.connect(paths.qmp_socket, QMP_TIMEOUT)
-        except (FerryError, OSError) as err:
+        except BaseException as err:
+            # Cancelled too: a QEMU started for nobody must not outlive its launch.
             await monitor.close()
             if record.pid is not None:
                 await process.terminate(record.pid, 0)
             await asyncio.to_thread(self.cleanup_files, record, paths)
             if isinstance(err, FerryError):
                 raise type(err)(f"cannot {verb} domain '{cfg.name}': {err}") from err
-            raise HypervisorError(f"cannot {verb} domain '{cfg.name}': {err}") from err
+            if isinstance(err, OSError):
+                raise HypervisorError(f"cannot {verb} domain '{cfg.name}': {err}") from err
+            raise
         return RunningDomain(record=record, paths=paths, monitor=monitor)
 
     async def end_qemu(self, dom: RunningDomain) -> None:
