@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,7 @@ class DiskMirror:
 
     async def start(self) -> None:
         """Connect to every export and start every mirror (the bulk copy begins)."""
-        await clear_leftovers(self.monitor)
+        await clear_leftovers(self.monitor, self.qemu_pid)
         creds = await self.tls.setup_nbd_client(self.monitor)
         for index in self.indices:
             node, job = f"{NODE_PREFIX}{index}", f"{JOB_PREFIX}{index}"
@@ -219,24 +220,43 @@ class DiskMirror:
                 qemu_sockets.shut_down(self.qemu_pid, list(fds))
 
 
-async def clear_leftovers(monitor: Monitor) -> None:
+async def clear_leftovers(monitor: Monitor, qemu_pid: int | None = None) -> None:
     """Mirrors and NBD nodes that a migration of this QEMU left behind (its ferryd
     died midway): ended, so that the domain runs on alone and a later copy can start.
-    Never raises."""
+    Their connections (where each node says it connects) are ended first, so a
+    dead link does not hold the cancel. Never raises."""
     try:
         jobs = [j for j in await _jobs_now(monitor) if j.startswith(JOB_PREFIX)]
         found = await monitor.execute("query-named-block-nodes", {"flat": True})
     except QmpError as err:
         log.error("cannot look for disk mirrors left in '%s': %s", monitor.domain, err)
         return
-    nodes = [
-        str(n.get("node-name")) for n in (found if isinstance(found, list) else [])
+    left = [
+        n for n in (found if isinstance(found, list) else [])
         if isinstance(n, dict) and str(n.get("node-name", "")).startswith(NODE_PREFIX)
     ]  # fmt: skip
+    nodes = [str(n["node-name"]) for n in left]
     if jobs or nodes:
         log.warning("domain %s: ending disk mirrors an earlier migration left: %s",
                     monitor.domain, ", ".join(jobs + nodes))  # fmt: skip
+        if qemu_pid is not None:
+            for node in left:
+                _shut_node_link(qemu_pid, str(node.get("file", "")))
         await _force_end(monitor, jobs, nodes)
+
+
+def _shut_node_link(qemu_pid: int, filename: str) -> None:
+    """End QEMU's connection to the server an NBD node names (``nbd://host:port/...``)."""
+    url = urllib.parse.urlsplit(filename)
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:
+        return
+    if not url.scheme.startswith("nbd") or host is None or port is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        fds = qemu_sockets.socket_fds_to_port(qemu_pid, port, host)
+        qemu_sockets.shut_down(qemu_pid, list(fds))
 
 
 async def _force_end(monitor: Monitor, jobs: list[str], nodes: list[str]) -> None:

@@ -99,7 +99,7 @@ class SourceEnd:
                 raise MigrationError("its stream is past the switch to post-copy: never here again")
             # A --copy-storage migration's mirrors, if its ferryd died before
             # ending them: the domain runs on its own disks alone.
-            await clear_leftovers(dom.monitor)
+            await clear_leftovers(dom.monitor, dom.pid)
             status = await dom.monitor.execute("query-status")
             running = bool(status.get("running"))
             if was_running and not running:
