@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -50,4 +52,28 @@ def test_bad_parameters_are_refused_with_the_reason(query: str) -> None:
 
 
 def test_defaults_when_nothing_is_given() -> None:
-    assert dirty.parse_start("") == (8.0, 64)
+    assert dirty.parse_start("") == (8.0, 64, False)
+    assert dirty.parse_start("disk=1") == (8.0, 64, True)
+    with pytest.raises(ValueError, match="disk must be 0 or 1"):
+        dirty.parse_start("disk=yes")
+
+
+def test_the_disk_workload_writes_its_file_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "dirty" / "dirty.bin"
+    monkeypatch.setattr(dirty, "DISK_FILE", str(path))
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(dirty.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    state = dirty.State()
+    state.start(8.0, 1, disk=True)
+    try:
+        wait_until_sync(lambda: state.status()["pages"] > 300, timeout=10, what="pages written")
+        assert state.status()["disk"] is True
+    finally:
+        with state.lock:
+            state.stop_locked()
+    assert path.stat().st_size == 1 << 20
+    assert len(set(path.read_bytes()[i : i + 4096] for i in range(0, 1 << 20, 4096))) > 200
+    assert synced, "each pacing step reaches the disk"

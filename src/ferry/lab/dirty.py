@@ -1,4 +1,4 @@
-"""The client side of the guest's memory workload (port 8891): start, stop, status.
+"""The client side of the guest's write workload (port 8891): start, stop, status.
 
 Run inside a lab namespace (``python -m ferry.lab.dirty start virt_server --rate 25
 --wss 96``) to make the guest dirty its RAM faster than the link can send it.
@@ -30,8 +30,10 @@ def _request(host: str, method: str, path: str, timeout: float = 10.0) -> dict[s
         conn.close()
 
 
-def start(host: str, rate_mib: float, wss_mib: int) -> dict[str, Any]:
-    return _request(host, "POST", f"/start?rate_mib={rate_mib:g}&wss_mib={wss_mib}")
+def start(host: str, rate_mib: float, wss_mib: int, disk: bool = False) -> dict[str, Any]:
+    """Dirty the guest's RAM (or, ``disk``, a file on its disk) at ``rate_mib``."""
+    query = f"rate_mib={rate_mib:g}&wss_mib={wss_mib}" + ("&disk=1" if disk else "")
+    return _request(host, "POST", f"/start?{query}")
 
 
 def stop(host: str) -> dict[str, Any]:
@@ -49,12 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("host")
     p.add_argument("--rate", type=float, default=25.0, help="MiB/s of pages dirtied")
     p.add_argument("--wss", type=int, default=96, help="working set, MiB")
+    p.add_argument("--disk", action="store_true", help="write a file on the guest's disk")
     for name in ("stop", "status"):
         sub.add_parser(name).add_argument("host")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "start":
-            result = start(args.host, args.rate, args.wss)
+            result = start(args.host, args.rate, args.wss, args.disk)
         else:
             result = stop(args.host) if args.cmd == "stop" else status(args.host)
     except (OSError, ValueError) as err:

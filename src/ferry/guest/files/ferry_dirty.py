@@ -1,8 +1,12 @@
 #!/usr/bin/python3 -I
-"""ferry's guest memory workload (port 8891): dirties RAM at a chosen rate, for migration tests.
+"""ferry's guest write workload (port 8891): dirties RAM, or the disk, at a chosen rate,
+for migration tests.
 
 POST /start?rate_mib=R&wss_mib=W  writes R MiB/s of whole 4 KiB pages, round-robin over a
                                   working set of W MiB, until stopped (a new start replaces it)
+            [&disk=1]             the working set is a file on the guest's disk instead
+                                  (/var/lib/ferry-dirty/dirty.bin), each pacing step's pages
+                                  written through to the disk (fdatasync) before the next
 POST /stop                        stops writing; the working set is freed
 GET  /status                      {"running", "rate_mib", "wss_mib", "pages", "mib_s"}:
                                   ``pages`` counts pages written since the start, so a
@@ -24,6 +28,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,10 +44,14 @@ SLICE_S = 0.01  # pacing step
 MAX_WSS_MIB = 4096
 
 
+DISK_FILE = "/var/lib/ferry-dirty/dirty.bin"
+
+
 class Workload:
-    def __init__(self, rate_mib: float, wss_mib: int) -> None:
+    def __init__(self, rate_mib: float, wss_mib: int, disk: bool = False) -> None:
         self.rate_mib = rate_mib
         self.wss_mib = wss_mib
+        self.disk = disk
         self.pages = 0
         self.stopping = threading.Event()
         # (time, pages) every pacing step over the last second or so, for the rate.
@@ -50,36 +59,57 @@ class Workload:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
+        if self.disk:
+            os.makedirs(os.path.dirname(DISK_FILE), exist_ok=True)
+            fd = os.open(DISK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.ftruncate(fd, self.wss_mib * MIB)
+                self.pace(
+                    lambda index, page: os.pwrite(fd, page, index * PAGE),
+                    lambda: os.fdatasync(fd),
+                )
+            finally:
+                os.close(fd)
+            return
         memory = mmap.mmap(-1, self.wss_mib * MIB)
-        pool = os.urandom(POOL + PAGE)
         view = memoryview(memory)
+
+        def put(index: int, page: bytes) -> None:
+            view[index * PAGE : (index + 1) * PAGE] = page
+
+        try:
+            self.pace(put, lambda: None)
+        finally:
+            view.release()
+            memory.close()
+
+    def pace(self, put: Callable[[int, bytes], object], flush: Callable[[], object]) -> None:
+        """``put`` each page at the rate asked, ``flush`` after each pacing step."""
+        pool = os.urandom(POOL + PAGE)
         count = self.wss_mib * MIB // PAGE
         index = 0
         per_slice = self.rate_mib * MIB / PAGE * SLICE_S
         owed = 0.0
         started = time.monotonic()
         next_slice = started
-        try:
-            while not self.stopping.is_set():
-                owed += per_slice
-                while owed >= 1:
-                    offset = (self.pages * STRIDE) % POOL
-                    view[index * PAGE : (index + 1) * PAGE] = pool[offset : offset + PAGE]
-                    index = (index + 1) % count
-                    self.pages += 1
-                    owed -= 1
-                self.window.append((time.monotonic(), self.pages))
-                next_slice += SLICE_S
-                delay = next_slice - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                else:
-                    # Behind (a throttled or paused vCPU): never burst to catch up.
-                    next_slice = time.monotonic()
-                    owed = min(owed, per_slice)
-        finally:
-            view.release()
-            memory.close()
+        while not self.stopping.is_set():
+            owed += per_slice
+            while owed >= 1:
+                offset = (self.pages * STRIDE) % POOL
+                put(index, pool[offset : offset + PAGE])
+                index = (index + 1) % count
+                self.pages += 1
+                owed -= 1
+            flush()
+            self.window.append((time.monotonic(), self.pages))
+            next_slice += SLICE_S
+            delay = next_slice - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                # Behind (a throttled or paused vCPU, a slow disk): never burst to catch up.
+                next_slice = time.monotonic()
+                owed = min(owed, per_slice)
 
     def status(self) -> dict[str, object]:
         now = time.monotonic()
@@ -90,6 +120,7 @@ class Workload:
             "running": self.thread.is_alive(),
             "rate_mib": self.rate_mib,
             "wss_mib": self.wss_mib,
+            "disk": self.disk,
             "pages": self.pages,
             "mib_s": round(rate, 2),
         }
@@ -100,10 +131,10 @@ class State:
         self.lock = threading.Lock()
         self.workload: Workload | None = None
 
-    def start(self, rate_mib: float, wss_mib: int) -> Workload:
+    def start(self, rate_mib: float, wss_mib: int, disk: bool = False) -> Workload:
         with self.lock:
             self.stop_locked()
-            self.workload = Workload(rate_mib, wss_mib)
+            self.workload = Workload(rate_mib, wss_mib, disk)
             self.workload.thread.start()
             return self.workload
 
@@ -120,9 +151,12 @@ class State:
             return self.workload.status()
 
 
-def parse_start(query: str) -> tuple[float, int]:
-    """``rate_mib`` and ``wss_mib`` from a query string; ValueError with the reason."""
+def parse_start(query: str) -> tuple[float, int, bool]:
+    """``rate_mib``, ``wss_mib`` and ``disk`` from a query string; ValueError with the reason."""
     args = parse_qs(query)
+    disk = args.get("disk", ["0"])[0]
+    if disk not in ("0", "1"):
+        raise ValueError("disk must be 0 or 1")
     try:
         rate = float(args.get("rate_mib", ["8"])[0])
         wss = int(args.get("wss_mib", ["64"])[0])
@@ -132,7 +166,7 @@ def parse_start(query: str) -> tuple[float, int]:
         raise ValueError("rate_mib must be in (0, 10000]")
     if not 1 <= wss <= MAX_WSS_MIB:
         raise ValueError(f"wss_mib must be in 1..{MAX_WSS_MIB}")
-    return rate, wss
+    return rate, wss, disk == "1"
 
 
 class Server(ThreadingHTTPServer):
@@ -164,11 +198,11 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/start":
             try:
-                rate, wss = parse_start(url.query)
+                rate, wss, disk = parse_start(url.query)
             except ValueError as err:
                 self._send(400, {"error": str(err)})
                 return
-            self.server.state.start(rate, wss)
+            self.server.state.start(rate, wss, disk)
             self._send(200, self.server.state.status())
         elif url.path == "/stop":
             with self.server.state.lock:
