@@ -227,6 +227,12 @@ class EtcdClient:
                 last = err
                 continue
             except aetcd.exceptions.ClientError as err:
+                if _transient(err):
+                    # No leader yet, an election: another member (or a moment
+                    # later) may answer. Seen in the lab with the leader's host
+                    # cut off: a lease renewal answered "context deadline exceeded".
+                    last = err
+                    continue
                 raise ClusterError(
                     f"etcd ({endpoint}) refused to {what}: {_one_line(err)}"
                 ) from err

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ferry.cluster.etcd import EtcdClient
-from ferry.errors import ClusterError, ClusterUnavailable
+from ferry.errors import ClusterError
 from ferry.util.tasks import spawn
 
 log = logging.getLogger("ferryd")
@@ -141,7 +141,9 @@ class HostLease:
         sent = time.monotonic()
         try:
             left = await self.etcd.keepalive(self.id)
-        except ClusterUnavailable as err:
+        except ClusterError as err:
+            # Unavailable or refused, a renewal that failed is only that: the
+            # deadline (this host's clock) decides, and renewals go on until it.
             log.warning("etcd lease %x not renewed: %s", self.id, err)
             self.renewals["failed"] += 1
             if self.state is LeaseState.HELD:

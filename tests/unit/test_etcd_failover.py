@@ -1,0 +1,72 @@
+"""What the etcd client makes of a member's errors, and what a failed renewal does.
+
+Seen in the lab: with the leader's host cut off, the other members answered a
+lease renewal "context deadline exceeded" while they elected a new leader. Taken
+for a refusal, it ended the renewals (and the fencer) and fenced a healthy host.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import aetcd.exceptions
+import pytest
+
+from ferry.cluster.etcd import Endpoint, EtcdClient
+from ferry.cluster.lease import HostLease, LeaseState
+from ferry.errors import ClusterError, ClusterUnavailable
+
+ELECTING = aetcd.exceptions.ClientError("UNKNOWN: context deadline exceeded")
+REFUSED = aetcd.exceptions.ClientError("PERMISSION_DENIED: etcdserver: permission denied")
+
+
+class Member:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.calls = 0
+
+    async def refresh_lease(self, lease_id: int) -> Any:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return SimpleNamespace(TTL=6)
+
+
+def client(*members: Member) -> EtcdClient:
+    endpoints = [Endpoint(f"10.0.0.{i}", 2379, False) for i in range(len(members))]
+    etcd = EtcdClient(endpoints, None, timeout=1.0)
+    etcd._clients = dict(zip(endpoints, members, strict=True))
+    return etcd
+
+
+async def test_a_member_electing_a_leader_sends_the_call_to_the_next() -> None:
+    electing, healthy = Member(ELECTING), Member()
+    assert await client(electing, healthy).keepalive(1) == 6
+    assert electing.calls == 1 and healthy.calls == 1
+
+
+async def test_no_member_able_to_answer_is_unavailability_not_refusal() -> None:
+    with pytest.raises(ClusterUnavailable, match="deadline exceeded"):
+        await client(Member(ELECTING), Member(ELECTING)).keepalive(1)
+
+
+async def test_a_refusal_is_a_refusal() -> None:
+    second = Member()
+    with pytest.raises(ClusterError, match="refused to renew") as raised:
+        await client(Member(REFUSED), second).keepalive(1)
+    assert not isinstance(raised.value, ClusterUnavailable)
+    assert second.calls == 0
+
+
+async def test_a_failed_renewal_never_ends_the_renewals(tmp_path: Path) -> None:
+    """Refused or unanswered, the host's own clock decides when the lease is lost."""
+    lease = HostLease(client(Member(REFUSED)), 6, tmp_path / "lease")
+    lease.id = 1
+    lease.state = LeaseState.HELD
+    lease.valid_until = time.monotonic() + 6
+    await lease.renew()  # does not raise
+    assert lease.state is LeaseState.LATE
+    assert lease.renewals["failed"] == 1
