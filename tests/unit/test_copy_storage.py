@@ -174,12 +174,13 @@ def test_half_made_disks_left_by_a_crash_are_removed(tmp_path: Path) -> None:
     old = tmp_path / "vm" / ".a.img.part-0123abcd"
     fresh = tmp_path / ".b.img.part-89abcdef"
     disk = tmp_path / "c.img"
-    for path in (old, fresh, disk):
+    theirs = tmp_path / ".notes.part-two"  # an operator's file, not one of ours
+    for path in (old, fresh, disk, theirs):
         path.write_bytes(b"x")
-    os.utime(old, (0, 0))
-    os.utime(disk, (0, 0))
+    for path in (old, disk, theirs):
+        os.utime(path, (0, 0))
     assert new_disk.remove_part_files([tmp_path], 3600) == [str(old)]
-    assert fresh.exists() and disk.exists()
+    assert fresh.exists() and disk.exists() and theirs.exists()
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,10 @@ import pytest
 from ferry.cluster.ownership import LocalOwnership
 from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import Outcome
-from ferry.errors import MigrationRefused
+from ferry.errors import MigrationError, MigrationRefused
 from ferry.host import arriving_disks
 from ferry.hypervisor.monitor import Monitor
+from ferry.migration import incoming as incoming_mod
 from ferry.storage import new_disk
 
 from .migration_harness import Cluster, FakeHost, qmp_call, until
@@ -219,3 +220,22 @@ async def test_a_launch_cancelled_midway_leaves_no_qemu_and_no_record(
         await task
     await until(lambda: c.qemus() == {}, "its QEMU to end")
     assert not h2.s.table.layout.record_file(record.key).exists()
+
+
+async def test_a_check_failing_after_the_launch_ends_the_launched_qemu(
+    target: tuple[Cluster, FakeHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error in the checks that run beside the launch, once it is done."""
+    c, h2 = target
+    path = c.storage / "local.img"
+
+    async def fails_late(*_args: Any) -> None:
+        await until(lambda: c.qemus() != {}, "the arriving QEMU to start")
+        await asyncio.sleep(0.5)  # its launch done
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(incoming_mod.IncomingMigrations, "_unlike", fails_late)
+    with pytest.raises(MigrationError, match="closed the connection"):
+        await open_session(h2, copy_message(c, h2, path))
+    await assert_nothing_left(c, h2)
+    assert not path.exists()

@@ -130,7 +130,7 @@ class Reattach:
         mid = str(record.migration_id)
         outcome = self.table.outcomes.get(mid)
         if (
-            outcome is not Outcome.COMMITTED
+            outcome in (None, Outcome.PENDING)
             and self.launcher.ownership.clustered
             and await decide_in_store(self.launcher.ownership, record, commit=False)
         ):

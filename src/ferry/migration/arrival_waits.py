@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
+
+from qemu.qmp import EventListener
 
 from ferry.cluster.ownership import Ownership
 from ferry.errors import ClusterError, ClusterUnavailable, FerryError, MigrationError
@@ -84,3 +87,13 @@ async def wait_stream_complete(dom: RunningDomain, timeout: float) -> None:
         )
     except FerryError as err:
         raise MigrationError(str(err)) from err
+
+
+def event_time(events: EventListener | None, status: str) -> float | None:
+    """When QEMU reported migration ``status`` (its own clock, from the event)."""
+    history: list[Any] = list(events.history) if events is not None else []
+    for event in history:
+        if event["data"].get("status") == status:
+            stamp = event["timestamp"]
+            return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
+    return None

@@ -17,8 +17,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from qemu.qmp import EventListener
-
 from ferry.domain.config import DomainConfig
 from ferry.domain.migration_state import UNKNOWN, Outcome
 from ferry.domain.state import Event, next_state
@@ -36,9 +34,11 @@ from ferry.host.record import DomainRecord
 from ferry.host.running import Incoming, RunningDomain
 from ferry.host.table import DomainTable
 from ferry.host.watcher import DomainWatcher
+from ferry.hypervisor import process
 from ferry.migration.arrival_waits import (
     check_stream_alive,
     decide_in_store,
+    event_time,
     wait_device_state,
     wait_stream_complete,
 )
@@ -180,10 +180,16 @@ class IncomingMigrations:
                 steps.mark("same")
                 dom = await launching
             except BaseException:
-                # A failed launch has ended its QEMU; a cancelled one ends it now.
+                # A failed launch has ended its QEMU; a cancelled one ends it now;
+                # one that had finished is ended here.
                 launching.cancel()
                 with contextlib.suppress(BaseException):
-                    await launching
+                    started = await launching
+                    # As a failed launch ends its own: nothing of it ran yet.
+                    await started.monitor.close()
+                    if started.pid is not None:
+                        await process.terminate(started.pid, 0)
+                    await asyncio.to_thread(self.launcher.cleanup_files, record, started.paths)
                 self._forget(record)
                 raise
             steps.mark("launch")
@@ -280,16 +286,19 @@ class IncomingMigrations:
             await check_stream_alive(dom)
         else:
             await wait_stream_complete(dom, STREAM_COMPLETE_TIMEOUT)
-        _stop_gate(arriving)
         if arriving.exports:
-            # The source's mirrors ended before its stream went through.
+            # The source's mirrors ended before its stream went through. The
+            # gate keeps strangers off until the server has stopped.
             await close_exports(dom.monitor, dom.pid, arriving.exports)
+        _stop_gate(arriving)
         # Every channel has connected: the one-time key has done its job.
         shutil.rmtree(dom.paths.run_dir / STREAM_KEY_DIR, ignore_errors=True)
         dom.record.migration_was_running = resume
         self.table.save(dom)
         # In a cluster, the commit point: the transaction that makes the domain
         # and its disks this host's. Recorded here (durably) right after.
+        if self.table.incoming(migration_id) is not arriving:
+            raise MigrationError(f"the arriving QEMU of '{dom.name}' ended before the commit")
         arriving.deciding = True
         committed = await self.decide_in_store(dom, commit=True)
         arriving.deciding = False
@@ -305,13 +314,17 @@ class IncomingMigrations:
         self.table.decide(migration_id, Outcome.COMMITTED)
         # Made here for this migration, the disks are the domain's own now.
         dom.record.created_disks = []
-        self.table.save(dom)
+        try:
+            self.table.save(dom)
+        except OSError as err:
+            # Past the commit point nothing may undo it; re-attach clears the list.
+            log.error("domain %s: its record was not saved after the commit: %s", dom.name, err)
         if arriving.postcopy:
             # First thing after the commit point: whatever fails below, the
             # session still runs the domain once its device state is in.
             self._switching[migration_id] = (dom, resume)
         self.table.commit_incoming(migration_id)
-        loaded_ts = _event_time(arriving.events, "completed")
+        loaded_ts = event_time(arriving.events, "completed")
         if arriving.events is not None:
             dom.monitor.unwatch(arriving.events)
         dom.record.started_at = time.time()
@@ -435,13 +448,3 @@ def _stop_gate(arriving: Incoming) -> None:
     for gate in arriving.gates:
         gate.cancel()
     arriving.gates = []
-
-
-def _event_time(events: EventListener | None, status: str) -> float | None:
-    """When QEMU reported migration ``status`` (its own clock, from the event)."""
-    history: list[Any] = list(events.history) if events is not None else []
-    for event in history:
-        if event["data"].get("status") == status:
-            stamp = event["timestamp"]
-            return float(stamp["seconds"] + stamp["microseconds"] / 1e6)
-    return None

@@ -9,6 +9,7 @@ and only a disk this host created for that migration is ever removed.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -29,6 +30,7 @@ from ferry.storage.images import qemu_img
 FREE_MARGIN = 256 << 20
 # A temporary image's name: ``.<disk>.part-<token>``, beside the disk it becomes.
 PART_MARK = ".part-"
+_PART_NAME = re.compile(r"\..+\.part-[0-9a-f]{8}")
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def remove_part_files(roots: Sequence[Path], older_than_s: float, depth: int = 2
             if len(Path(directory).parts) - base >= depth:
                 subdirs.clear()
             for name in files:
-                if not (name.startswith(".") and PART_MARK in name):
+                if not _PART_NAME.fullmatch(name):
                     continue
                 path = os.path.join(directory, name)
                 try:
