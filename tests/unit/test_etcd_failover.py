@@ -1,12 +1,15 @@
-"""What the etcd client makes of a member's errors, and what a failed renewal does.
+"""What the etcd client makes of a member's errors and silences, and what a failed renewal does.
 
 Seen in the lab: with the leader's host cut off, the other members answered a
 lease renewal "context deadline exceeded" while they elected a new leader. Taken
 for a refusal, it ended the renewals (and the fencer) and fenced a healthy host.
+And: a follower cut from its leader holds a renewal for its own request
+timeout; waited out member after member, the renewal outlived the lease.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,15 +27,29 @@ REFUSED = aetcd.exceptions.ClientError("PERMISSION_DENIED: etcdserver: permissio
 
 
 class Member:
-    def __init__(self, error: Exception | None = None) -> None:
+    def __init__(self, error: Exception | None = None, silent: bool = False) -> None:
         self.error = error
+        self.silent = silent
         self.calls = 0
+        self.cancelled = 0
 
-    async def refresh_lease(self, lease_id: int) -> Any:
+    async def _answer(self, reply: Any) -> Any:
         self.calls += 1
+        if self.silent:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if self.error is not None:
             raise self.error
-        return SimpleNamespace(TTL=6)
+        return reply
+
+    async def refresh_lease(self, lease_id: int) -> Any:
+        return await self._answer(SimpleNamespace(TTL=6))
+
+    async def transaction(self, *args: Any) -> Any:
+        return await self._answer((True, []))
 
 
 def client(*members: Member) -> EtcdClient:
@@ -59,6 +76,38 @@ async def test_a_refusal_is_a_refusal() -> None:
         await client(Member(REFUSED), second).keepalive(1)
     assert not isinstance(raised.value, ClusterUnavailable)
     assert second.calls == 0
+
+
+async def test_a_silent_member_is_joined_by_the_next_within_the_hedge() -> None:
+    """A renewal must not wait out a silent member (timeout 1 s here) before
+    asking a healthy one: it is answered after the hedge, and the silent
+    member's call is ended."""
+    silent, healthy = Member(silent=True), Member()
+    etcd = client(silent, healthy)
+    started = time.monotonic()
+    assert await etcd.keepalive(1) == 6
+    assert time.monotonic() - started < etcd.timeout
+    assert silent.cancelled == 1 and healthy.calls == 1
+    assert etcd._current == 1  # the next call starts with the member that answered
+
+
+async def test_a_transaction_is_never_sent_to_two_members_at_once() -> None:
+    silent, healthy = Member(silent=True), Member()
+    etcd = client(silent, healthy)
+    started = time.monotonic()
+    result = await etcd.txn([], [])
+    assert result.succeeded
+    # The silent member's whole timeout, then the next member.
+    assert time.monotonic() - started >= etcd.timeout
+    assert silent.cancelled == 1
+    assert healthy.calls == 1
+
+
+async def test_a_refusal_while_another_member_is_asked_ends_that_call() -> None:
+    silent = Member(silent=True)
+    with pytest.raises(ClusterError, match="refused to renew"):
+        await client(silent, Member(REFUSED)).keepalive(1)
+    assert silent.cancelled == 1
 
 
 async def test_a_failed_renewal_never_ends_the_renewals(tmp_path: Path) -> None:

@@ -140,6 +140,14 @@ def _transient(err: Exception) -> bool:
     return isinstance(err, aetcd.exceptions.ClientError) and any(t in str(err) for t in _TRANSIENT)
 
 
+class _Unanswered(Exception):
+    """A member gave no answer it may stand by: the next one is asked."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 _COMPARE = {
     "value": aetcd.transactions.Value,
     "mod": aetcd.transactions.Mod,
@@ -197,6 +205,8 @@ class EtcdClient:
         self._credentials = credentials
         self._clients: dict[Endpoint, Any] = {}
         self._current = 0
+        # How long a hedged call waits on one member before asking the next too.
+        self.hedge = timeout / 4
 
     def describe(self) -> str:
         return ", ".join(str(e) for e in self.endpoints)
@@ -212,45 +222,83 @@ class EtcdClient:
             self._clients[endpoint] = client
         return client
 
-    async def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Try each member once, starting with the last one that answered."""
+    async def _call(
+        self, what: str, method: str, *args: Any, hedged: bool = False, **kwargs: Any
+    ) -> Any:
+        """Try each member, starting with the last one that answered.
+
+        One at a time, the next after the last has failed, unless ``hedged``:
+        then a member silent for :attr:`hedge` seconds is joined by the next
+        one, and the first answer wins. Only for calls that may run twice
+        (reads, renewals): a follower cut from its leader holds a renewal for
+        its own request timeout (7 s), which, waited out member by member, is
+        longer than a lease's margin (seen in the lab: a healthy host fenced).
+        """
+        waiting = [
+            (self._current + step) % len(self.endpoints) for step in range(len(self.endpoints))
+        ]
+        running: dict[asyncio.Task[Any], int] = {}
         last: Exception | None = None
-        for step in range(len(self.endpoints)):
-            index = (self._current + step) % len(self.endpoints)
-            endpoint = self.endpoints[index]
-            client = self._client(endpoint)
-            try:
-                async with asyncio.timeout(self.timeout + 0.5):
-                    result = await getattr(client, method)(*args, **kwargs)
-            except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
-                    TimeoutError) as err:  # fmt: skip
-                last = err
-                continue
-            except aetcd.exceptions.ClientError as err:
-                if _transient(err):
-                    # No leader yet, an election: another member (or a moment
-                    # later) may answer. Seen in the lab with the leader's host
-                    # cut off: a lease renewal answered "context deadline exceeded".
-                    last = err
-                    continue
-                raise ClusterError(
-                    f"etcd ({endpoint}) refused to {what}: {_one_line(err)}"
-                ) from err
-            self._current = index
-            return result
+        try:
+            while waiting or running:
+                if waiting:
+                    index = waiting.pop(0)
+                    attempt = self._attempt(what, self.endpoints[index], method, args, kwargs)
+                    running[asyncio.ensure_future(attempt)] = index
+                done, _ = await asyncio.wait(
+                    running,
+                    timeout=self.hedge if hedged and waiting else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    index = running.pop(task)
+                    try:
+                        result = task.result()
+                    except _Unanswered as err:
+                        last = err.cause
+                        continue
+                    self._current = index
+                    return result
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         raise ClusterUnavailable(
             f"no etcd member answered within {self.timeout:g} s to {what} "
             f"({self.describe()}): {_one_line(last)}"
         )
 
+    async def _attempt(
+        self,
+        what: str,
+        endpoint: Endpoint,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """One member's answer; :class:`_Unanswered` if it gave none (or not yet can)."""
+        try:
+            async with asyncio.timeout(self.timeout + 0.5):
+                return await getattr(self._client(endpoint), method)(*args, **kwargs)
+        except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
+                TimeoutError) as err:  # fmt: skip
+            raise _Unanswered(err) from err
+        except aetcd.exceptions.ClientError as err:
+            if _transient(err):
+                # No leader yet, an election: another member (or a moment
+                # later) may answer. Seen in the lab with the leader's host
+                # cut off: a lease renewal answered "context deadline exceeded".
+                raise _Unanswered(err) from err
+            raise ClusterError(f"etcd ({endpoint}) refused to {what}: {_one_line(err)}") from err
+
     # -- keys ------------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:
-        got = await self._call(f"read {key}", "get", key.encode())
+        got = await self._call(f"read {key}", "get", key.encode(), hedged=True)
         return _entry(got.key, got) if got is not None else None
 
     async def get_prefix(self, prefix: str) -> list[Entry]:
-        result = await self._call(f"read {prefix}*", "get_prefix", prefix.encode())
+        result = await self._call(f"read {prefix}*", "get_prefix", prefix.encode(), hedged=True)
         return [_entry(got.key, got) for got in result]
 
     async def txn(
@@ -279,12 +327,16 @@ class EtcdClient:
 
     async def keepalive(self, lease_id: int) -> int:
         """Renew ``lease_id``; its remaining TTL, 0 if it has expired."""
-        reply = await self._call(f"renew lease {lease_id:x}", "refresh_lease", lease_id)
+        reply = await self._call(
+            f"renew lease {lease_id:x}", "refresh_lease", lease_id, hedged=True
+        )
         return int(reply.TTL) if reply is not None else 0
 
     async def time_to_live(self, lease_id: int) -> int:
         """The lease's remaining seconds as etcd sees them; -1 if it is gone."""
-        reply = await self._call(f"read lease {lease_id:x}", "get_lease_info", lease_id, keys=False)
+        reply = await self._call(
+            f"read lease {lease_id:x}", "get_lease_info", lease_id, keys=False, hedged=True
+        )
         return int(reply.TTL)
 
     async def revoke(self, lease_id: int) -> None:

@@ -16,9 +16,9 @@ disk byte for byte, ``qemu-img compare`` says identical):
    switch with a writer still attached), and the stream is let through.
 
 The mirror only reads the source's disk, so whatever fails, that disk is
-intact. An abort ends QEMU's connections to the export first: a request in
-flight on a cut link would otherwise hold the cancel for as long as TCP
-retries.
+intact. An abort ends QEMU's connections to the export first (QMP ``yank``:
+each NBD node quits, never to reconnect): a request in flight on a cut link
+would otherwise hold the cancel for as long as TCP retries.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ NODE_PREFIX = "ferry-mig-"
 FINISH_TIMEOUT = 60.0
 ABORT_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 30.0
+YANK_TIMEOUT = 5.0
 # The final copy runs while the VM is stopped: every millisecond of waiting
 # for it is downtime (a 50 ms poll was seen adding 50 ms to a switchover).
 FINISH_POLL_S = 0.002
@@ -208,7 +209,8 @@ class DiskMirror:
         """Stop copying at once; the target's copy is discarded. Never raises."""
         if not self._jobs and not self._nodes:
             return
-        self._shut_links()
+        if not await _yank(self.monitor, self._nodes):
+            self._shut_links()
         await _force_end(self.monitor, self._jobs, self._nodes)
 
     def _shut_links(self) -> None:
@@ -239,10 +241,27 @@ async def clear_leftovers(monitor: Monitor, qemu_pid: int | None = None) -> None
     if jobs or nodes:
         log.warning("domain %s: ending disk mirrors an earlier migration left: %s",
                     monitor.domain, ", ".join(jobs + nodes))  # fmt: skip
-        if qemu_pid is not None:
-            for node in left:
+        for node in left:
+            if not await _yank(monitor, [str(node["node-name"])]) and qemu_pid is not None:
                 _shut_node_link(qemu_pid, str(node.get("file", "")))
         await _force_end(monitor, jobs, nodes)
+
+
+async def _yank(monitor: Monitor, nodes: list[str]) -> bool:
+    """End the NBD nodes' connections the way QEMU means it (``yank``): each
+    node quits for good. Shut from outside instead, a connection is reconnected
+    by the next write that reaches it (seen: with ``--sync-writes`` and the link
+    cut, QEMU 7.2 then died of heap corruption, once in a few aborts). False if
+    QEMU did not yank them all (a node that never connected is not registered)."""
+    if not nodes:
+        return True
+    instances = [{"type": "block-node", "node-name": node} for node in nodes]
+    try:
+        await monitor.execute("yank", {"instances": instances}, timeout=YANK_TIMEOUT)
+    except QmpError as err:
+        log.warning("yanking %s of '%s': %s", ", ".join(nodes), monitor.domain, err)
+        return False
+    return True
 
 
 def _shut_node_link(qemu_pid: int, filename: str) -> None:
