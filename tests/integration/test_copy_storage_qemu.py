@@ -25,9 +25,10 @@ import pytest
 
 from ferry.domain.disks import DiskSpec
 from ferry.errors import FerryError, MigrationError
+from ferry.hypervisor import qemu_sockets
 from ferry.hypervisor.monitor import Monitor
 from ferry.migration.disk_export import close_exports, export_disks
-from ferry.migration.disk_mirror import DiskMirror, DiskProgress, clear_leftovers
+from ferry.migration.disk_mirror import DiskMirror, DiskProgress, _yank, clear_leftovers
 from ferry.migration.stream_gate import start_gate
 from ferry.migration.switchover import let_through
 from ferry.pki.credentials import Credentials
@@ -244,6 +245,32 @@ async def test_mirrors_left_by_a_dead_ferryd_are_ended(pair: Pair) -> None:
     again = pair.mirror(await pair.export())
     await again.start()
     await again.abort()
+
+
+async def test_a_yanked_node_fails_its_mirror(pair: Pair) -> None:
+    """QEMU 7.2's yank on an NBD node: its connection ends and the mirror fails
+    on its next write, with no connection left. A node QEMU does not know is
+    refused (the abort then shuts the sockets from outside)."""
+    storage = await pair.export()
+    port = int(storage["port"])  # type: ignore[call-overload]
+    mirror = pair.mirror(storage)
+    await mirror.start()
+    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 1 * MIB})
+    assert qemu_sockets.socket_fds_to_port(pair.src_proc.pid, port, "127.0.0.1")
+    assert await _yank(pair.src, ["ferry-mig-0"])
+    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 0})
+
+    async def failed() -> bool:
+        jobs = await pair.src.execute("query-jobs")
+        return bool(jobs) and jobs[0].get("status") == "concluded"  # type: ignore[index]
+
+    await wait_until(failed, timeout=10, interval=0.05, what="the yanked mirror to fail")
+    jobs = await pair.src.execute("query-jobs")
+    assert jobs[0].get("error"), jobs  # type: ignore[index]
+    assert not qemu_sockets.socket_fds_to_port(pair.src_proc.pid, port, "127.0.0.1")
+    assert not await _yank(pair.src, ["ferry-no-such-node"])
+    await mirror.abort()
+    assert await pair.src.execute("query-jobs") == []
 
 
 async def test_a_stranger_on_the_export_port_neither_blocks_the_copy_nor_the_stop(

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from ferry.guest.image import GuestImage
-from ferry.lab.lab import Lab
 from ferry.util.wait import wait_until_sync
 
-from .test_migration_lab import VM, Scenario, lab_up
+from .test_convergence_lab import dirty
+from .test_migration_lab import Scenario, lab_up
 
 pytestmark = pytest.mark.integration
 RATE_MIB = 4.0  # about a third of the link, every byte of it new on the disk
@@ -38,13 +37,6 @@ def writing(request: pytest.FixtureRequest, guest_image: GuestImage) -> Iterator
             timeout=60, interval=0.5, what="the guest to write its disk at the rate asked",
         )  # fmt: skip
         yield s
-
-
-def dirty(lab: Lab, *args: str) -> dict[str, Any]:
-    argv = ["python3", "-m", "ferry.lab.dirty", args[0], VM, *args[1:]]
-    result = lab.run("client_2", argv, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("flags", [(), ("--sync-writes",)], ids=["background", "sync-writes"])

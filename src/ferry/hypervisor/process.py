@@ -57,18 +57,31 @@ async def launch_detached(args: Sequence[str], log: Path, pidfile: Path, timeout
         )
         try:
             code = await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise QemuLaunchError(
-                f"QEMU did not finish starting within {timeout:.0f} s (log: {log})"
-            ) from None
+        except BaseException as err:
+            # Timed out or cancelled: QEMU may have forked its daemon already,
+            # and a QEMU started for nobody must not outlive its launch.
+            await asyncio.shield(_end_launch(proc, pidfile))
+            if isinstance(err, TimeoutError):
+                raise QemuLaunchError(
+                    f"QEMU did not finish starting within {timeout:.0f} s (log: {log})"
+                ) from None
+            raise
     if code != 0:
         raise QemuLaunchError(_last_error_line(log, start))
     pid = read_pidfile(pidfile)
     if pid is None:
         raise QemuLaunchError(f"QEMU started but wrote no pidfile {pidfile}")
     return pid
+
+
+async def _end_launch(proc: asyncio.subprocess.Process, pidfile: Path) -> None:
+    """End a launch midway: QEMU's first process, and the daemon it may have forked
+    (found by the pidfile in its command line, which the fork shares from birth)."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
+    for pid in processes(b"\0-pidfile\0" + str(pidfile).encode() + b"\0"):
+        await terminate(pid, 0)
 
 
 def read_pidfile(pidfile: Path) -> int | None:
