@@ -83,10 +83,13 @@ class Pair:
         spec = DiskSpec(path=str(self.dst_disk), target="xvda", format="qcow2")
         return await export_disks(self.dst, [spec], "127.0.0.1", self.dst_tls, self.source.identity)
 
-    def mirror(self, storage: dict[str, object], tls: QemuTls | None = None) -> DiskMirror:
+    def mirror(
+        self, storage: dict[str, object], tls: QemuTls | None = None, sync_writes: bool = False
+    ) -> DiskMirror:
         return DiskMirror(
-            self.src, tls or self.src_tls, "h2", "127.0.0.1", storage, [0], self.src_proc.pid
-        )
+            self.src, tls or self.src_tls, "h2", "127.0.0.1", storage, [0], self.src_proc.pid,
+            sync_writes,
+        )  # fmt: skip
 
 
 async def connect(path: Path, name: str) -> Monitor:
@@ -213,6 +216,38 @@ async def test_a_target_killed_midway_leaves_the_source_whole(pair: Pair) -> Non
     await pair.src.execute("quit")
     pair.src_proc.wait(10)
     assert identical(pair.src_disk, reference)
+
+
+async def test_a_write_blocking_mirror_stops_when_its_target_dies(pair: Pair) -> None:
+    """It pauses on the error rather than end by itself (QEMU 7.2 frees its
+    in-flight bitmap as it ends, guest writes or not); ferry reads that as a
+    failed copy, and its abort ends it with the VM stopped for that moment."""
+    storage = await pair.export()
+    mirror = pair.mirror(storage, sync_writes=True)
+    await mirror.start()
+    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 4 * MIB})
+
+    async def copying() -> bool:
+        return (await mirror.progress()).copied > 0
+
+    await wait_until(copying, timeout=10, what="the copy to begin")
+    os.kill(pair.dst_proc.pid, signal.SIGKILL)
+
+    async def failed() -> str | None:
+        try:
+            await mirror.progress()
+        except MigrationError as err:
+            return str(err)
+        return None
+
+    why = await wait_until(failed, timeout=20, what="the copy to fail")
+    assert "a write to the target failed" in why, why
+    jobs = await pair.src.execute("query-jobs")
+    assert jobs[0]["status"] == "paused", jobs  # type: ignore[index]
+    await mirror.abort()
+    assert await pair.src.execute("query-jobs") == []
+    state = await pair.src.execute("query-status")
+    assert state["running"], state  # type: ignore[index]
 
 
 async def test_a_mirror_not_caught_up_is_not_finished(pair: Pair) -> None:
