@@ -108,27 +108,29 @@ async def test_a_write_blocking_mirror_stops_on_a_target_error(shut: list[Any]) 
     """It never ends by itself while the guest writes through it."""
     qemu = FakeQemu()
     copy = DiskMirror(qemu, None, "h2", "10.0.0.2", STORAGE, [0], 4242, sync_writes=True)  # type: ignore[arg-type]
-    assert copy.on_error == "stop"
+    assert copy.on_error == "stop"  # for both on-source-error and on-target-error
     background = DiskMirror(qemu, None, "h2", "10.0.0.2", STORAGE, [0], 4242)  # type: ignore[arg-type]
     assert background.on_error == "report"
 
 
-async def test_a_mirror_stopped_on_a_write_error_is_a_failed_copy(shut: list[Any]) -> None:
+@pytest.mark.parametrize("status", ["paused", "standby"])
+async def test_a_mirror_stopped_on_an_error_is_a_failed_copy(shut: list[Any], status: str) -> None:
+    """Paused while it copies, on standby once it had caught up (QEMU's job.c)."""
     qemu = FakeQemu()
     copy = mirror(qemu)
-    qemu.execute = _paused(qemu.execute)  # type: ignore[method-assign]
+    qemu.execute = _paused(qemu.execute, status)  # type: ignore[method-assign]
     qemu.io_status = "failed"
-    with pytest.raises(MigrationError, match="vda to h2 failed: a write to the target failed"):
+    with pytest.raises(MigrationError, match="vda to h2 failed: it stopped on an I/O error"):
         await copy.progress()
     qemu.io_status = "ok"  # paused for a drain, say: not a failure
     assert not (await copy.progress()).ready
 
 
-def _paused(execute: Any) -> Any:
+def _paused(execute: Any, status: str = "paused") -> Any:
     async def wrapped(command: str, arguments: Any = None, timeout: float = 30.0) -> Any:
         if command == "query-jobs":
             await execute(command, arguments, timeout)
-            return [{"id": JOB, "status": "paused", "current-progress": 1, "total-progress": 2}]
+            return [{"id": JOB, "status": status, "current-progress": 1, "total-progress": 2}]
         return await execute(command, arguments, timeout)
 
     return wrapped
@@ -158,7 +160,7 @@ async def test_leftover_nodes_qemu_cannot_yank_are_shut_by_their_address(shut: l
 async def test_the_final_copy_stopped_on_a_write_error_fails_at_once(shut: list[Any]) -> None:
     """With the VM stopped for the switch, waiting out the finish timeout would be downtime."""
     qemu = FakeQemu()
-    qemu.execute = _paused(qemu.execute)  # type: ignore[method-assign]
+    qemu.execute = _paused(qemu.execute, "standby")  # type: ignore[method-assign]
     qemu.io_status = "failed"
-    with pytest.raises(MigrationError, match="stopped: a write to the target failed"):
+    with pytest.raises(MigrationError, match="stopped on an I/O error"):
         await disk_mirror._concluded(qemu, [JOB], 5.0, 0.001)  # type: ignore[arg-type]

@@ -27,9 +27,12 @@ REFUSED = aetcd.exceptions.ClientError("PERMISSION_DENIED: etcdserver: permissio
 
 
 class Member:
-    def __init__(self, error: Exception | None = None, silent: bool = False) -> None:
+    def __init__(
+        self, error: Exception | None = None, silent: bool = False, delay: float = 0.0
+    ) -> None:
         self.error = error
         self.silent = silent
+        self.delay = delay
         self.calls = 0
         self.cancelled = 0
 
@@ -41,6 +44,7 @@ class Member:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
+        await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
         return reply
@@ -103,11 +107,14 @@ async def test_a_transaction_is_never_sent_to_two_members_at_once() -> None:
     assert healthy.calls == 1
 
 
-async def test_a_refusal_while_another_member_is_asked_ends_that_call() -> None:
-    silent = Member(silent=True)
-    with pytest.raises(ClusterError, match="refused to renew"):
-        await client(silent, Member(REFUSED)).keepalive(1)
-    assert silent.cancelled == 1
+async def test_a_refusal_counts_only_if_no_member_already_asked_answers() -> None:
+    slow, refusing = Member(delay=0.5), Member(REFUSED)  # the hedge: 0.25 s
+    assert await client(slow, refusing).keepalive(1) == 6
+    silent, refusing, unasked = Member(silent=True), Member(REFUSED), Member()
+    with pytest.raises(ClusterError, match="refused to renew") as raised:
+        await client(silent, refusing, unasked).keepalive(1)
+    assert not isinstance(raised.value, ClusterUnavailable)
+    assert unasked.calls == 0  # after a refusal, no new member is asked
 
 
 async def test_a_failed_renewal_never_ends_the_renewals(tmp_path: Path) -> None:

@@ -232,16 +232,17 @@ class EtcdClient:
         one, and the first answer wins. Only for calls that may run twice
         (reads, renewals): a follower cut from its leader holds a renewal for
         its own request timeout (7 s), which, waited out member by member, is
-        longer than a lease's margin (seen in the lab: a healthy host fenced).
+        longer than a lease's margin (read in etcd's code, not measured).
         """
         waiting = [
             (self._current + step) % len(self.endpoints) for step in range(len(self.endpoints))
         ]
         running: dict[asyncio.Task[Any], int] = {}
         last: Exception | None = None
+        refused: ClusterError | None = None
         try:
             while waiting or running:
-                if waiting:
+                if waiting and refused is None:
                     index = waiting.pop(0)
                     attempt = self._attempt(what, self.endpoints[index], method, args, kwargs)
                     running[asyncio.ensure_future(attempt)] = index
@@ -257,8 +258,15 @@ class EtcdClient:
                     except _Unanswered as err:
                         last = err.cause
                         continue
+                    except ClusterError as err:
+                        # Another member already asked may still answer: a
+                        # refusal counts only if none does. No new one is asked.
+                        refused = err
+                        continue
                     self._current = index
                     return result
+                if refused is not None and not running:
+                    raise refused
         finally:
             for task in running:
                 task.cancel()

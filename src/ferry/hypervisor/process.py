@@ -80,8 +80,13 @@ async def _end_launch(proc: asyncio.subprocess.Process, pidfile: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     await proc.wait()
-    for pid in processes(b"\0-pidfile\0" + str(pidfile).encode() + b"\0"):
-        await terminate(pid, 0)
+    # Again, for a daemon forked just as its parent was being ended.
+    for _ in range(3):
+        found = processes(b"\0-pidfile\0" + str(pidfile).encode() + b"\0")
+        if not found:
+            return
+        for pid in found:
+            await terminate(pid, 0)
 
 
 def read_pidfile(pidfile: Path) -> int | None:

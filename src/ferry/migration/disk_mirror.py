@@ -96,7 +96,8 @@ class DiskMirror:
         self.qemu_pid = qemu_pid
         self.copy_mode = "write-blocking" if sync_writes else "background"
         # A write-blocking mirror must never end by itself while the guest
-        # writes through it (see _end_held): on a target error it stops.
+        # writes through it (see _end_held): on an error (reading the source,
+        # writing the target) it stops.
         self.on_error = "stop" if sync_writes else "report"
         self._nodes: list[str] = []
         self._jobs: list[str] = []
@@ -136,7 +137,8 @@ class DiskMirror:
             await self.monitor.execute(
                 "blockdev-mirror",
                 {"job-id": job, "device": f"disk{index}", "target": node, "sync": "full",
-                 "copy-mode": self.copy_mode, "on-target-error": self.on_error,
+                 "copy-mode": self.copy_mode, "on-source-error": self.on_error,
+                 "on-target-error": self.on_error,
                  "auto-finalize": True, "auto-dismiss": False},
             )  # fmt: skip
             self._jobs.append(job)
@@ -152,7 +154,7 @@ class DiskMirror:
             status = info.get("status") if info else None
             if info is None or status not in ALIVE or info.get("error") or job in stopped:
                 why = (info or {}).get("error") or (
-                    "a write to the target failed" if job in stopped
+                    "it stopped on an I/O error" if job in stopped
                     else f"its job is {status or 'gone'}"
                 )  # fmt: skip
                 raise MigrationError(
@@ -369,7 +371,7 @@ async def _concluded(
                     return now
                 if await _stopped_on_error(monitor, {j: now[j] for j in jobs if j in now}):
                     raise MigrationError(
-                        f"a disk mirror of '{monitor.domain}' stopped: a write to the target failed"
+                        f"a disk mirror of '{monitor.domain}' stopped on an I/O error"
                     )
                 await asyncio.sleep(poll_s)
     except TimeoutError:
@@ -379,8 +381,9 @@ async def _concluded(
 
 
 async def _stopped_on_error(monitor: Monitor, jobs: dict[str, dict[str, Any]]) -> set[str]:
-    """Of ``jobs`` (query-jobs), those paused on a write error (``on-target-error: stop``)."""
-    if not any(info.get("status") == "paused" for info in jobs.values()):
+    """Of ``jobs`` (query-jobs), those stopped on an error (``on-*-error: stop``):
+    paused, or on standby if it had caught up."""
+    if not any(info.get("status") in ("paused", "standby") for info in jobs.values()):
         return set()
     found = await monitor.execute("query-block-jobs")
     return {
