@@ -243,12 +243,7 @@ async def test_a_write_blocking_mirror_stops_when_its_target_dies(pair: Pair) ->
 
     why = await wait_until(failed, timeout=20, what="the copy to fail")
     assert "stopped on an I/O error" in why, why
-    jobs = await pair.src.execute("query-jobs")
-    assert jobs[0]["status"] == "paused", jobs  # type: ignore[index]
-    await mirror.abort()
-    assert await pair.src.execute("query-jobs") == []
-    state = await pair.src.execute("query-status")
-    assert state["running"], state  # type: ignore[index]
+    await stopped_then_aborted(pair, mirror, "paused")
 
 
 async def test_a_caught_up_write_blocking_mirror_stops_when_a_write_fails(pair: Pair) -> None:
@@ -265,8 +260,13 @@ async def test_a_caught_up_write_blocking_mirror_stops_when_a_write_fails(pair: 
     )
     with pytest.raises(MigrationError, match="stopped on an I/O error"):
         await mirror.progress()
+    await stopped_then_aborted(pair, mirror, "standby")
+
+
+async def stopped_then_aborted(pair: Pair, mirror: DiskMirror, status: str) -> None:
+    """The mirror's job waits in ``status``; the abort ends it and the VM runs."""
     jobs = await pair.src.execute("query-jobs")
-    assert jobs[0]["status"] == "standby", jobs  # type: ignore[index]
+    assert jobs[0]["status"] == status, jobs  # type: ignore[index]
     await mirror.abort()
     assert await pair.src.execute("query-jobs") == []
     state = await pair.src.execute("query-status")

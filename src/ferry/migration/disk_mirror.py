@@ -271,7 +271,7 @@ async def _end_held(monitor: Monitor, jobs: list[str], nodes: list[str]) -> None
     writes into freed memory (block/mirror.c, the end of mirror_run; read in
     7.2.22's source). Seen in the lab: the link cut with --sync-writes, the
     source QEMU died at the abort ("malloc(): unsorted double linked list
-    corrupted") in 3 runs of 10, the VM lost. ``stop`` drains every write in
+    corrupted") in 3 runs of 8, the VM lost. ``stop`` drains every write in
     flight (they fail at once, their connections yanked) and lets no new one
     in until ``cont``.
     """
