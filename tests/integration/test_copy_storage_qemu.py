@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -327,7 +328,11 @@ async def test_a_yanked_node_fails_its_mirror(pair: Pair) -> None:
     await wait_until(failed, timeout=10, interval=0.05, what="the yanked mirror to fail")
     jobs = await pair.src.execute("query-jobs")
     assert jobs[0].get("error"), jobs  # type: ignore[index]
-    assert not qemu_sockets.socket_fds_to_port(pair.src_proc.pid, port, "127.0.0.1")
+    # (The job may conclude before QEMU has closed the yanked connection.)
+    await wait_until(
+        lambda: not qemu_sockets.socket_fds_to_port(pair.src_proc.pid, port, "127.0.0.1"),
+        timeout=5, interval=0.01, what="the yanked connection closed, none reopened",
+    )  # fmt: skip
     assert not await _yank(pair.src, ["ferry-no-such-node"])
     await mirror.abort()
     assert await pair.src.execute("query-jobs") == []
@@ -359,15 +364,53 @@ async def test_a_stranger_on_the_export_port_neither_blocks_the_copy_nor_the_sto
     assert identical(pair.src_disk, pair.dst_disk)
 
 
+async def test_strangers_connecting_all_through_the_close_do_not_hang_it(pair: Pair) -> None:
+    """7.2's ``nbd-server-stop`` hangs for good on a client still negotiating: one
+    accepted between ending the connections and the stop hung a CI run. Strangers
+    connect without pause while the exports close: none may get in after."""
+    storage = await pair.export()
+    port = int(storage["port"])  # type: ignore[call-overload]
+    done = threading.Event()
+    held: list[socket.socket] = []
+    flood = threading.Thread(target=_connect_until, args=(port, done, held))
+    flood.start()
+    try:
+        await wait_until(
+            lambda: bool(qemu_sockets.socket_fds_on_port(pair.dst_proc.pid, port)),
+            timeout=10, interval=0.005, what="a stranger accepted",
+        )  # fmt: skip
+        await close_exports(pair.dst, pair.dst_proc.pid, port)
+    finally:
+        done.set()
+        await asyncio.to_thread(flood.join)
+        for sock in held:
+            sock.close()
+    assert len(held) > 1, held
+    assert await pair.dst.execute("query-block-exports") == []
+    with pytest.raises(ConnectionRefusedError):
+        _connect_from("127.0.0.2", port, 5).close()
+
+
+def _connect_until(port: int, done: threading.Event, held: list[socket.socket]) -> None:
+    """Connect to ``port`` again and again, each connection held open, until ``done``."""
+    while not done.is_set():
+        with contextlib.suppress(OSError):
+            held.append(_connect_from("127.0.0.2", port, 1))
+
+
 async def _ignore(_disk: DiskProgress) -> None:
     return None
 
 
 def _connect_from(address: str, port: int, timeout: float) -> socket.socket:
     sock = socket.socket()
-    sock.bind((address, 0))
-    sock.connect(("127.0.0.1", port))
-    sock.settimeout(timeout)
+    try:
+        sock.bind((address, 0))
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 

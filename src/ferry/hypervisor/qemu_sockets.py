@@ -71,15 +71,36 @@ def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
-def is_listening(pid: int, port: int) -> bool:
-    """Whether a socket in ``pid``'s network namespace still listens on ``port``."""
+def _listeners(pid: int, port: int) -> set[int]:
+    """The inodes of the sockets listening on local ``port`` in ``pid``'s network namespace."""
+    inodes = set()
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                 fields = line.split()
-                if len(fields) > 3 and fields[3] == "0A" and _address(fields[1])[1] == port:
-                    return True
-    return False
+                if len(fields) > 9 and fields[3] == "0A" and _address(fields[1])[1] == port:
+                    inodes.add(int(fields[9]))
+    return inodes
+
+
+def is_listening(pid: int, port: int) -> bool:
+    """Whether a socket in ``pid``'s network namespace still listens on ``port``."""
+    return bool(_listeners(pid, port))
+
+
+def stop_listening(pid: int, port: int) -> bool:
+    """QEMU's listener on ``port`` refuses every connection from now on; whether it had one.
+
+    shutdown(2) of a listening socket resets the connections still waiting in
+    its backlog and takes it off the port: a new one is refused, while QEMU's
+    descriptor stays open. QEMU's watch on it then wakes on every turn of its
+    main loop (seen here: one core busy) until the caller closes it, at once.
+    """
+    fds = _fds_of(pid, _listeners(pid, port))
+    with _borrowed(pid, list(fds)) as socks:
+        for sock in socks:
+            sock.shutdown(socket.SHUT_RDWR)
+    return bool(fds)
 
 
 def socket_fds_on_port(pid: int, port: int) -> dict[int, int]:

@@ -9,7 +9,7 @@ before the memory stream starts: an export activates its node even under
 takes TLS on a TCP address only (not on a handed-over descriptor), so ferry
 chooses the port. It closes the server before the commit point; on an abort
 the whole QEMU ends instead (``nbd-server-stop`` with a client still
-negotiating is CVE-2024-7409 in 7.2).
+negotiating hangs 7.2: see ``close_exports``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ferry.domain.disks import DiskSpec
 from ferry.errors import MigrationError, QmpError
 from ferry.hypervisor.cmdline import disk_node
 from ferry.hypervisor.monitor import Monitor
-from ferry.hypervisor.qemu_sockets import shut_down, socket_fds_on_port
+from ferry.hypervisor.qemu_sockets import shut_down, socket_fds_on_port, stop_listening
 from ferry.pki.identity import Identity
 from ferry.pki.qemu_tls import QemuTls
 
@@ -85,16 +85,21 @@ async def export_disks(
 async def close_exports(monitor: Monitor, pid: int | None, port: int) -> None:
     """The source's mirrors have ended: nobody may write these disks from outside now.
 
-    Any connection still there (the source's, closing; a stranger's, still
-    negotiating) is ended first, and its end awaited: stopping the server
-    with a client mid-negotiation is CVE-2024-7409 in QEMU 7.2.
+    Debian's QEMU 7.2 (CVE-2024-7409's fix, backported) has ``nbd-server-stop``
+    wait for every client still negotiating to go, in a loop that does not
+    run that client's coroutine: with one, its main loop hangs for good (seen
+    here: still hung after 30 s, past the 10 s handshake limit; why, read in
+    its source). So the listener is shut first, and no connection can come in
+    between ending those there (their end awaited) and the stop: a stranger
+    accepted in that gap hung a CI run.
     """
     try:
         async with asyncio.timeout(STOP_TIMEOUT):
             if pid is not None:
+                stop_listening(pid, port)
                 await _end_connections(pid, port)
             await monitor.execute("nbd-server-stop")
-    except (QmpError, TimeoutError) as err:
+    except (QmpError, OSError, TimeoutError) as err:
         raise MigrationError(
             f"the arriving QEMU of '{monitor.domain}' did not close its disk exports: {err!r}"
         ) from err
