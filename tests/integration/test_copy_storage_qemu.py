@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from ferry.pki.credentials import Credentials
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage.new_disk import create_image
 from ferry.util.wait import wait_until
+from tests.integration.qmp_support import monitor_at
 from tests.unit.pki_support import TestCA
 
 pytestmark = pytest.mark.integration
@@ -86,19 +87,18 @@ class Pair:
         return await export_disks(self.dst, [spec], "127.0.0.1", self.dst_tls, self.source.identity)
 
     def mirror(
-        self, storage: dict[str, object], tls: QemuTls | None = None, sync_writes: bool = False
+        self,
+        storage: dict[str, object],
+        tls: QemuTls | None = None,
+        sync_writes: bool = False,
+        speed: int = 0,
     ) -> DiskMirror:
+        """``speed``: a cap from the job's start, so that it is still copying
+        when the test acts (set afterwards, the bulk may be done already)."""
         return DiskMirror(
             self.src, tls or self.src_tls, "h2", "127.0.0.1", storage, [0], self.src_proc.pid,
-            sync_writes,
+            sync_writes, speed,
         )  # fmt: skip
-
-
-async def connect(path: Path, name: str) -> Monitor:
-    await wait_until(lambda: path.exists(), timeout=10, interval=0.02, what=f"{path}")
-    monitor = Monitor(name)
-    await monitor.connect(path, 10)
-    return monitor
 
 
 @pytest.fixture
@@ -113,8 +113,8 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     procs = [qemu(tmp_path, "src", src_disk)]
     procs.append(qemu(tmp_path, "dst", dst_disk, "-S", "-incoming", "defer"))
     try:
-        src = await connect(tmp_path / "src.sock", "src")
-        dst = await connect(tmp_path / "dst.sock", "dst")
+        src = await monitor_at(tmp_path / "src.sock", "src")
+        dst = await monitor_at(tmp_path / "dst.sock", "dst")
         yield Pair(
             tmp_path, ca, src_disk, dst_disk, src, dst, procs[0], procs[1],
             QemuTls(h1, tmp_path / "tls-h1"), QemuTls(h2, tmp_path / "tls-h2"), h1,
@@ -225,24 +225,15 @@ async def test_a_write_blocking_mirror_stops_when_its_target_dies(pair: Pair) ->
     in-flight bitmap as it ends, guest writes or not); ferry reads that as a
     failed copy, and its abort ends it with the VM stopped for that moment."""
     storage = await pair.export()
-    mirror = pair.mirror(storage, sync_writes=True)
+    mirror = pair.mirror(storage, sync_writes=True, speed=4 * MIB)
     await mirror.start()
-    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 4 * MIB})
 
     async def copying() -> bool:
         return (await mirror.progress()).copied > 0
 
     await wait_until(copying, timeout=10, what="the copy to begin")
     os.kill(pair.dst_proc.pid, signal.SIGKILL)
-
-    async def failed() -> str | None:
-        try:
-            await mirror.progress()
-        except MigrationError as err:
-            return str(err)
-        return None
-
-    why = await wait_until(failed, timeout=20, what="the copy to fail")
+    why = await wait_until(failed_copy(mirror), timeout=20, what="the copy to fail")
     assert "stopped on an I/O error" in why, why
     await stopped_then_aborted(pair, mirror, "paused")
 
@@ -259,9 +250,22 @@ async def test_a_caught_up_write_blocking_mirror_stops_when_a_write_fails(pair: 
     await pair.src.execute(
         "human-monitor-command", {"command-line": 'qemu-io disk0 "write -P 0x33 0 64k"'}
     )
-    with pytest.raises(MigrationError, match="stopped on an I/O error"):
-        await mirror.progress()
+    why = await wait_until(failed_copy(mirror), timeout=10, what="the copy to fail")
+    assert "stopped on an I/O error" in why, why
     await stopped_then_aborted(pair, mirror, "standby")
+
+
+def failed_copy(mirror: DiskMirror) -> Callable[[], Awaitable[str | None]]:
+    """Why the mirror's copy failed, once progress() says it has."""
+
+    async def failed() -> str | None:
+        try:
+            await mirror.progress()
+        except MigrationError as err:
+            return str(err)
+        return None
+
+    return failed
 
 
 async def stopped_then_aborted(pair: Pair, mirror: DiskMirror, status: str) -> None:
@@ -277,9 +281,8 @@ async def stopped_then_aborted(pair: Pair, mirror: DiskMirror, status: str) -> N
 async def test_a_mirror_not_caught_up_is_not_finished(pair: Pair) -> None:
     """finish() before READY would leave the target short of blocks: refused."""
     storage = await pair.export()
-    mirror = pair.mirror(storage)
+    mirror = pair.mirror(storage, speed=1 * MIB)
     await mirror.start()
-    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 1 * MIB})
     with pytest.raises(MigrationError, match="not caught up"):
         await mirror.finish()
     await mirror.abort()
@@ -290,9 +293,8 @@ async def test_mirrors_left_by_a_dead_ferryd_are_ended(pair: Pair) -> None:
     """A ferryd that died midway left its mirror running: the next one ends it
     (taking the domain back, or before a new copy), and a new copy can start."""
     storage = await pair.export()
-    left = pair.mirror(storage)
+    left = pair.mirror(storage, speed=1 * MIB)
     await left.start()
-    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 1 * MIB})
     await clear_leftovers(pair.src)
     assert await pair.src.execute("query-jobs") == []
     nodes = await pair.src.execute("query-named-block-nodes")
@@ -312,9 +314,8 @@ async def test_a_yanked_node_fails_its_mirror(pair: Pair) -> None:
     refused (the abort then shuts the sockets from outside)."""
     storage = await pair.export()
     port = int(storage["port"])  # type: ignore[call-overload]
-    mirror = pair.mirror(storage)
+    mirror = pair.mirror(storage, speed=1 * MIB)
     await mirror.start()
-    await pair.src.execute("block-job-set-speed", {"device": "ferry-mirror-0", "speed": 1 * MIB})
     assert qemu_sockets.socket_fds_to_port(pair.src_proc.pid, port, "127.0.0.1")
     assert await _yank(pair.src, ["ferry-mig-0"])
     # Its next write fails; one in flight when yanked may have failed it already.
@@ -376,8 +377,9 @@ async def test_strangers_connecting_all_through_the_close_do_not_hang_it(pair: P
     flood.start()
     try:
         await wait_until(
-            lambda: bool(qemu_sockets.socket_fds_on_port(pair.dst_proc.pid, port)),
-            timeout=10, interval=0.005, what="a stranger accepted",
+            lambda: bool(qemu_sockets.socket_fds_on_port(pair.dst_proc.pid, port))
+            and len(held) > 1,
+            timeout=10, interval=0.005, what="a stranger accepted, another waiting",
         )  # fmt: skip
         await close_exports(pair.dst, pair.dst_proc.pid, port)
     finally:

@@ -96,15 +96,18 @@ def test_a_pause_measures_the_players_buffer(booted: LabHost) -> None:
 
     # The player has filled what the server lets it (it runs 4 s ahead).
     wait_until_sync(lambda: buffered(3.0), timeout=30, interval=0.1, what="a 3 s buffer")
+    asked = time.monotonic()
     assert booted.ferry("pause", "virt_server")[0] == 0
     # The scenario's pause itself (not a wait on a state): longer than any
     # buffer the server allows.
     time.sleep(8)
     assert booted.ferry("unpause", "virt_server")[0] == 0
+    # (Each command's own time counts too: a loaded CI machine takes seconds.)
+    paused_at_most = time.monotonic() - asked
     player.communicate(timeout=60)
     report = json.loads((booted.workdir / "pause.json").read_text())
     (outage,) = [o for o in report["outages"] if o["gap_s"] > 2]
-    assert 6 <= outage["gap_s"] <= 10, outage
+    assert 6 <= outage["gap_s"] <= paused_at_most + 2, (outage, paused_at_most)
     assert outage["stalled"] is True
     # The server runs 4 s ahead of real time; the player played that much on.
     assert 2.5 <= outage["drained_after_s"] <= 5.5, outage

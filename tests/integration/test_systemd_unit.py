@@ -71,9 +71,10 @@ def host(workdir: Path, guest_image: GuestImage) -> Iterator[Host]:
         argv = [sys.executable, "-m", "ferry.daemon.main", "--config", str(config),
                 "--image-cache", str(default_cache_dir()),
                 "--log-file", str(workdir / "ferryd-file.log")]  # fmt: skip
-        # The watchdog made short, so that the test sees it act.
+        # The watchdog made short, so that the test sees it act (not so short
+        # that a loaded CI machine's stall looks like a hang).
         units = unit_dir(workdir / "units", argv, workdir / "ferryd.log",
-                         WatchdogSec="4", TimeoutAbortSec="3")  # fmt: skip
+                         WatchdogSec="10", TimeoutAbortSec="3")  # fmt: skip
         with running_systemd(ns, units, workdir / "systemd.log") as systemd:
             h = Host(systemd, workdir)
             disk = storage / "virt_server.img"

@@ -20,7 +20,6 @@ from ferry.domain.config import DomainConfig
 from ferry.domain.disks import DiskSpec
 from ferry.guest.image import GuestImage, make_domain_disk
 from ferry.hypervisor.cmdline import memory_size
-from ferry.hypervisor.monitor import Monitor
 from ferry.migration.disk_export import close_exports, export_disks
 from ferry.migration.disk_mirror import DiskMirror, DiskProgress
 from ferry.migration.params import MigrationParams
@@ -29,6 +28,7 @@ from ferry.migration.switchover import let_through
 from ferry.pki.qemu_tls import QemuTls
 from ferry.storage.new_disk import create_image
 from ferry.util.wait import wait_until
+from tests.integration.qmp_support import monitor_at
 from tests.unit.pki_support import TestCA
 
 pytestmark = pytest.mark.integration
@@ -175,7 +175,7 @@ async def test_migrated_ram_is_identical(
         async def loaded() -> bool:
             return (await dst.execute("query-migrate"))["status"] == "completed"  # type: ignore[index,no-any-return]
 
-        await wait_until(loaded, timeout=5, what="the target to load the stream")
+        await wait_until(loaded, timeout=30, what="the target to load the stream")
         await src.execute(
             "pmemsave", {"val": 0, "size": 256 * MIB, "filename": str(tmp_path / "a")}
         )
@@ -217,11 +217,7 @@ async def test_migrated_ram_and_disk_are_identical_with_copy_storage(
     memory = memory_size(DomainConfig.from_mapping({"name": "x", "memory": 256}), "tcg")
     procs = [qemu(guest_image, src_disk, tmp_path, "src", memory, "qcow2")]
     try:
-        src = Monitor("src")
-        await wait_until(
-            lambda: (tmp_path / "src.sock").exists(), timeout=10, interval=0.05, what="src QMP"
-        )
-        await src.connect(tmp_path / "src.sock", 10)
+        src = await monitor_at(tmp_path / "src.sock", "src")
         log = tmp_path / "src.log"
         await wait_until(
             lambda: "userspace reached" in log.read_text(errors="replace"),
@@ -232,11 +228,7 @@ async def test_migrated_ram_and_disk_are_identical_with_copy_storage(
                 guest_image, dst_disk, tmp_path, "dst", memory, "qcow2", "-S", "-incoming", "defer"
             )
         )
-        dst = Monitor("dst")
-        await wait_until(
-            lambda: (tmp_path / "dst.sock").exists(), timeout=10, interval=0.05, what="dst QMP"
-        )
-        await dst.connect(tmp_path / "dst.sock", 10)
+        dst = await monitor_at(tmp_path / "dst.sock", "dst")
         spec = DiskSpec(path=str(dst_disk), target="xvda", format="qcow2")
         storage = await export_disks(
             dst, [spec], "127.0.0.1", QemuTls(h2, tmp_path / "tls2"), h1.identity
@@ -276,7 +268,7 @@ async def test_migrated_ram_and_disk_are_identical_with_copy_storage(
         async def loaded() -> bool:
             return (await dst.execute("query-migrate"))["status"] == "completed"  # type: ignore[index,no-any-return]
 
-        await wait_until(loaded, timeout=5, what="the target to load the stream")
+        await wait_until(loaded, timeout=30, what="the target to load the stream")
         await close_exports(dst, procs[1].pid, storage["port"])
         for monitor, name in ((src, "a"), (dst, "b")):
             await monitor.execute(

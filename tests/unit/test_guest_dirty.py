@@ -17,12 +17,15 @@ dirty = load_dirty()
 
 def test_it_writes_whole_fresh_pages_at_about_the_rate_asked() -> None:
     state = dirty.State()
+    began = time.monotonic()
     workload = state.start(40.0, 4)  # 40 MiB/s = 10240 pages/s, over 1024 pages
     try:
         time.sleep(0.5)
         pages = state.status()["pages"]
-        # Paced, not flat out: within a generous band around 5120 pages.
-        assert 2500 < pages < 7000, pages
+        rate = pages / (time.monotonic() - began)
+        # Paced, not flat out: at most a generous margin over 10240 pages/s
+        # (a loaded machine may hold it back: the rate reached is checked next).
+        assert 0 < rate < 14000, (pages, rate)
         wait_until_sync(lambda: state.status()["mib_s"] > 20, timeout=5, what="a measured rate")
     finally:
         with state.lock:

@@ -426,15 +426,17 @@ def test_pacing_follows_real_time_after_the_burst(tmp_path: Path) -> None:
         port = port_of(s)
         elapsed, n = timed_get(port, "/live.ogg")
         assert n == 100_000
-        assert 1.35 <= elapsed <= 1.8
+        # (Upper bounds with room for a loaded CI machine: the lower ones are the pacing.)
+        assert 1.35 <= elapsed <= 2.5
+        whole = elapsed
         # A resume from the middle gets a fresh burst, then the same rate: (1.0 - 0.5) s.
         elapsed, n = timed_get(port, "/live.ogg", {"Range": "bytes=50000-"})
         assert n == 50_000
-        assert 0.4 <= elapsed <= 0.8
+        assert 0.4 <= elapsed <= 1.5
         # Twice the pace, half the time.
         s.config.pace = 2.0
         elapsed, n = timed_get(port, "/live.ogg")
-        assert 0.65 <= elapsed <= 1.0
+        assert 0.65 <= elapsed <= 0.75 * whole, (elapsed, whole)
 
 
 def test_paced_data_arrives_in_small_steps(tmp_path: Path) -> None:

@@ -86,6 +86,7 @@ class DiskMirror:
         indices: Sequence[int],
         qemu_pid: int | None,
         sync_writes: bool = False,
+        speed: int = 0,
     ) -> None:
         self.monitor = monitor
         self.tls = tls
@@ -99,6 +100,7 @@ class DiskMirror:
         # writes through it (see _end_held): on an error (reading the source,
         # writing the target) it stops.
         self.on_error = "stop" if sync_writes else "report"
+        self.speed = speed  # bytes/s each mirror may copy from its start (0: no cap)
         self._nodes: list[str] = []
         self._jobs: list[str] = []
 
@@ -138,7 +140,7 @@ class DiskMirror:
                 "blockdev-mirror",
                 {"job-id": job, "device": f"disk{index}", "target": node, "sync": "full",
                  "copy-mode": self.copy_mode, "on-source-error": self.on_error,
-                 "on-target-error": self.on_error,
+                 "on-target-error": self.on_error, "speed": self.speed,
                  "auto-finalize": True, "auto-dismiss": False},
             )  # fmt: skip
             self._jobs.append(job)
