@@ -42,16 +42,25 @@ def _address(field: str) -> tuple[str, int]:
     return str(ipaddress.ip_address(raw)), int(port, 16)
 
 
-def _connections(pid: int) -> list[tuple[tuple[str, int], tuple[str, int], int]]:
-    """(local, remote, inode) of the TCP sockets in ``pid``'s network namespace."""
+def _sockets(pid: int) -> list[tuple[bool, tuple[str, int], tuple[str, int], int]]:
+    """(listening, local, remote, inode) of the TCP sockets in ``pid``'s network namespace."""
     rows = []
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                 fields = line.split()
-                if len(fields) > 9 and fields[3] != "0A":  # not a listener
-                    rows.append((_address(fields[1]), _address(fields[2]), int(fields[9])))
+                if len(fields) > 9:
+                    listening = fields[3] == "0A"
+                    rows.append(
+                        (listening, _address(fields[1]), _address(fields[2]), int(fields[9]))
+                    )
     return rows
+
+
+def _connections(pid: int) -> list[tuple[tuple[str, int], tuple[str, int], int]]:
+    """(local, remote, inode) of the TCP connections (not listeners) in ``pid``'s namespace."""
+    return [(local, remote, inode) for listening, local, remote, inode in _sockets(pid)
+            if not listening]  # fmt: skip
 
 
 def socket_fds_to_port(pid: int, port: int, host: str | None = None) -> dict[int, int]:
@@ -73,14 +82,7 @@ def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def _listeners(pid: int, port: int) -> set[int]:
     """The inodes of the sockets listening on local ``port`` in ``pid``'s network namespace."""
-    inodes = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                fields = line.split()
-                if len(fields) > 9 and fields[3] == "0A" and _address(fields[1])[1] == port:
-                    inodes.add(int(fields[9]))
-    return inodes
+    return {inode for listening, local, _, inode in _sockets(pid) if listening and local[1] == port}
 
 
 def is_listening(pid: int, port: int) -> bool:
@@ -88,8 +90,8 @@ def is_listening(pid: int, port: int) -> bool:
     return bool(_listeners(pid, port))
 
 
-def stop_listening(pid: int, port: int) -> bool:
-    """QEMU's listener on ``port`` refuses every connection from now on; whether it had one.
+def stop_listening(pid: int, port: int) -> None:
+    """QEMU's listener on ``port`` (if any) refuses every connection from now on.
 
     shutdown(2) of a listening socket resets the connections still waiting in
     its backlog and takes it off the port: a new one is refused, while QEMU's
@@ -100,7 +102,6 @@ def stop_listening(pid: int, port: int) -> bool:
     with _borrowed(pid, list(fds)) as socks:
         for sock in socks:
             sock.shutdown(socket.SHUT_RDWR)
-    return bool(fds)
 
 
 def socket_fds_on_port(pid: int, port: int) -> dict[int, int]:
